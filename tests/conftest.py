@@ -1,0 +1,49 @@
+"""Session-wide settings for the test suite (shared by every test module; do not add fixtures here
+that only one area needs: keep those in that area's own test module or helper file)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Before anything imports torch, prefect or huggingface_hub.
+_TMP = Path(tempfile.mkdtemp(prefix="imix2mix-tests-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", str(_TMP / "hf"))
+os.environ.setdefault("PREFECT_HOME", str(_TMP / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import zlib  # noqa: F401,E402  (pycolmap must never be the first to load zlib; see imix2mix/poses.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# CI clones the repo with shared/ beside it; a developer checkout has ../shared too.
+SHARED = Path(os.environ.get("IMIX2MIX_SHARED", REPO_ROOT.parent / "shared"))
+PARITY = SHARED / "parity"
+SCENES = SHARED / "scenes"
+EXAMPLES = REPO_ROOT / "examples"
+
+if str(PARITY) not in sys.path:
+    sys.path.insert(0, str(PARITY))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"shared fixtures not found at {SHARED} (set IMIX2MIX_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tmp_root() -> Path:
+    return _TMP
