@@ -1,0 +1,189 @@
+"""Attention and transformer blocks of the SEVA network (spatial, 3-D multi-view and time-mix)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imix2mix.seva.layers import GroupNorm32
+
+
+class AttentionProcessor(Protocol):
+    """Computes ``attn``'s output from its projections; swappable per layer (diffusers style)."""
+
+    def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class SdpaAttnProcessor:
+    """Multi-head attention through ``F.scaled_dot_product_attention``.
+
+    PyTorch picks flash / memory-efficient kernels on GPU and the math kernel on CPU. The official
+    code pins the flash backend, which fails on machines without it; the numbers are the same.
+    """
+
+    def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        context = x if context is None else context
+        batch, q_len, _ = x.shape
+        kv_len = context.shape[1]
+        heads, head_dim = attn.heads, attn.head_dim
+        q = attn.to_q(x).view(batch, q_len, heads, head_dim).transpose(1, 2)
+        k = attn.to_k(context).view(batch, kv_len, heads, head_dim).transpose(1, 2)
+        v = attn.to_v(context).view(batch, kv_len, heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, q_len, heads * head_dim)
+        return attn.to_out(out)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with bias-free q/k/v projections (checkpoint names ``to_q`` … ``to_out.0``)."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner_dim = heads * head_dim
+        kv_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(kv_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(kv_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.processor: AttentionProcessor = SdpaAttnProcessor()
+
+    def set_processor(self, processor: AttentionProcessor) -> None:
+        self.processor = processor
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.processor(self, x, context)
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the width; the first half is gated by the exact (erf) GELU of the second half."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the CLIP context, feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn1 = Attention(dim, heads, head_dim, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class TransformerBlockTimeMix(nn.Module):
+    """Attention across the views at each spatial position (sequence axis = frames).
+
+    Returns the last feed-forward's output *without* its residual: the owning
+    :class:`MultiviewTransformer` adds it to the spatial block's output, as the official code does.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.ff_in = FeedForward(dim, dropout=dropout)
+        self.attn1 = Attention(dim, heads, head_dim, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.ff_in(self.norm_in(x)) + x
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x))
+
+
+class MultiviewTransformer(nn.Module):
+    """Spatial (or 3-D) transformer followed by a cross-view time-mix block, with a global residual.
+
+    ``is_3d``: the spatial self-attention sees the tokens of all frames of a scene at once.
+    Frames of one scene are contiguous on the batch axis (``[B·T, C, h, w]``).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int,
+        depth: int,
+        name: str,
+        is_3d: bool,
+        norm_num_groups: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.is_3d = is_3d
+        self.norm = GroupNorm32(norm_num_groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, heads, head_dim, context_dim, dropout) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+        self.time_mix_blocks = nn.ModuleList(
+            TransformerBlockTimeMix(channels, heads, head_dim, context_dim, dropout) for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        frames_total, channels, height, width = x.shape
+        scenes = frames_total // num_frames
+        tokens = height * width
+        residual = x
+        x = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # [B·T, h·w, C]
+
+        # Both the 3-D blocks and the time-mix blocks see the context of each scene's frame 0.
+        first_frame_context = context[::num_frames]  # [B, 1, ctx]
+        time_context = first_frame_context.repeat_interleave(tokens, dim=0)  # [B·h·w, 1, ctx]
+
+        for spatial_block, time_block in zip(self.transformer_blocks, self.time_mix_blocks):
+            if self.is_3d:
+                x = spatial_block(x.reshape(scenes, num_frames * tokens, channels), first_frame_context)
+                x = x.reshape(frames_total, tokens, channels)
+            else:
+                x = spatial_block(x, context)
+            # [B·T, S, C] -> [B·S, T, C]: each spatial position becomes a sequence over the views.
+            x_views = x.reshape(scenes, num_frames, tokens, channels).transpose(1, 2)
+            x_mix = time_block(x_views.reshape(scenes * tokens, num_frames, channels), time_context)
+            x = x + x_mix.reshape(scenes, tokens, num_frames, channels).transpose(1, 2).reshape(x.shape)
+
+        x = self.proj_out(x)
+        return x.transpose(1, 2).reshape(frames_total, channels, height, width) + residual

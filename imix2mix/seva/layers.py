@@ -1,0 +1,96 @@
+"""Convolutional building blocks of the SEVA UNet: normalisation, ResBlock with dense Plücker
+modulation, up/down-sampling and the sinusoidal timestep embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back, so bf16/fp16 autocast keeps fp32 statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t·f), sin(t·f)]`` (cos first), float32, of integer DDPM indices."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def resize_dense(dense: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (align_corners=True) resize of the Plücker map to a UNet level's size."""
+    if tuple(dense.shape[-2:]) == tuple(size):
+        return dense  # align_corners=True at equal size is the identity
+    return F.interpolate(dense, size=size, mode="bilinear", align_corners=True)
+
+
+class ResBlock(nn.Module):
+    """ResBlock whose normalised input is modulated by the Plücker map: ``a·(1 + scale) + shift``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        emb_channels: int,
+        out_channels: int,
+        dense_in_channels: int,
+        norm_num_groups: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.in_layers = nn.Sequential(
+            GroupNorm32(norm_num_groups, in_channels),
+            nn.SiLU(),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.dense_emb_layers = nn.Sequential(nn.Conv2d(dense_in_channels, 2 * in_channels, 1))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(norm_num_groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        norm, act, conv_in = self.in_layers
+        a = act(norm(x))
+        modulation = self.dense_emb_layers(resize_dense(dense, a.shape[-2:])).type(a.dtype)
+        scale, shift = modulation.split(self.in_channels, dim=1)
+        h = conv_in(a * (1 + scale) + shift)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
