@@ -1,0 +1,222 @@
+"""The frozen InstructPix2Pix teacher (METHOD.md §1.1, §1.5 steps 4–6, §1.7).
+
+One :class:`InstructPix2PixTeacher` wraps a diffusers ``StableDiffusionInstructPix2PixPipeline``
+loaded once.  It does three jobs:
+
+* edit one image with the full pipeline (the reference edit, and the teacher-only baseline), always
+  with plain attention;
+* the batched dual-CFG ε prediction used by score distillation, for N views at once, each conditioned
+  on its own original view, with the cross-view attention chosen by the caller;
+* VAE decode (output) and encode (the ``decode_encode`` alignment ablation).
+
+Per-scene constants (text embeddings, image-conditioning latents) are computed once by
+:meth:`InstructPix2PixTeacher.prepare` under ``no_grad`` and kept in a :class:`TeacherContext`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from imix2mix.attention import CrossViewAttention, KeyViewState, set_cross_view_attention
+from imix2mix.hub import resolve_dir
+
+TEACHER_REPO = "timbrooks/instruct-pix2pix"
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear (antialiased when shrinking, like PIL) resize of [B, C, H, W] images to size×size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+@dataclass(frozen=True)
+class TeacherContext:
+    """What the teacher needs about one scene and edit, computed once.
+
+    ``text_embeddings`` is [3, L, D] in the CFG order (edit prompt, "", ""); ``image_latents`` is
+    [N, 4, h, w], the VAE ``latent_dist.mode()`` of each original view, unscaled (diffusers' IP2P
+    convention), so each view is conditioned on its own photo.
+    """
+
+    text_embeddings: torch.Tensor
+    image_latents: torch.Tensor
+
+    @property
+    def num_views(self) -> int:
+        return int(self.image_latents.shape[0])
+
+
+class InstructPix2PixTeacher:
+    """Frozen IP2P: reference edits, dual-CFG ε̃ for SDS, VAE encode/decode.
+
+    On CUDA the networks run in fp16 under ``torch.inference_mode`` (official numerics); on CPU in fp32.
+    """
+
+    def __init__(self, pipeline, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        self.pipeline = pipeline.to(device=device, dtype=self.dtype)
+        self.pipeline.set_progress_bar_config(disable=True)
+        for module in (self.unet, self.vae, self.pipeline.text_encoder):
+            module.requires_grad_(False).eval()
+        self.device = device
+        self.alphas_cumprod = pipeline.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.key_view_state = KeyViewState()
+        self.attention_mode: CrossViewAttention = "none"
+        set_cross_view_attention(self.unet, "none", self.key_view_state)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path = TEACHER_REPO, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> "InstructPix2PixTeacher":
+        """Load a diffusers IP2P folder (or hub id) once, without the safety checker."""
+        from diffusers import StableDiffusionInstructPix2PixPipeline
+
+        folder = resolve_dir(source, what="InstructPix2Pix teacher", hint="It is public: `hf download timbrooks/instruct-pix2pix`.")
+        device = torch.device(device)
+        load_dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        try:
+            pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+                folder, dtype=load_dtype, safety_checker=None, requires_safety_checker=False
+            )
+        except (OSError, ValueError, EnvironmentError) as exc:
+            from imix2mix.errors import MissingWeightsError
+
+            raise MissingWeightsError(f"InstructPix2Pix teacher: '{folder}' is not a usable diffusers pipeline folder ({exc}).") from exc
+        return cls(pipeline, device=device, dtype=load_dtype)
+
+    @property
+    def unet(self):
+        return self.pipeline.unet
+
+    @property
+    def vae(self):
+        return self.pipeline.vae
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.latent_size * self.pipeline.vae_scale_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def to(self, device: torch.device | str) -> "InstructPix2PixTeacher":
+        self.device = torch.device(device)
+        self.pipeline.to(self.device)
+        self.alphas_cumprod = self.alphas_cumprod.to(self.device)
+        return self
+
+    # -- attention ------------------------------------------------------------------------------
+    def set_cross_view_attention(self, mode: CrossViewAttention) -> None:
+        set_cross_view_attention(self.unet, mode, self.key_view_state)
+        self.attention_mode = mode
+
+    @contextlib.contextmanager
+    def plain_attention(self) -> Iterator[None]:
+        """Run with ordinary self-attention, restoring the current cross-view mode afterwards."""
+        previous = self.attention_mode
+        set_cross_view_attention(self.unet, "none", self.key_view_state)
+        try:
+            yield
+        finally:
+            set_cross_view_attention(self.unet, previous, self.key_view_state)
+
+    # -- full-pipeline edit ---------------------------------------------------------------------
+    def edit_image(
+        self,
+        image: torch.Tensor,
+        instruction: str,
+        *,
+        text_cfg: float,
+        image_cfg: float,
+        steps: int,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Edit one [3, H, W] image in [−1, 1]; returns [3, S, S] in [−1, 1] at the teacher size S."""
+        pixels = resize_images(image[None].float(), self.image_size)
+        with self.plain_attention(), torch.inference_mode():
+            edited = self.pipeline(
+                instruction,
+                image=((pixels + 1) / 2).clamp(0, 1).to(self.device),
+                num_inference_steps=steps,
+                guidance_scale=text_cfg,
+                image_guidance_scale=image_cfg,
+                generator=generator,
+                output_type="pt",
+            ).images
+        return (edited[0].float() * 2 - 1).clone()
+
+    # -- score distillation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer = self.pipeline.tokenizer
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        return self.pipeline.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
+
+    @torch.no_grad()
+    def prepare(self, instruction: str, originals: torch.Tensor) -> TeacherContext:
+        """Text embeddings and per-view conditioning latents, once per scene (no graph kept)."""
+        text = self.encode_prompts([instruction, "", ""])
+        pixels = resize_images(originals.float(), self.image_size).to(self.device, self.dtype)
+        latents = torch.cat([self.vae.encode(view[None]).latent_dist.mode() for view in pixels])
+        return TeacherContext(text_embeddings=text, image_latents=latents)
+
+    def add_noise(self, latents: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        """z_t = √ᾱ_t ẑ0 + √(1−ᾱ_t) ε with the teacher's own ``alphas_cumprod``."""
+        alpha_bar = self.alphas_cumprod[t]
+        return alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+
+    def predict_noise(
+        self,
+        noisy_latents: torch.Tensor,
+        t: int,
+        context: TeacherContext,
+        *,
+        text_cfg: float,
+        image_cfg: float,
+        key_view: int = 0,
+    ) -> torch.Tensor:
+        """Dual-CFG ε̃ for N views: ε_u + s_T(ε_text − ε_img) + s_I(ε_img − ε_u); fp32, no graph.
+
+        The batch is [z_t ×3] ⊕ [src, src, 0] on channels with text [edit, "", ""]: three CFG groups of
+        N views each, the layout the cross-view attention processors expect.
+        """
+        views = noisy_latents.shape[0]
+        self.key_view_state.num_views = views
+        self.key_view_state.key_view = key_view
+        with torch.inference_mode():
+            latents = noisy_latents.detach().to(self.dtype)
+            src = context.image_latents
+            model_input = torch.cat(
+                [torch.cat([latents, src], dim=1), torch.cat([latents, src], dim=1), torch.cat([latents, torch.zeros_like(src)], dim=1)]
+            )
+            text = context.text_embeddings.repeat_interleave(views, dim=0)
+            timestep = torch.full((3 * views,), t, device=self.device, dtype=torch.long)
+            eps = self.unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float()
+            eps_text, eps_image, eps_uncond = eps.chunk(3)
+            guided = eps_uncond + text_cfg * (eps_text - eps_image) + image_cfg * (eps_image - eps_uncond)
+        return guided.clone()  # a normal tensor: it is saved for backward by the SDS surrogate
+
+    # -- VAE ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, 4, h, w] → images [B, 3, S, S] in [−1, 1] (fp32)."""
+        images = [self.vae.decode((z[None] / self.scaling_factor).to(self.dtype)).sample for z in latents]
+        return torch.cat(images).float().clamp(-1, 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] in [−1, 1] → scaled latent means; differentiable (decode_encode alignment)."""
+        return self.vae.encode(images.to(self.dtype)).latent_dist.mean * self.scaling_factor
