@@ -117,3 +117,49 @@ def build_random_teacher_pipeline(arch: TeacherArchitecture, seed: int = 0):
         scheduler=EulerAncestralDiscreteScheduler(**arch.scheduler), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+@dataclass(frozen=True)
+class MetricsClipArchitecture:
+    """transformers ``CLIPConfig`` pieces of the metrics CLIP (OpenAI ViT-L/14)."""
+
+    text: dict[str, Any]
+    vision: dict[str, Any]
+    projection_dim: int
+
+    @classmethod
+    def vit_l14(cls) -> "MetricsClipArchitecture":
+        return cls(
+            text=dict(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            ),
+            vision=dict(
+                hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+                patch_size=14, hidden_act="quick_gelu", projection_dim=768,
+            ),
+            projection_dim=768,
+        )
+
+    @classmethod
+    def tiny(cls) -> "MetricsClipArchitecture":
+        return cls(
+            text=dict(
+                vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            ),
+            vision=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32),
+            projection_dim=32,
+        )
+
+
+def build_random_metrics_clip(arch: MetricsClipArchitecture, seed: int = 0, device: torch.device | str = "cpu"):
+    """A :class:`~imix2mix.metrics.ClipMetricsModel` with random weights and the in-memory tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from imix2mix.metrics import ClipMetricsModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=arch.text, vision_config=arch.vision, projection_dim=arch.projection_dim))
+    return ClipMetricsModel(model, byte_level_clip_tokenizer(), device=device)
