@@ -1,0 +1,504 @@
+"""Photo collections: which scene folders a root holds, and which edits to make to each.
+
+A *collection root* is a local folder or an fsspec URL (``file://``, ``s3://``, ``gs://``, ``memory://``)
+whose direct sub-folders are scenes.  A *scene folder* holds photos, directly or in ``images/``, and
+optionally ``transforms.json`` or a COLMAP ``sparse/`` model.  Nothing here ever reads a path outside
+the root: symlinks that leave it and ``..`` components are refused.
+
+Edits come from an *edit document* (YAML or JSON, same schema as a scene's ``edits.yaml`` /
+``edits.json`` or a collection-wide file or flow parameter)::
+
+    source_caption: a photo of a man          # optional default for every edit below
+    config: {iterations: 400}                 # optional EditConfig overrides
+    edits:
+      - instruction: turn him into a knight   # required
+        target_caption: a photo of a knight   # optional (CLIP metrics)
+        source_caption: a photo of a man      # optional (CLIP metrics)
+        text_cfg: 7.5                         # optional teacher CFG (s_T)
+        image_cfg: 1.5                        # optional teacher CFG (s_I)
+        seed: 0                               # optional
+        config: {lr: 5.0e-5}                  # optional EditConfig overrides for this edit only
+      - make it snowy                         # shorthand: only the instruction
+
+This module imports neither torch, pycolmap nor the engine at import time, so listings and validation are cheap (the storage
+watcher uses them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import yaml
+
+from imix2mix.errors import ConfigError, SceneError
+from imix2mix.images import IMAGE_SUFFIXES
+
+EDIT_FILE_NAMES = ("edits.yaml", "edits.yml", "edits.json")
+# Folders under a root that are never scenes: hidden ones, our own bookkeeping (``_cache``) and outputs.
+_NOT_A_SCENE = re.compile(r"^[._]")
+
+
+# --------------------------------------------------------------------------------------------------
+# Roots and scene folders
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectionRoot:
+    """A collection root opened through fsspec.
+
+    ``path`` is the filesystem path fsspec uses; for local roots it is the resolved absolute path, so
+    containment checks compare real locations (symlinks followed).
+    """
+
+    uri: str
+    fs: fsspec.AbstractFileSystem = field(compare=False, repr=False)
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def uri_for(self, fs_path: str) -> str:
+        """The user-facing URI of a path inside this root (plain path for local roots)."""
+        if self.is_local:
+            return fs_path
+        return self.fs.unstrip_protocol(fs_path)
+
+    def contains(self, fs_path: str) -> bool:
+        """True when ``fs_path`` lies inside the root, after resolving symlinks (local roots)."""
+        if self.is_local:
+            real = os.path.realpath(fs_path)
+            return real == self.path or real.startswith(self.path.rstrip("/") + "/")
+        normalized = posixpath.normpath(fs_path)
+        root = posixpath.normpath(self.path)
+        return normalized.startswith(root.rstrip("/") + "/")
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def open_root(root: str | os.PathLike[str]) -> CollectionRoot:
+    """Open a collection root given as a local path or an fsspec URL; it must be an existing folder."""
+    text = os.fspath(root)
+    if "://" not in text:
+        text = os.path.abspath(os.path.expanduser(text))
+    fs, fs_path = fsspec.core.url_to_fs(text)
+    if "file" in _protocols(fs):
+        fs_path = os.path.realpath(fs_path)
+        uri = fs_path
+    else:
+        fs_path = fs_path.rstrip("/")
+        uri = fs.unstrip_protocol(fs_path)
+    if not fs.isdir(fs_path):
+        raise ConfigError(f"{text}: collection root is not an existing folder")
+    return CollectionRoot(uri=uri, fs=fs, path=fs_path)
+
+
+@dataclass(frozen=True)
+class SceneRef:
+    """One scene folder of a collection (not yet read)."""
+
+    scene_id: str  # the folder name; unique within a root
+    uri: str  # user-facing location (local path or URL)
+    path: str  # fsspec path inside ``root.fs``
+    root: CollectionRoot = field(compare=False, repr=False)
+
+
+def _entries(root: CollectionRoot, folder: str) -> list[dict[str, Any]]:
+    return [entry for entry in root.fs.ls(folder, detail=True)]
+
+
+def _basename(path: str) -> str:
+    return posixpath.basename(path.rstrip("/"))
+
+
+def _image_names(root: CollectionRoot, folder: str) -> list[str]:
+    try:
+        entries = _entries(root, folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        _basename(entry["name"])
+        for entry in entries
+        if entry.get("type") == "file" and posixpath.splitext(entry["name"])[1].lower() in IMAGE_SUFFIXES
+    )
+
+
+def is_scene_folder(root: CollectionRoot, folder: str) -> bool:
+    """A scene folder has photos directly inside it or in an ``images/`` sub-folder."""
+    return bool(_image_names(root, folder) or _image_names(root, posixpath.join(folder, "images")))
+
+
+def list_scenes(root: CollectionRoot | str | os.PathLike[str]) -> list[SceneRef]:
+    """The scene folders directly under ``root``, sorted by name.
+
+    Hidden and underscore-prefixed folders (caches, outputs) are not scenes; a folder that is a
+    symlink leading outside the root is skipped.
+    """
+    if not isinstance(root, CollectionRoot):
+        root = open_root(root)
+    scenes = []
+    for entry in _entries(root, root.path):
+        name = _basename(entry["name"])
+        if entry.get("type") != "directory" or _NOT_A_SCENE.match(name):
+            continue
+        folder = posixpath.join(root.path, name)
+        if not root.contains(folder):
+            continue
+        if is_scene_folder(root, folder):
+            scenes.append(SceneRef(scene_id=name, uri=root.uri_for(folder), path=folder, root=root))
+    return sorted(scenes, key=lambda scene: scene.scene_id)
+
+
+def find_scene(root: CollectionRoot | str | os.PathLike[str], scene_uri: str) -> SceneRef:
+    """The scene at ``scene_uri`` (a URI, a path, or a bare folder name), re-listed from storage.
+
+    Raises :class:`SceneError` when it lies outside the root or is not a scene folder there.
+    """
+    if not isinstance(root, CollectionRoot):
+        root = open_root(root)
+    text = scene_uri.rstrip("/")
+    if "/" not in text and "://" not in text:
+        candidate = posixpath.join(root.path, text)
+    elif root.is_local:
+        candidate = os.path.abspath(os.path.expanduser(text.removeprefix("file://")))
+    else:
+        candidate = fsspec.core.url_to_fs(text)[1] if "://" in text else text
+    if ".." in candidate.split("/") or not root.contains(candidate):
+        raise SceneError(scene_uri, f"is outside the collection root {root.uri}; refusing to read it")
+    if root.is_local:
+        candidate = os.path.realpath(candidate)
+    parent = posixpath.dirname(candidate.rstrip("/"))
+    if posixpath.normpath(parent) != posixpath.normpath(root.path):
+        raise SceneError(scene_uri, f"is not a scene folder directly under {root.uri}")
+    by_id = {scene.scene_id: scene for scene in list_scenes(root)}
+    scene_id = _basename(candidate)
+    if scene_id not in by_id:
+        raise SceneError(scene_uri, f"no scene folder with photos named {scene_id!r} under {root.uri}")
+    return by_id[scene_id]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fetching remote scenes into a local cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _scene_files(scene: SceneRef) -> list[dict[str, Any]]:
+    """Every file of a scene folder (recursively), refusing any that resolves outside the root."""
+    fs = scene.root.fs
+    files = []
+    for path, info in sorted(fs.find(scene.path, detail=True, withdirs=False).items()):
+        if not scene.root.contains(path):
+            raise SceneError(scene.uri, f"{path} points outside the collection root; refusing to read it")
+        files.append({**info, "name": path})
+    return files
+
+
+def listing_fingerprint(scene: SceneRef) -> str:
+    """A hash of a scene folder's listing: relative names, sizes and etags / checksums / mtimes.
+
+    Cheap (no file contents are read), and changes whenever a file is added, removed or rewritten.
+    """
+    digest = hashlib.sha256(scene.uri.encode())
+    for info in _scene_files(scene):
+        relative = posixpath.relpath(info["name"], scene.path)
+        version = next(
+            (info[key] for key in ("ETag", "etag", "md5Hash", "crc32c", "mtime", "LastModified", "updated",
+                                   "created") if info.get(key) is not None),
+            "",
+        )
+        digest.update(f"\0{relative}\0{info.get('size')}\0{version}".encode())
+    return digest.hexdigest()
+
+
+def fetch_scene(scene: SceneRef, cache_dir: str | os.PathLike[str]) -> Path:
+    """A local folder holding the scene's files.
+
+    Local scenes are used in place.  Remote ones are copied once into
+    ``cache_dir/inputs/<listing hash>/<scene_id>`` (complete copies only: written to a temporary
+    folder, then renamed), so an unchanged scene is never downloaded twice.
+    """
+    if scene.root.is_local:
+        _scene_files(scene)  # refuse escaping symlinks before anything reads the folder
+        return Path(scene.path)
+    key = listing_fingerprint(scene)[:24]
+    destination = Path(cache_dir) / "inputs" / key / scene.scene_id
+    if destination.is_dir():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{scene.scene_id}-", dir=destination.parent))
+    try:
+        for info in _scene_files(scene):
+            relative = posixpath.relpath(info["name"], scene.path)
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            scene.root.fs.get_file(info["name"], str(target))
+        os.replace(staging, destination)
+    except FileExistsError:
+        pass  # another task fetched the same listing first
+    except OSError as exc:
+        if not destination.is_dir():
+            raise SceneError(scene.uri, f"could not copy the scene into the cache {destination}: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+# --------------------------------------------------------------------------------------------------
+# Edit specs
+# --------------------------------------------------------------------------------------------------
+
+_EDIT_KEYS = {"instruction", "source_caption", "target_caption", "text_cfg", "image_cfg", "seed", "config"}
+_DOCUMENT_KEYS = {"source_caption", "config", "edits"}
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """One requested edit of a scene, as written in an edit document (validated).
+
+    ``config`` holds EditConfig overrides for this edit only.  ``edit_id`` names the edit's output
+    folder; it depends on what changes the pixels the edit asks for (instruction, CFG scales, seed)
+    but not on captions (they only feed the CLIP metrics) or on ``config`` (part of the run's config hash).
+    """
+
+    instruction: str
+    source_caption: str | None = None
+    target_caption: str | None = None
+    text_cfg: float | None = None
+    image_cfg: float | None = None
+    seed: int | None = None
+    config: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def edit_id(self) -> str:
+        identity = {"instruction": self.instruction, "text_cfg": self.text_cfg, "image_cfg": self.image_cfg,
+                    "seed": self.seed}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{slugify(self.instruction)}-{digest}"
+
+    def to_edit(self) -> Any:
+        """The engine's :class:`imix2mix.distill.Edit` (imported here: it pulls in torch)."""
+        from imix2mix.distill import Edit
+
+        return Edit(
+            instruction=self.instruction,
+            source_caption=self.source_caption,
+            target_caption=self.target_caption,
+            text_cfg=self.text_cfg,
+            image_cfg=self.image_cfg,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class EditDocument:
+    """A parsed edit document: edits plus the document-level defaults already applied to them."""
+
+    edits: tuple[EditSpec, ...]
+    source_caption: str | None = None  # the scene's caption; default for edits without their own
+    config: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    source: str = "<edits>"
+
+
+def slugify(text: str, max_length: int = 40) -> str:
+    """Lower-case ASCII words joined by ``-`` (``"Turn him into a knight!"`` → ``turn-him-into-a-knight``)."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    slug = slug[:max_length].rstrip("-")
+    return slug or "edit"
+
+
+def _fail(source: str, reason: str) -> ConfigError:
+    return ConfigError(f"{source}: {reason}")
+
+
+def _optional_text(value: Any, where: str, source: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(source, f"{where} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _optional_scale(value: Any, where: str, source: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _fail(source, f"{where} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _optional_seed(value: Any, where: str, source: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(source, f"{where} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _config_overrides(value: Any, where: str, source: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise _fail(source, f"{where} must be a mapping of EditConfig field names to values, got {value!r}")
+    return dict(value)
+
+
+def _parse_edit(item: Any, index: int, default_source_caption: str | None, source: str) -> EditSpec:
+    where = f"edits[{index}]"
+    if isinstance(item, str):
+        item = {"instruction": item}
+    if not isinstance(item, Mapping):
+        raise _fail(source, f"{where} must be a mapping with an 'instruction' or a string, got {item!r}")
+    unknown = set(item) - _EDIT_KEYS
+    if unknown:
+        raise _fail(source, f"{where} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_EDIT_KEYS)}")
+    instruction = _optional_text(item.get("instruction"), f"{where}.instruction", source)
+    if instruction is None:
+        raise _fail(source, f"{where} needs an 'instruction'")
+    return EditSpec(
+        instruction=instruction,
+        source_caption=_optional_text(item.get("source_caption"), f"{where}.source_caption", source)
+        or default_source_caption,
+        target_caption=_optional_text(item.get("target_caption"), f"{where}.target_caption", source),
+        text_cfg=_optional_scale(item.get("text_cfg"), f"{where}.text_cfg", source),
+        image_cfg=_optional_scale(item.get("image_cfg"), f"{where}.image_cfg", source),
+        seed=_optional_seed(item.get("seed"), f"{where}.seed", source),
+        config=_config_overrides(item.get("config"), f"{where}.config", source),
+    )
+
+
+def parse_edit_document(data: Any, source: str = "<edits>") -> EditDocument:
+    """Validate an edit document (already parsed from YAML/JSON, or given as Python data).
+
+    Accepts the mapping form shown in the module docstring or a bare list of edits.  Errors name
+    ``source`` (the file) and the offending entry.
+    """
+    if isinstance(data, (list, tuple)):
+        data = {"edits": list(data)}
+    if not isinstance(data, Mapping):
+        raise _fail(source, f"an edit document must be a mapping with 'edits:' or a list of edits, got {type(data).__name__}")
+    unknown = set(data) - _DOCUMENT_KEYS
+    if unknown:
+        raise _fail(source, f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(_DOCUMENT_KEYS)}")
+    items = data.get("edits")
+    if not isinstance(items, Sequence) or isinstance(items, str) or not items:
+        raise _fail(source, "'edits' must be a non-empty list")
+    default_caption = _optional_text(data.get("source_caption"), "source_caption", source)
+    edits = tuple(_parse_edit(item, index, default_caption, source) for index, item in enumerate(items))
+    seen: dict[str, int] = {}
+    for index, edit in enumerate(edits):
+        if edit.edit_id in seen:
+            raise _fail(source, f"edits[{index}] repeats edits[{seen[edit.edit_id]}] ({edit.instruction!r})")
+        seen[edit.edit_id] = index
+    return EditDocument(
+        edits=edits,
+        source_caption=default_caption,
+        config=_config_overrides(data.get("config"), "config", source),
+        source=source,
+    )
+
+
+def _parse_text(text: str, source: str) -> Any:
+    try:
+        if source.endswith(".json"):
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise _fail(source, f"is not valid {'JSON' if source.endswith('.json') else 'YAML'}: {exc}") from exc
+
+
+def load_edit_document(path: str | os.PathLike[str]) -> EditDocument:
+    """Read and validate an edit document from a local path or an fsspec URL."""
+    source = os.fspath(path)
+    try:
+        with fsspec.open(source, "r", encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError as exc:
+        raise _fail(source, "edit file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise _fail(source, f"is not UTF-8 text: {exc}") from exc
+    return parse_edit_document(_parse_text(text, source), source)
+
+
+def scene_edit_document(scene: SceneRef) -> EditDocument | None:
+    """The scene's own ``edits.yaml`` / ``edits.json``, or ``None`` when it has none."""
+    fs = scene.root.fs
+    present = [name for name in EDIT_FILE_NAMES if fs.isfile(posixpath.join(scene.path, name))]
+    if len(present) > 1:
+        raise _fail(scene.uri, f"has several edit files {present}; keep one")
+    if not present:
+        return None
+    path = posixpath.join(scene.path, present[0])
+    source = scene.root.uri_for(path)
+    if not scene.root.contains(path):
+        raise _fail(source, "points outside the collection root; refusing to read it")
+    with fs.open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(source, f"is not UTF-8 text: {exc}") from exc
+    return parse_edit_document(_parse_text(text, source), source)
+
+
+def collection_edit_document(edits: Any) -> EditDocument | None:
+    """Collection-wide edits from a flow/CLI parameter: a path/URL to a file, a document, or ``None``."""
+    if edits is None:
+        return None
+    if isinstance(edits, (str, os.PathLike)):
+        return load_edit_document(edits)
+    return parse_edit_document(edits, "collection edits parameter")
+
+
+@dataclass(frozen=True)
+class SceneEdit:
+    """One edit to run on one scene, with its merged EditConfig overrides."""
+
+    edit: EditSpec
+    config_overrides: Mapping[str, Any] = field(hash=False)
+
+
+def edits_for_scene(
+    scene: SceneRef,
+    collection_edits: EditDocument | None,
+    base_overrides: Mapping[str, Any] | None = None,
+) -> list[SceneEdit]:
+    """The edits to run on ``scene``: collection-wide ones, then the scene's own.
+
+    Config overrides merge from general to specific: ``base_overrides`` (the caller's), the
+    collection document's ``config``, the scene document's ``config``, the edit's ``config``.  The
+    scene's ``source_caption`` also applies to collection-wide edits without one.  Raises
+    :class:`ConfigError` naming the scene's edit file when it is invalid.
+    """
+    scene_document = scene_edit_document(scene)
+    shared = {
+        **(base_overrides or {}),
+        **(collection_edits.config if collection_edits else {}),
+        **(scene_document.config if scene_document else {}),
+    }
+    planned: dict[str, SceneEdit] = {}
+    if collection_edits is not None:
+        scene_caption = scene_document.source_caption if scene_document else None
+        for edit in collection_edits.edits:
+            if edit.source_caption is None and scene_caption is not None:
+                edit = replace(edit, source_caption=scene_caption)
+            planned[edit.edit_id] = SceneEdit(edit, {**shared, **edit.config})
+    for edit in scene_document.edits if scene_document else ():
+        planned[edit.edit_id] = SceneEdit(edit, {**shared, **edit.config})  # the scene's own spec wins
+    return list(planned.values())

@@ -1,0 +1,183 @@
+"""Collections: scene listing, containment (symlinks, ``..``), remote fetch into a cache, edit specs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import fsspec
+import pytest
+from conftest import SCENES
+
+from imix2mix.collection import (
+    EditSpec,
+    collection_edit_document,
+    edits_for_scene,
+    fetch_scene,
+    find_scene,
+    list_scenes,
+    load_edit_document,
+    open_root,
+    parse_edit_document,
+    slugify,
+)
+from imix2mix.errors import ConfigError, SceneError
+
+
+@pytest.fixture()
+def collection(tmp_path: Path) -> Path:
+    """A root with two real scenes, a non-scene folder, a hidden folder and an escaping symlink."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    for name in ("face", "person-small"):
+        shutil.copytree(SCENES / name, root / name)
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not a scene")
+    shutil.copytree(SCENES / "face", root / ".hidden-scene")
+    outside = tmp_path / "outside-scene"
+    shutil.copytree(SCENES / "face", outside)
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    return root
+
+
+def test_lists_only_scene_folders_inside_the_root(collection: Path) -> None:
+    scenes = list_scenes(collection)
+    assert [scene.scene_id for scene in scenes] == ["face", "person-small"]
+    assert scenes[0].uri == str(collection / "face")
+
+
+def test_find_scene_accepts_names_and_paths_and_refuses_outside(collection: Path, tmp_path: Path) -> None:
+    root = open_root(collection)
+    assert find_scene(root, "face").scene_id == "face"
+    assert find_scene(root, str(collection / "person-small") + "/").scene_id == "person-small"
+    assert find_scene(root, f"file://{collection / 'face'}").scene_id == "face"
+    for outside in (str(tmp_path / "outside-scene"), str(collection / ".." / "outside-scene"),
+                    str(collection / "escape"), "/etc"):
+        with pytest.raises(SceneError, match="outside the collection root"):
+            find_scene(root, outside)
+    with pytest.raises(SceneError, match="no scene folder"):
+        find_scene(root, "notes")
+
+
+def test_symlinked_file_leaving_the_root_is_refused(collection: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    shutil.copy(SCENES / "person-small" / "images" / "frame_00175.png", secret)
+    (collection / "face" / "images" / "frame_99999.png").symlink_to(secret)
+    with pytest.raises(SceneError, match="outside the collection root"):
+        fetch_scene(find_scene(collection, "face"), tmp_path / "cache")
+
+
+def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not an existing folder"):
+        open_root(tmp_path / "nope")
+
+
+def test_remote_scene_is_copied_once_into_the_cache(tmp_path: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    base = f"/imix2mix-test-{tmp_path.name}"
+    for path in sorted((SCENES / "face").rglob("*")):
+        if path.is_file():
+            fs.pipe(f"{base}/face/{path.relative_to(SCENES / 'face').as_posix()}", path.read_bytes())
+    root = open_root(f"memory://{base}")
+    assert not root.is_local
+    (scene,) = list_scenes(root)
+    assert scene.uri == f"memory://{base}/face"
+    local = fetch_scene(scene, tmp_path / "cache")
+    assert local.name == "face"
+    assert sorted(p.name for p in (local / "images").iterdir()) == sorted(
+        p.name for p in (SCENES / "face" / "images").iterdir())
+    assert (local / "transforms.json").read_bytes() == (SCENES / "face" / "transforms.json").read_bytes()
+    assert fetch_scene(scene, tmp_path / "cache") == local  # same listing: same cache entry
+    fs.pipe(f"{base}/face/edits.yaml", b"edits: [make it snowy]\n")
+    changed = fetch_scene(scene, tmp_path / "cache")
+    assert changed != local and (changed / "edits.yaml").exists()
+    with pytest.raises(SceneError, match="outside the collection root"):
+        find_scene(root, f"memory://{base}/../elsewhere")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edit specs
+
+
+def test_edit_document_full_form_and_shorthand() -> None:
+    document = parse_edit_document(
+        {
+            "source_caption": "a photo of a man",
+            "config": {"iterations": 3},
+            "edits": [
+                {"instruction": "Turn him into a knight!", "target_caption": "a knight", "text_cfg": 6,
+                 "image_cfg": 1.5, "seed": 7, "config": {"lr": 1e-4}},
+                "make it snowy",
+            ],
+        },
+        "edits.yaml",
+    )
+    knight, snowy = document.edits
+    assert knight.instruction == "Turn him into a knight!" and knight.text_cfg == 6.0 and knight.seed == 7
+    assert knight.source_caption == snowy.source_caption == "a photo of a man"
+    assert knight.config == {"lr": 1e-4} and document.config == {"iterations": 3}
+    assert knight.edit_id.startswith("turn-him-into-a-knight-") and len(knight.edit_id.split("-")[-1]) == 8
+    assert parse_edit_document(["make it snowy"]).edits[0] == snowy.__class__("make it snowy")
+
+
+def test_edit_id_is_stable_and_depends_on_what_changes_pixels() -> None:
+    base = EditSpec("turn him into a knight")
+    assert base.edit_id == EditSpec("turn him into a knight").edit_id
+    assert base.edit_id == EditSpec("turn him into a knight", target_caption="a knight").edit_id
+    assert base.edit_id != EditSpec("turn him into a knight", text_cfg=6.0).edit_id
+    assert base.edit_id != EditSpec("turn him into a knight", seed=1).edit_id
+    assert slugify("  Ünïcode & spaces!! ") == "unicode-spaces"
+    assert slugify("!!!") == "edit"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"edits": []}, "'edits' must be a non-empty list"),
+        ({"edit": ["x"]}, "unknown top-level key"),
+        ({"edits": [{"prompt": "x"}]}, r"edits\[0\] has unknown key"),
+        ({"edits": [{"target_caption": "x"}]}, r"edits\[0\] needs an 'instruction'"),
+        ({"edits": [{"instruction": "x", "text_cfg": "high"}]}, r"edits\[0\].text_cfg must be a positive number"),
+        ({"edits": [{"instruction": "x", "seed": -1}]}, r"edits\[0\].seed must be a non-negative integer"),
+        ({"edits": [{"instruction": "x", "seed": True}]}, r"edits\[0\].seed"),
+        ({"edits": ["x", "x"]}, r"edits\[1\] repeats edits\[0\]"),
+        ({"edits": ["x"], "config": [1]}, "config must be a mapping"),
+        ("just text", "must be a mapping"),
+    ],
+)
+def test_invalid_edit_documents_name_the_file_and_the_problem(data: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_edit_document(data, "/data/face/edits.yaml")
+    assert str(info.value).startswith("/data/face/edits.yaml: ")
+
+
+def test_edit_files_yaml_json_and_syntax_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"edits": [{"instruction": "make it snowy"}]}))
+    assert load_edit_document(tmp_path / "a.json").edits[0].instruction == "make it snowy"
+    (tmp_path / "bad.yaml").write_text("edits: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: is not valid YAML"):
+        load_edit_document(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="edit file not found"):
+        load_edit_document(tmp_path / "missing.yaml")
+
+
+def test_scene_and_collection_edits_merge(collection: Path) -> None:
+    (collection / "face" / "edits.yaml").write_text(
+        "source_caption: a photo of a man\nconfig: {iterations: 5}\n"
+        "edits:\n  - instruction: turn him into a knight\n    config: {lr: 0.5}\n"
+    )
+    shared = collection_edit_document({"config": {"iterations": 2, "seed": 1},
+                                       "edits": ["make it snowy", "turn him into a knight"]})
+    face = find_scene(collection, "face")
+    planned = {item.edit.instruction: item for item in edits_for_scene(face, shared, {"teacher": "x", "seed": 0})}
+    assert sorted(planned) == ["make it snowy", "turn him into a knight"]
+    snowy, knight = planned["make it snowy"], planned["turn him into a knight"]
+    assert snowy.edit.source_caption == "a photo of a man"  # the scene's caption reaches shared edits
+    assert snowy.config_overrides == {"teacher": "x", "seed": 1, "iterations": 5}
+    assert knight.config_overrides == {"teacher": "x", "seed": 1, "iterations": 5, "lr": 0.5}
+    person = find_scene(collection, "person-small")
+    assert [item.edit.instruction for item in edits_for_scene(person, None)] == []
+    (collection / "person-small" / "edits.json").write_text("{broken")
+    with pytest.raises(ConfigError, match=r"person-small/edits.json: is not valid JSON"):
+        edits_for_scene(person, shared)
