@@ -1,0 +1,316 @@
+"""Parquet manifests of a collection's output root: ``manifests/{scenes,runs,views}.parquet``.
+
+Schemas are explicit (see ``docs/manifests.md``).  Every write is a read-modify-write of the whole
+table under an exclusive ``fcntl.flock`` on ``manifests/.lock`` (several scenes may finish at once,
+in threads or processes), and lands atomically: a temporary file in the same folder, fsynced, then
+``os.replace``.  Rows are upserted by each table's key.  A manifest that cannot be read is never
+overwritten: the next write moves it aside to ``<name>.corrupt-<UTC time>.parquet`` and warns.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imix2mix.errors import ImixError
+
+logger = logging.getLogger(__name__)
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+SCENES_SCHEMA = pa.schema(
+    [
+        pa.field("scene_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("n_views", pa.int32(), nullable=False),
+        pa.field("width", pa.int32()),  # of the first view; views may differ in size
+        pa.field("height", pa.int32()),
+        pa.field("pose_source", pa.string()),  # transforms | colmap | sfm
+        pa.field("registered_views", pa.int32()),
+        pa.field("mean_reprojection_error_px", pa.float64()),
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("ingested_at", _TIMESTAMP, nullable=False),
+    ]
+)
+
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("scene_id", pa.string(), nullable=False),
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("instruction", pa.string(), nullable=False),
+        pa.field("source_caption", pa.string()),
+        pa.field("target_caption", pa.string()),
+        pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("preset", pa.string(), nullable=False),
+        pa.field("seed", pa.int64()),
+        pa.field("status", pa.string(), nullable=False),  # succeeded | failed | skipped
+        pa.field("error", pa.string()),
+        pa.field("started_at", _TIMESTAMP),
+        pa.field("finished_at", _TIMESTAMP),
+        pa.field("wall_seconds", pa.float64()),
+        pa.field("iterations", pa.int64()),
+        pa.field("peak_gpu_memory_bytes", pa.int64()),
+        pa.field("device_name", pa.string()),
+        pa.field("clip_sim", pa.float64()),
+        pa.field("clip_dir", pa.float64()),
+        pa.field("clip_cons", pa.float64()),
+        pa.field("output_dir", pa.string()),
+        pa.field("flow_run_id", pa.string()),
+    ]
+)
+
+VIEWS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("scene_id", pa.string(), nullable=False),
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("view_index", pa.int32(), nullable=False),
+        pa.field("input_path", pa.string()),
+        pa.field("output_path", pa.string()),
+        pa.field("clip_sim", pa.float64()),
+        pa.field("clip_dir", pa.float64()),
+    ]
+)
+
+RUN_STATUSES = ("succeeded", "failed", "skipped")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    schema: pa.Schema
+    key: tuple[str, ...]
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}.parquet"
+
+
+SCENES = TableSpec("scenes", SCENES_SCHEMA, ("scene_id",))
+RUNS = TableSpec("runs", RUNS_SCHEMA, ("run_id",))
+VIEWS = TableSpec("views", VIEWS_SCHEMA, ("run_id", "view_index"))
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SCENES, RUNS, VIEWS)}
+
+
+class ManifestError(ImixError):
+    """A manifest file exists but cannot be read as its table."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = path
+        super().__init__(f"{path}: {reason}")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _table(spec: TableSpec | str) -> TableSpec:
+    if isinstance(spec, TableSpec):
+        return spec
+    try:
+        return TABLES[spec]
+    except KeyError:
+        raise ValueError(f"unknown manifest table {spec!r}; known: {sorted(TABLES)}") from None
+
+
+def rows_to_table(spec: TableSpec | str, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Build a table with exactly ``spec``'s schema; unknown keys are an error, missing ones null."""
+    spec = _table(spec)
+    names = set(spec.schema.names)
+    for row in rows:
+        unknown = set(row) - names
+        if unknown:
+            raise ValueError(f"{spec.name} manifest has no column(s) {sorted(unknown)}")
+    if spec is RUNS:
+        bad = {row.get("status") for row in rows} - set(RUN_STATUSES)
+        if bad:
+            raise ValueError(f"run status must be one of {RUN_STATUSES}, got {sorted(map(str, bad))}")
+    columns = {name: [row.get(name) for row in rows] for name in spec.schema.names}
+    return pa.Table.from_pydict(columns, schema=spec.schema)
+
+
+class ManifestStore:
+    """The manifests of one output root (``<output_root>/manifests``)."""
+
+    def __init__(self, output_root: str | os.PathLike[str]):
+        self.folder = Path(output_root) / "manifests"
+
+    def path(self, spec: TableSpec | str) -> Path:
+        return self.folder / _table(spec).file_name
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive lock shared by every writer of this folder (threads and processes alike)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def read(self, spec: TableSpec | str) -> pa.Table:
+        """The whole table (empty when the file does not exist yet).
+
+        Raises :class:`ManifestError` when the file is unreadable or its columns do not match.
+        Reading needs no lock: writers replace the file atomically.
+        """
+        spec = _table(spec)
+        path = self.path(spec)
+        if not path.exists():
+            return spec.schema.empty_table()
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(path, f"cannot be read as Parquet ({exc})") from exc
+        return _conform(table, spec, path)
+
+    def read_rows(self, spec: TableSpec | str) -> list[dict[str, Any]]:
+        return self.read(spec).to_pylist()
+
+    def upsert(self, spec: TableSpec | str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert ``rows``, replacing existing rows with the same key."""
+        self.upsert_many({_table(spec).name: rows})
+
+    def upsert_many(self, changes: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Upsert into several tables under one lock (e.g. a run and its views)."""
+        with self.locked():
+            for name, rows in changes.items():
+                spec = _table(name)
+                new = rows_to_table(spec, rows)
+                existing = self._read_for_update(spec)
+                merged = _upsert(existing, new, spec.key)
+                _atomic_write_table(merged, self.path(spec))
+
+    def _read_for_update(self, spec: TableSpec) -> pa.Table:
+        try:
+            return self.read(spec)
+        except ManifestError as exc:
+            aside = move_aside(self.path(spec))
+            logger.warning("%s; moved it aside to %s and starting a new %s manifest", exc, aside, spec.name)
+            return spec.schema.empty_table()
+
+
+def _conform(table: pa.Table, spec: TableSpec, path: Path) -> pa.Table:
+    """``table`` cast to ``spec.schema``; columns added later in the schema's life read as null."""
+    columns = []
+    for schema_field in spec.schema:
+        if schema_field.name in table.column_names:
+            column = table.column(schema_field.name)
+            try:
+                columns.append(column.cast(schema_field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ManifestError(path, f"column {schema_field.name!r} has type {column.type}, "
+                                          f"expected {schema_field.type} ({exc})") from exc
+        elif schema_field.nullable:
+            columns.append(pa.nulls(table.num_rows, schema_field.type))
+        else:
+            raise ManifestError(path, f"has no {schema_field.name!r} column; is this a {spec.name} manifest?")
+    return pa.Table.from_arrays(columns, schema=spec.schema)
+
+
+def _upsert(existing: pa.Table, new: pa.Table, key: Sequence[str]) -> pa.Table:
+    new_keys = set(zip(*(new.column(name).to_pylist() for name in key)))
+    if existing.num_rows and new_keys:
+        keep = [k not in new_keys for k in zip(*(existing.column(name).to_pylist() for name in key))]
+        existing = existing.filter(pa.array(keep, pa.bool_()))
+    return pa.concat_tables([existing, new]).combine_chunks()
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    try:
+        pq.write_table(table, temporary, compression="zstd")
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_folder(path.parent)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def move_aside(path: Path) -> Path:
+    """Rename an unusable file to ``<stem>.corrupt-<UTC time>.<suffix>`` beside it; returns the new path."""
+    stamp = utc_now().strftime("%Y%m%dT%H%M%S%fZ")
+    aside = path.with_name(f"{path.stem}.corrupt-{stamp}{path.suffix}")
+    os.replace(path, aside)
+    return aside
+
+
+# --------------------------------------------------------------------------------------------------
+# Queries the pipeline needs
+# --------------------------------------------------------------------------------------------------
+
+
+def succeeded_runs(store: ManifestStore) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The latest succeeded run per (scene_id, edit_id, config_hash)."""
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in store.read_rows(RUNS):
+        if row["status"] != "succeeded":
+            continue
+        key = (row["scene_id"], row["edit_id"], row["config_hash"])
+        previous = latest.get(key)
+        if previous is None or (row["finished_at"] or datetime.min.replace(tzinfo=timezone.utc)) >= (
+            previous["finished_at"] or datetime.min.replace(tzinfo=timezone.utc)
+        ):
+            latest[key] = row
+    return latest
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+# --------------------------------------------------------------------------------------------------
+# Publishing a run's output folder
+# --------------------------------------------------------------------------------------------------
+
+
+def staging_dir(final_dir: Path) -> Path:
+    """A fresh empty folder beside ``final_dir`` to write a run's outputs into before publishing."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.staging-", dir=final_dir.parent))
+
+
+def publish_dir(staging: Path, final_dir: Path) -> None:
+    """Replace ``final_dir`` by the complete ``staging`` folder.
+
+    The previous outputs stay in place until the new ones are complete, so a run that fails
+    half-way never destroys the last good result.
+    """
+    previous = None
+    if final_dir.exists():
+        previous = final_dir.with_name(f".{final_dir.name}.previous-{uuid.uuid4().hex[:8]}")
+        os.replace(final_dir, previous)
+    os.replace(staging, final_dir)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def discard_dir(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
