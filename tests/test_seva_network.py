@@ -1,0 +1,189 @@
+"""The SEVA network at the tiny preset: shapes, gradients, checkpointing, autocast, multi-view wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imix2mix.errors import ConfigError
+from imix2mix.seva import Seva, SevaConditioning, SevaConfig, SevaDenoiser
+from imix2mix.seva.attention import Attention, MultiviewTransformer, SdpaAttnProcessor
+
+T, H, W = 5, 16, 16
+
+
+@pytest.fixture(scope="module")
+def tiny_network() -> Seva:
+    torch.manual_seed(0)
+    return Seva(SevaConfig.tiny())
+
+
+def random_inputs(config: SevaConfig, frames: int = T, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(frames, config.in_channels, H, W, generator=g)
+    t = torch.randint(0, 1000, (frames,), generator=g)
+    y = torch.randn(frames, 1, config.context_dim, generator=g)
+    dense = torch.randn(frames, config.dense_in_channels, H, W, generator=g)
+    return x, t, y, dense
+
+
+def test_tiny_is_the_same_architecture_at_small_width() -> None:
+    tiny, full = SevaConfig.tiny(), SevaConfig()
+    assert type(tiny) is type(full)
+    assert tiny.channel_mult == full.channel_mult and tiny.unflatten_names == full.unflatten_names
+    with torch.device("meta"):
+        network = Seva(tiny)
+    transformers = {m.name: m.is_3d for m in network.modules() if isinstance(m, MultiviewTransformer)}
+    assert transformers == {
+        "input_ds1": False, "input_ds2": False, "input_ds4": False, "middle_ds8": True,
+        "output_ds4": True, "output_ds2": True, "output_ds1": False,
+    }
+    # Same key grammar as the official checkpoint: only widths differ.
+    with torch.device("meta"):
+        full_keys = list(Seva(full).state_dict())
+    assert list(network.state_dict()) == full_keys
+
+
+def test_invalid_config_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="num_head_channels"):
+        SevaConfig.tiny(num_head_channels=24)
+    with pytest.raises(ConfigError, match="transformer_depth"):
+        SevaConfig(transformer_depth=(1, 1))
+
+
+def test_forward_shape_and_batch_must_be_whole_scenes(tiny_network: Seva) -> None:
+    x, t, y, dense = random_inputs(tiny_network.config)
+    with torch.no_grad():
+        out = tiny_network(x, t, y, dense, num_frames=T)
+    assert out.shape == (T, 4, H, W) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="whole number"):
+        tiny_network(x, t, y, dense, num_frames=3)
+
+
+def test_backward_reaches_every_parameter(tiny_network: Seva) -> None:
+    tiny_network.zero_grad(set_to_none=True)
+    x, t, y, dense = random_inputs(tiny_network.config)
+    tiny_network(x, t, y, dense, num_frames=T).square().mean().backward()
+    without_grad = [n for n, p in tiny_network.named_parameters() if p.grad is None]
+    assert without_grad == []
+    # attn2.to_q/to_k only see a length-1 context (softmax = 1); every other gradient is non-zero.
+    dead = [
+        n for n, p in tiny_network.named_parameters()
+        if not p.grad.abs().gt(0).any() and not n.endswith(("attn2.to_q.weight", "attn2.to_k.weight"))
+    ]
+    assert dead == []
+    tiny_network.zero_grad(set_to_none=True)
+
+
+def test_gradient_checkpointing_gives_the_same_output_and_gradients() -> None:
+    torch.manual_seed(0)
+    network = Seva(SevaConfig.tiny())
+    x, t, y, dense = random_inputs(network.config)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        network.zero_grad(set_to_none=True)
+        out = network(x, t, y, dense, num_frames=T)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in network.named_parameters()}
+
+    plain_out, plain_grads = run()
+    network.enable_gradient_checkpointing()
+    assert network.gradient_checkpointing
+    ckpt_out, ckpt_grads = run()
+    torch.testing.assert_close(ckpt_out, plain_out)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_bf16_autocast_runs_with_fp32_weights_and_stays_close(tiny_network: Seva) -> None:
+    x, t, y, dense = random_inputs(tiny_network.config)
+    with torch.no_grad():
+        reference = tiny_network(x, t, y, dense, num_frames=T)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tiny_network(x, t, y, dense, num_frames=T)
+    assert all(p.dtype == torch.float32 for p in tiny_network.parameters())
+    assert low.dtype == torch.bfloat16
+    relative = (low.float() - reference).norm() / reference.norm()
+    assert relative < 0.05
+
+
+def test_frames_of_a_scene_interact_and_scenes_do_not(tiny_network: Seva) -> None:
+    config = tiny_network.config
+    x, t, y, dense = random_inputs(config, frames=2 * T)
+    with torch.no_grad():
+        base = tiny_network(x, t, y, dense, num_frames=T)
+        x_changed = x.clone()
+        x_changed[0] += 1.0  # frame 0 of scene 0 only
+        changed = tiny_network(x_changed, t, y, dense, num_frames=T)
+    assert (changed[1] - base[1]).abs().max() > 1e-4  # other frames of scene 0 see it
+    torch.testing.assert_close(changed[T:], base[T:])  # scene 1 does not
+
+
+def test_context_of_frame_zero_drives_3d_and_time_mix_blocks(tiny_network: Seva) -> None:
+    x, t, y, dense = random_inputs(tiny_network.config)
+    with torch.no_grad():
+        base = tiny_network(x, t, y, dense, num_frames=T)
+        y_other = y.clone()
+        y_other[2] += 1.0  # a non-first frame's context reaches only its own spatial blocks
+        other = tiny_network(x, t, y_other, dense, num_frames=T)
+        y_first = y.clone()
+        y_first[0] += 1.0
+        first = tiny_network(x, t, y_first, dense, num_frames=T)
+    assert (other[2] - base[2]).abs().max() > 1e-4
+    assert (first[3] - base[3]).abs().max() > 1e-4
+
+
+class CountingProcessor(SdpaAttnProcessor):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        self.calls += 1
+        return super().__call__(attn, x, context)
+
+
+def test_attention_processor_is_swappable() -> None:
+    torch.manual_seed(0)
+    network = Seva(SevaConfig.tiny())
+    x, t, y, dense = random_inputs(network.config)
+    with torch.no_grad():
+        before = network(x, t, y, dense, num_frames=T)
+        processor = CountingProcessor()
+        network.set_attn_processor(processor)
+        after = network(x, t, y, dense, num_frames=T)
+    attention_layers = sum(isinstance(m, Attention) for m in network.modules())
+    # 16 multi-view transformers (6 down, 1 middle, 9 up), each 2 spatial + 2 time-mix attentions.
+    assert processor.calls == attention_layers == 16 * 4
+    torch.testing.assert_close(after, before)
+
+
+def test_denoiser_keeps_gradients_and_replaces_the_input_frame(tiny_network: Seva) -> None:
+    config = tiny_network.config
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randn(1, 4, H, W, generator=g)
+    replace = torch.zeros(T, 5, H, W)
+    replace[0, :4], replace[0, 4] = clean[0], 1.0
+    plucker = torch.randn(T, 6, H, W, generator=g)
+    cond = SevaConditioning(
+        crossattn=torch.randn(1, 1, config.context_dim, generator=g).expand(T, 1, -1),
+        replace=replace,
+        concat=torch.cat([replace[:, 4:], plucker], dim=1),
+        dense_vector=plucker,
+    )
+    denoiser = SevaDenoiser(tiny_network)
+    x = 10.0 * torch.randn(T, 4, H, W, generator=g)
+    seen: list[torch.Tensor] = []
+    handle = tiny_network.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    tiny_network.zero_grad(set_to_none=True)
+    try:
+        x0 = denoiser(x, 10.0, cond, num_frames=T)
+    finally:
+        handle.remove()
+    sigma_q, _ = denoiser.schedule.quantize(torch.tensor([10.0]))
+    c_in = 1 / (sigma_q**2 + 1).sqrt()
+    torch.testing.assert_close(seen[0][0, :4], clean[0] * c_in)  # frame 0 carries the clean latent
+    torch.testing.assert_close(seen[0][1:, :4], x[1:] * c_in)
+    x0[1:].square().mean().backward()
+    assert all(p.grad is not None for p in tiny_network.parameters())
+    tiny_network.zero_grad(set_to_none=True)
