@@ -62,7 +62,7 @@ class InstructPix2PixTeacher:
     def __init__(self, pipeline, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
         device = torch.device(device)
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        self.pipeline = pipeline.to(device=device, dtype=self.dtype)
+        self.pipeline = pipeline.to(device) if pipeline.unet.dtype == self.dtype else pipeline.to(device=device, dtype=self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
         for module in (self.unet, self.vae, self.pipeline.text_encoder):
             module.requires_grad_(False).eval()
@@ -144,9 +144,11 @@ class InstructPix2PixTeacher:
         image_cfg: float,
         steps: int,
         generator: torch.Generator,
+        image_size: int | None = None,
     ) -> torch.Tensor:
-        """Edit one [3, H, W] image in [−1, 1]; returns [3, S, S] in [−1, 1] at the teacher size S."""
-        pixels = resize_images(image[None].float(), self.image_size)
+        """Edit one [3, H, W] image in [−1, 1]; returns [3, S, S] in [−1, 1], S = ``image_size``
+        (default: the UNet's native size, 512 for IP2P)."""
+        pixels = resize_images(image[None].float(), image_size or self.image_size)
         with self.plain_attention(), torch.inference_mode():
             edited = self.pipeline(
                 instruction,
@@ -167,10 +169,13 @@ class InstructPix2PixTeacher:
         return self.pipeline.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
 
     @torch.no_grad()
-    def prepare(self, instruction: str, originals: torch.Tensor) -> TeacherContext:
-        """Text embeddings and per-view conditioning latents, once per scene (no graph kept)."""
+    def prepare(self, instruction: str, originals: torch.Tensor, image_size: int | None = None) -> TeacherContext:
+        """Text embeddings and per-view conditioning latents, once per scene (no graph kept).
+
+        ``originals`` [N, 3, H, W] in [−1, 1] are resized to ``image_size`` (default: native size).
+        """
         text = self.encode_prompts([instruction, "", ""])
-        pixels = resize_images(originals.float(), self.image_size).to(self.device, self.dtype)
+        pixels = resize_images(originals.float(), image_size or self.image_size).to(self.device, self.dtype)
         latents = torch.cat([self.vae.encode(view[None]).latent_dist.mode() for view in pixels])
         return TeacherContext(text_embeddings=text, image_latents=latents)
 
