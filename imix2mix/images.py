@@ -136,6 +136,8 @@ def read_image(path: str | Path, *, apply_exif_orientation: bool = True) -> np.n
 def read_metadata(path: str | Path) -> PhotoMetadata:
     """EXIF facts used for pose estimation and orientation decisions (only the header is read)."""
     path = Path(path)
+    if not path.is_file():
+        raise SceneError(path, "image file not found")
     try:
         with Image.open(path) as image:
             exif = image.getexif()
@@ -143,7 +145,7 @@ def read_metadata(path: str | Path) -> PhotoMetadata:
     except UnidentifiedImageError:
         raise SceneError(path, "not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise SceneError(path, f"cannot read the image header ({exc})") from None
+        raise SceneError(path, f"image is truncated or corrupt ({exc})") from None
     orientation = exif.get(EXIF_ORIENTATION_TAG, 1)
     if not isinstance(orientation, int) or not 1 <= orientation <= 8:
         orientation = 1

@@ -178,12 +178,13 @@ def write_colmap_text_model(model_dir: Path, views: list[GroundTruthView], *, sk
     for index, view in enumerate(views, start=1):
         height, width = view.image.shape[:2]
         K = view.K
-        cameras.append(f"{index} PINHOLE {width} {height} {K[0, 0]!r} {K[1, 1]!r} {K[0, 2]!r} {K[1, 2]!r}")
+        fx, fy, cx, cy = (float(value) for value in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+        cameras.append(f"{index} PINHOLE {width} {height} {fx!r} {fy!r} {cx!r} {cy!r}")
         if view.name == skip_pose_of:
             continue
         w2c = np.linalg.inv(view.c2w)
-        qx, qy, qz, qw = Rotation.from_matrix(w2c[:3, :3]).as_quat()
-        tx, ty, tz = w2c[:3, 3]
+        qx, qy, qz, qw = (float(value) for value in Rotation.from_matrix(w2c[:3, :3]).as_quat())
+        tx, ty, tz = (float(value) for value in w2c[:3, 3])
         images.append(f"{index} {qw!r} {qx!r} {qy!r} {qz!r} {tx!r} {ty!r} {tz!r} {index} {view.name}")
         images.append("")  # no 2D points
     (model_dir / "cameras.txt").write_text("\n".join(cameras) + "\n")
