@@ -13,9 +13,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from imix2mix.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imix2mix.distill import EditConfig, Editor
 
 # ---------------------------------------------------------------------------------------------
 # Random-init architectures (same classes for full size and tiny)
@@ -163,3 +169,126 @@ def build_random_metrics_clip(arch: MetricsClipArchitecture, seed: int = 0, devi
         torch.manual_seed(seed)
         model = CLIPModel(CLIPConfig(text_config=arch.text, vision_config=arch.vision, projection_dim=arch.projection_dim))
     return ClipMetricsModel(model, byte_level_clip_tokenizer(), device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sources and editors
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightSources:
+    """Where each model's weights come from: a Hugging Face id or a local path (file or folder)."""
+
+    seva: str = "stabilityai/stable-virtual-camera"
+    seva_filename: str = "modelv1.1.safetensors"
+    seva_vae: str = "stabilityai/stable-diffusion-2-1-base"
+    seva_vae_subfolder: str | None = "vae"
+    clip_h: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    teacher: str = "timbrooks/instruct-pix2pix"
+    clip_metrics: str = "openai/clip-vit-large-patch14"
+
+    @classmethod
+    def local(cls, folder: str | Path) -> "WeightSources":
+        """The layout :func:`save_editor_weights` writes (and ``--weights-dir`` expects)::
+
+            folder/seva/modelv1.1.safetensors   folder/seva_vae/    folder/clip_h/
+            folder/teacher/ (diffusers IP2P pipeline)                folder/clip_metrics/
+        """
+        folder = Path(folder)
+        return cls(
+            seva=str(folder / "seva"), seva_vae=str(folder / "seva_vae"), seva_vae_subfolder=None,
+            clip_h=str(folder / "clip_h"), teacher=str(folder / "teacher"), clip_metrics=str(folder / "clip_metrics"),
+        )
+
+
+PRESETS = ("full", "tiny")
+
+
+def default_config(preset: str) -> "EditConfig":
+    """The EditConfig a preset runs with unless told otherwise.
+
+    ``tiny``: 128² student images (16² latents), 96² teacher images (12² latents), and a short
+    schedule (6 τ values, k_initial 4, k 2 → 14 iterations; 4 teacher steps) so a CPU run takes seconds.
+    """
+    from imix2mix.distill import EditConfig
+
+    if preset == "full":
+        return EditConfig()
+    if preset == "tiny":
+        return EditConfig(
+            student_image_size=128, teacher_image_size=96, distill_dt=195, k=2, k_initial=4, warmup_steps=4,
+            teacher_steps=4, student_only_steps=4, log_every=1,
+        )
+    raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+
+
+def build_editor(
+    preset: str = "tiny",
+    device: torch.device | str = "cpu",
+    weights: WeightSources | None = None,
+    random_weights: bool = False,
+    metrics: bool = True,
+    seed: int = 0,
+) -> "Editor":
+    """Build an :class:`~imix2mix.distill.Editor` with every model loaded once.
+
+    * ``full``: official weights from ``weights`` (default :class:`WeightSources`); with
+      ``random_weights=True`` the full-size architectures with random init and no files.
+    * ``tiny``: small random models of the same classes (exercises the pipeline; edits are noise).
+    ``metrics=False`` skips the CLIP ViT-L/14 used by :meth:`Editor.score`.
+    """
+    from imix2mix.distill import Editor
+    from imix2mix.metrics import ClipMetricsModel
+    from imix2mix.seva import Seva, SevaConfig
+    from imix2mix.seva.autoencoder import SevaAutoencoder
+    from imix2mix.seva.conditioner import ClipImageConditioner
+    from imix2mix.seva.loading import load_seva
+    from imix2mix.teacher import InstructPix2PixTeacher
+
+    config = default_config(preset)
+    device = torch.device(device)
+    if preset == "tiny" or random_weights:
+        tiny = preset == "tiny"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student = Seva(SevaConfig.tiny() if tiny else SevaConfig())
+            seva_vae = SevaAutoencoder.tiny() if tiny else SevaAutoencoder.random()
+            clip_image = ClipImageConditioner.tiny() if tiny else ClipImageConditioner.random()
+        teacher_pipeline = build_random_teacher_pipeline(TeacherArchitecture.tiny() if tiny else TeacherArchitecture.sd15(), seed)
+        teacher = InstructPix2PixTeacher(teacher_pipeline, device=device)
+        clip_metrics = (
+            build_random_metrics_clip(MetricsClipArchitecture.tiny() if tiny else MetricsClipArchitecture.vit_l14(), seed, device)
+            if metrics else None
+        )
+        random = True
+    else:
+        weights = weights or WeightSources()
+        student = load_seva(weights.seva, filename=weights.seva_filename, dtype=torch.float32, device=device)
+        seva_vae = SevaAutoencoder.from_pretrained(weights.seva_vae, subfolder=weights.seva_vae_subfolder)
+        clip_image = ClipImageConditioner.from_pretrained(weights.clip_h)
+        teacher = InstructPix2PixTeacher.from_pretrained(weights.teacher, device=device)
+        clip_metrics = ClipMetricsModel.from_pretrained(weights.clip_metrics, device=device) if metrics else None
+        random = False
+    return Editor(
+        teacher=teacher, student=student, seva_vae=seva_vae.to(device), clip_image=clip_image.to(device),
+        clip_metrics=clip_metrics, device=device, default_config=config, preset=preset, random_weights=random,
+    )
+
+
+def save_editor_weights(editor: "Editor", folder: str | Path) -> WeightSources:
+    """Write an editor's models in the official formats under ``folder`` (the
+    :meth:`WeightSources.local` layout) and return the sources that load them back."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    (folder / "seva").mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in editor.student.state_dict().items()}
+    save_file(state, str(folder / "seva" / "modelv1.1.safetensors"))
+    editor.seva_vae.save_pretrained(folder / "seva_vae")
+    editor.clip_image.save_pretrained(folder / "clip_h")
+    editor.teacher.pipeline.save_pretrained(folder / "teacher")
+    if editor.clip_metrics is not None:
+        editor.clip_metrics.model.save_pretrained(folder / "clip_metrics")
+        editor.clip_metrics.tokenizer.save_pretrained(folder / "clip_metrics")
+    return WeightSources.local(folder)

@@ -1,0 +1,118 @@
+"""``imix2mix edit SCENE`` (the whole I-Mix2Mix run) and ``imix2mix preview SCENE`` (the teacher's
+edit of the reference view only, to check an instruction before spending a distillation on it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from imix2mix.errors import ConfigError
+
+
+def _parse_settings(items: list[str] | None) -> dict[str, str]:
+    settings = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scene", type=Path, help="scene folder (transforms.json, COLMAP model, or photos for SfM)")
+    parser.add_argument("--instruction", "-i", required=True, help='edit instruction, e.g. "Turn him into a knight"')
+    parser.add_argument("--preset", choices=("full", "tiny"), default="full",
+                        help="full: official weights; tiny: small random models that exercise the pipeline (not real edits)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/<scene>/<instruction>)")
+    parser.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
+                        help="override an EditConfig setting, e.g. --set k=25 --set cross_view_attention=none (repeatable)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--weights-dir", type=Path, default=None,
+                        help="local folder with seva/, seva_vae/, clip_h/, teacher/, clip_metrics/ instead of the Hugging Face Hub")
+    parser.add_argument("--random-weights", action="store_true", help="full preset: random full-size models (benchmarks)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    edit = subparsers.add_parser("edit", help="edit all views of a scene consistently (I-Mix2Mix)")
+    _add_common_arguments(edit)
+    edit.add_argument("--source-caption", default=None, help="caption of the original scene (CLIP Dir.)")
+    edit.add_argument("--target-caption", default=None, help="caption of the edited scene (CLIP Sim./Dir.)")
+    edit.add_argument("--no-metrics", action="store_true", help="skip the CLIP metrics (and loading CLIP ViT-L/14)")
+    edit.set_defaults(handler=run_edit)
+
+    preview = subparsers.add_parser("preview", help="only the teacher's edit of the reference view (preview.png)")
+    _add_common_arguments(preview)
+    preview.set_defaults(handler=run_preview)
+
+
+def _setup(args: argparse.Namespace, *, metrics: bool):
+    import torch
+
+    from imix2mix.presets import WeightSources, build_editor
+    from imix2mix.scene import load_scene
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available")
+    settings = _parse_settings(args.settings)
+    scene = load_scene(args.scene)
+    weights = WeightSources.local(args.weights_dir) if args.weights_dir else None
+    editor = build_editor(args.preset, device=device, weights=weights, random_weights=args.random_weights, metrics=metrics)
+    config = editor.default_config.overridden(settings)
+    if editor.random_weights:
+        print("note: random weights: this run exercises the pipeline; its images are not real edits", file=sys.stderr)
+    return scene, editor, config
+
+
+def _output_dir(args: argparse.Namespace, scene) -> Path:
+    from imix2mix.collection import slugify
+
+    return args.out or Path("outputs") / scene.name / slugify(args.instruction)
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from imix2mix.distill import Edit
+    from imix2mix.outputs import write_edit_outputs
+
+    edit = Edit(args.instruction, source_caption=args.source_caption, target_caption=args.target_caption)
+    scene, editor, config = _setup(args, metrics=not args.no_metrics)
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]distilling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("distill", total=config.for_edit(edit).total_iterations or None, status="reference edit…")
+
+        def on_progress(event) -> None:
+            status = f"τ={event.tau} t={event.t} lr={event.lr:.2e}"
+            if event.loss is not None:
+                status += f" loss={event.loss:+.3e} |g|={event.grad_norm:.3f}"
+            bar.update(task, completed=event.iteration, total=event.total, status=status)
+
+        result = editor.edit(scene, edit, config, progress=on_progress)
+    metrics = editor.score(result, edit) if editor.clip_metrics is not None else None
+    paths = write_edit_outputs(result, scene, _output_dir(args, scene), metrics)
+    console.print(f"reference view {result.reference_index} ({scene.views[result.reference_index].name}), "
+                  f"{result.iterations} iterations in {result.timings['total']:.1f} s")
+    if metrics is not None:
+        parts = [f"{name} {value:.4f}" for name, value in
+                 (("CLIP Sim.", metrics.clip_sim), ("CLIP Dir.", metrics.clip_dir), ("CLIP Cons.", metrics.clip_cons)) if value is not None]
+        console.print(", ".join(parts) or "no metrics")
+    print(paths.run_json.parent)
+    return 0
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    from imix2mix.distill import Edit
+    from imix2mix.outputs import write_png
+
+    scene, editor, config = _setup(args, metrics=False)
+    reference, image = editor.preview(scene, Edit(args.instruction), config)
+    path = write_png(_output_dir(args, scene) / "preview.png", image)
+    print(f"reference view {reference} ({scene.views[reference].name}) → {path}", file=sys.stderr)
+    print(path)
+    return 0

@@ -1,0 +1,127 @@
+"""Files of one edit run: ``view_XX.png``, ``view_XX_full.png``, ``reference_edit.png``,
+``contact_sheet.png`` and ``run.json``.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a crash
+never leaves a half-written image or JSON behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imix2mix.errors import ImixError
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    views: list[Path]
+    full_views: list[Path]
+    contact_sheet: Path
+    run_json: Path
+    reference_edit: Path | None = None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def contact_sheet(originals: list[np.ndarray], edits: list[np.ndarray], tile: int | None = None) -> np.ndarray:
+    """Originals in the top row, their edits below, each tile resized to ``tile`` (default: edit size)."""
+    if len(originals) != len(edits) or not edits:
+        raise ValueError(f"need as many originals as edits (got {len(originals)} and {len(edits)})")
+    tile = tile or edits[0].shape[0]
+    rows = []
+    for row in (originals, edits):
+        tiles = [np.asarray(Image.fromarray(img).resize((tile, tile), Image.Resampling.BICUBIC)) for img in row]
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return _json_safe(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def run_record(result, scene, metrics=None) -> dict[str, Any]:
+    """Everything ``run.json`` holds about one run (also useful to callers that log elsewhere)."""
+    return _json_safe(
+        {
+            "scene": {"name": scene.name, "content_hash": scene.content_hash, "views": [view.name for view in scene.views]},
+            "edit": result.edit.to_dict(),
+            "config": result.config.to_dict(),
+            "config_hash": result.config.config_hash(),
+            "preset": result.preset,
+            "mode": result.config.mode,
+            "reference_index": result.reference_index,
+            "iterations": result.iterations,
+            "timings_seconds": result.timings,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "device": result.device,
+            "metrics": metrics.to_dict() if metrics is not None else None,
+            "log": result.log,
+            "teacher_timesteps": result.teacher_timesteps,
+            "key_views": result.key_views,
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+
+
+def write_edit_outputs(result, scene, out_dir: str | Path, metrics=None) -> OutputPaths:
+    """Write the images, contact sheet and ``run.json`` of ``result`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ImixError(f"{out_dir}: the output path exists and is not a folder")
+    if len(result.views) != len(scene.views):
+        raise ImixError(f"{out_dir}: result has {len(result.views)} views but scene '{scene.name}' has {len(scene.views)}")
+    views = [write_png(out_dir / f"view_{i:02d}.png", image) for i, image in enumerate(result.views)]
+    full_views = [write_png(out_dir / f"view_{i:02d}_full.png", image) for i, image in enumerate(result.full_views)]
+    reference = write_png(out_dir / "reference_edit.png", result.reference_edit) if result.reference_edit is not None else None
+    sheet = write_png(out_dir / "contact_sheet.png", contact_sheet(result.originals, result.views))
+    record = run_record(result, scene, metrics)
+    record["files"] = {
+        "views": [p.name for p in views],
+        "full_views": [p.name for p in full_views],
+        "contact_sheet": sheet.name,
+        "reference_edit": reference.name if reference else None,
+    }
+    run_json = atomic_write_bytes(out_dir / "run.json", (json.dumps(record, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    return OutputPaths(views=views, full_views=full_views, contact_sheet=sheet, run_json=run_json, reference_edit=reference)
