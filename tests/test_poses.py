@@ -71,6 +71,21 @@ def test_sfm_photos_of_different_sizes_get_their_own_cameras(tmp_path: Path) -> 
     assert max(relative_rotation_errors([v.c2w for v in scene], [v.c2w for v in mixed])) < 1.0
 
 
+def test_sfm_uses_exif_focal_length_as_prior(tmp_path: Path) -> None:
+    truth = render_views(4)
+    (tmp_path / "images").mkdir()
+    # 35 mm-equivalent focal for f = 260 px at 320×240: f35 = 260 · 43.27 / 400.
+    exif = Image.Exif()
+    exif[0x0110] = "Synthetic"
+    exif.get_ifd(0x8769)[0xA405] = round(260 * float(np.hypot(36, 24)) / 400)
+    for view in truth:
+        Image.fromarray(view.image).save(tmp_path / "images" / view.name, exif=exif)
+    scene = load_scene(tmp_path)
+    assert not scene.registration.unregistered
+    assert scene[0].K[0, 0] == pytest.approx(260.0, rel=0.03)
+    assert max(relative_rotation_errors([v.c2w for v in scene], [v.c2w for v in truth])) < 1.0
+
+
 def test_unregistered_photo_raises_registration_error_naming_it(tmp_path: Path) -> None:
     write_images(tmp_path, render_views(3))
     noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
