@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,10 @@ class SceneRef:
     uri: str  # user-facing location (local path or URL)
     path: str  # fsspec path inside ``root.fs``
     root: CollectionRoot = field(compare=False, repr=False)
+
+    def uri_of(self, relative: str) -> str:
+        """The user-facing location of a file of this scene, given its path relative to the folder."""
+        return self.root.uri_for(posixpath.join(self.path, relative))
 
 
 def _entries(root: CollectionRoot, folder: str) -> list[dict[str, Any]]:
@@ -502,3 +506,154 @@ def edits_for_scene(
     for edit in scene_document.edits if scene_document else ():
         planned[edit.edit_id] = SceneEdit(edit, {**shared, **edit.config})  # the scene's own spec wins
     return list(planned.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a fetched scene, with structure-from-motion poses cached by photo content
+# --------------------------------------------------------------------------------------------------
+
+
+def photos_hash(paths: Sequence[Path], folder: Path) -> str:
+    """sha256 over the photos' relative names and bytes: the identity of an SfM input."""
+    digest = hashlib.sha256(b"imix2mix-photos-v1")
+    for path in paths:
+        digest.update(path.relative_to(folder).as_posix().encode("utf-8") + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def load_scene_cached(folder: str | os.PathLike[str], pose_cache_dir: str | os.PathLike[str] | None) -> Any:
+    """``load_scene(folder)``, except that photos without poses are posed by SfM only once.
+
+    Scenes with ``transforms.json`` or a COLMAP model load as usual.  For photo-only scenes the SfM
+    cameras and registration report are kept in ``pose_cache_dir/<photos hash>.json`` (a
+    transforms.json plus the report), keyed by the photos' bytes, so a re-run, another edit of the
+    same scene, or a copy of it elsewhere skips structure from motion.
+    """
+    from imix2mix.poses import PoseReport, ViewRegistration
+    from imix2mix.scene import detect_loader, load_scene, load_transforms_scene, scene_photos, transforms_dict
+
+    folder = Path(folder)
+    if pose_cache_dir is None or not folder.is_dir() or detect_loader(folder) != "sfm":
+        return load_scene(folder)
+    cached = Path(pose_cache_dir) / f"{photos_hash(scene_photos(folder), folder)}.json"
+    if cached.is_file():
+        data = json.loads(cached.read_text(encoding="utf-8"))
+        report = data["registration"]
+        registration = PoseReport(
+            **{**report, "views": tuple(ViewRegistration(**view) for view in report["views"]),
+               "notes": tuple(report.get("notes", ()))}
+        )
+        scene = load_transforms_scene(folder, json_path=cached)
+        return replace(scene, pose_source="sfm", registration=registration)
+    scene = load_scene(folder, "sfm")
+    content = transforms_dict(scene, root=folder)
+    content["registration"] = asdict(scene.registration)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{cached.name}.", dir=cached.parent)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        json.dump(content, handle)
+    os.replace(temporary, cached)
+    return scene
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning a batch: scenes × edits, minus what already succeeded
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One (scene, edit) with its effective EditConfig, and the earlier success that makes it skippable."""
+
+    scene: SceneRef
+    edit: EditSpec
+    config: Any = field(repr=False)  # imix2mix.distill.EditConfig with the edit's overrides applied
+    config_hash: str
+    output_dir: Path
+    previous_run: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def skip(self) -> bool:
+        return self.previous_run is not None
+
+    @property
+    def label(self) -> str:
+        """Human-readable run name, e.g. ``face · turn him into a knight``."""
+        return f"{self.scene.scene_id} · {self.edit.instruction}"
+
+
+@dataclass(frozen=True)
+class SceneProblem:
+    """A scene that cannot be planned (invalid edit file or config overrides)."""
+
+    scene: SceneRef
+    error: str
+
+
+@dataclass(frozen=True)
+class CollectionPlan:
+    runs: tuple[PlannedRun, ...]
+    problems: tuple[SceneProblem, ...] = ()
+
+    @property
+    def to_run(self) -> list[PlannedRun]:
+        return [run for run in self.runs if not run.skip]
+
+    @property
+    def skipped(self) -> list[PlannedRun]:
+        return [run for run in self.runs if run.skip]
+
+    def scenes_to_run(self) -> list[SceneRef]:
+        """Scenes with at least one run to do, in plan order."""
+        return list({run.scene.scene_id: run.scene for run in self.to_run}.values())
+
+
+def plan_collection(
+    scenes: Sequence[SceneRef],
+    collection_edits: EditDocument | None,
+    base_config: Any,
+    *,
+    preset: str,
+    output_root: str | os.PathLike[str],
+    succeeded: Mapping[tuple[str, str, str], Mapping[str, Any]],
+    base_overrides: Mapping[str, Any] | None = None,
+) -> CollectionPlan:
+    """Every (scene, edit) with its effective config; runs that already succeeded are marked skipped.
+
+    ``base_config`` is the preset's :class:`~imix2mix.distill.EditConfig`; ``succeeded`` maps
+    (scene_id, edit_id, config_hash) to the manifest row of the latest success.  A success counts only
+    for the same preset and while its output folder still exists.  A scene whose edit file or config
+    overrides are invalid becomes a :class:`SceneProblem`; the other scenes are planned normally.
+    """
+    runs: list[PlannedRun] = []
+    problems: list[SceneProblem] = []
+    for scene in scenes:
+        try:
+            scene_runs = []
+            for item in edits_for_scene(scene, collection_edits, base_overrides):
+                try:
+                    config = base_config.overridden(dict(item.config_overrides)).for_edit(item.edit.to_edit())
+                except ConfigError as exc:
+                    raise ConfigError(f"{scene.uri}, edit {item.edit.instruction!r}: {exc}") from exc
+                config_hash = config.config_hash()
+                previous = succeeded.get((scene.scene_id, item.edit.edit_id, config_hash))
+                if previous is not None and (
+                    previous.get("preset") != preset or not Path(previous.get("output_dir") or "").is_dir()
+                ):
+                    previous = None
+                scene_runs.append(PlannedRun(
+                    scene=scene, edit=item.edit, config=config, config_hash=config_hash,
+                    output_dir=Path(output_root) / scene.scene_id / item.edit.edit_id, previous_run=previous,
+                ))
+        except (ConfigError, SceneError) as exc:
+            problems.append(SceneProblem(scene, str(exc)))
+            continue
+        if not scene_runs:
+            problems.append(SceneProblem(scene, f"{scene.uri}: no edits (add an edits.yaml beside the photos, "
+                                                "or pass collection-wide edits)"))
+        runs.extend(scene_runs)
+    return CollectionPlan(tuple(runs), tuple(problems))

@@ -314,3 +314,96 @@ def publish_dir(staging: Path, final_dir: Path) -> None:
 
 def discard_dir(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows from pipeline objects
+# --------------------------------------------------------------------------------------------------
+
+
+def scene_row(scene_id: str, source_uri: str, scene: Any, ingested_at: datetime | None = None) -> dict[str, Any]:
+    """The ``scenes`` row of a loaded :class:`~imix2mix.scene.Scene`.
+
+    Views posed by a ``transforms.json`` count as registered; SfM / COLMAP scenes report their own.
+    """
+    registration = scene.registration
+    registered = len(scene.views) if registration is None else sum(view.registered for view in registration.views)
+    return {
+        "scene_id": scene_id,
+        "source_uri": source_uri,
+        "n_views": len(scene.views),
+        "width": scene.views[0].width,
+        "height": scene.views[0].height,
+        "pose_source": scene.pose_source,
+        "registered_views": registered,
+        "mean_reprojection_error_px": None if registration is None else registration.mean_reprojection_error,
+        "content_hash": scene.content_hash,
+        "ingested_at": ingested_at or utc_now(),
+    }
+
+
+def run_row(
+    run: Any,
+    *,
+    run_id: str,
+    status: str,
+    preset: str,
+    started_at: datetime | None,
+    finished_at: datetime | None = None,
+    error: str | None = None,
+    result: Any = None,
+    metrics: Any = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """The ``runs`` row of a :class:`~imix2mix.collection.PlannedRun` (with its result once it succeeded)."""
+    finished_at = finished_at or utc_now()
+    return {
+        "run_id": run_id,
+        "scene_id": run.scene.scene_id,
+        "edit_id": run.edit.edit_id,
+        "instruction": run.edit.instruction,
+        "source_caption": run.edit.source_caption,
+        "target_caption": run.edit.target_caption,
+        "config_hash": run.config_hash,
+        "preset": preset,
+        "seed": run.config.seed,
+        "status": status,
+        "error": error,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "wall_seconds": None if started_at is None else (finished_at - started_at).total_seconds(),
+        "iterations": None if result is None else result.iterations,
+        "peak_gpu_memory_bytes": None if result is None else result.peak_memory_bytes,
+        "device_name": None if result is None else result.device,
+        "clip_sim": None if metrics is None else metrics.clip_sim,
+        "clip_dir": None if metrics is None else metrics.clip_dir,
+        "clip_cons": None if metrics is None else metrics.clip_cons,
+        "output_dir": None if output_dir is None else os.fspath(output_dir),
+        "flow_run_id": flow_run_id,
+    }
+
+
+def view_rows(
+    run: Any,
+    *,
+    run_id: str,
+    input_uris: Sequence[str],
+    output_paths: Sequence[str | os.PathLike[str]],
+    metrics: Any = None,
+) -> list[dict[str, Any]]:
+    """One ``views`` row per edited view, in the scene's view order."""
+    per_view = list(metrics.views) if metrics is not None else []
+    return [
+        {
+            "run_id": run_id,
+            "scene_id": run.scene.scene_id,
+            "edit_id": run.edit.edit_id,
+            "view_index": index,
+            "input_path": input_uri,
+            "output_path": os.fspath(output_path),
+            "clip_sim": per_view[index].clip_sim if index < len(per_view) else None,
+            "clip_dir": per_view[index].clip_dir if index < len(per_view) else None,
+        }
+        for index, (input_uri, output_path) in enumerate(zip(input_uris, output_paths, strict=True))
+    ]

@@ -1,0 +1,189 @@
+"""Deciding when a scene folder that lands in storage is complete, and remembering what was announced.
+
+A scene folder is *ready* when it holds a ``_READY`` marker file, or when its listing (names, sizes,
+mtimes / etags) has not changed for a quiet period.  A ready scene is announced at most once per
+*content hash* of its files (the marker excluded); announcements are remembered in a JSON state file
+that survives restarts.  Scenes are found with :func:`imix2mix.collection.list_scenes`, so folders and
+files that resolve outside the root are never read.
+
+The clock is always passed in (``now``), so the logic is tested without sleeping.  Sending the
+events is the caller's job (``deployments/watcher.py``); nothing here talks to Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imix2mix.collection import CollectionRoot, SceneRef, list_scenes, listing_fingerprint, open_root
+from imix2mix.errors import SceneError
+
+logger = logging.getLogger(__name__)
+
+READY_MARKER = "_READY"
+SCENE_READY_EVENT = "imix2mix.scene.ready"
+SCENE_RESOURCE_PREFIX = "imix2mix.scene."
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    quiet_seconds: float = 30.0  # a folder without marker is complete after this long unchanged
+    marker: str = READY_MARKER
+    poll_seconds: float = 5.0  # rescan interval when file-system notifications are not available
+
+
+@dataclass(frozen=True)
+class ReadyScene:
+    """A complete scene folder to announce."""
+
+    scene: SceneRef
+    content_hash: str
+
+    @property
+    def resource_id(self) -> str:
+        return f"{SCENE_RESOURCE_PREFIX}{self.scene.scene_id}"
+
+    def event_payload(self) -> dict[str, str]:
+        return {
+            "scene_uri": self.scene.uri,
+            "root": self.scene.root.uri,
+            "scene_id": self.scene.scene_id,
+            "content_hash": self.content_hash,
+        }
+
+
+def folder_content_hash(scene: SceneRef, marker: str = READY_MARKER) -> str:
+    """sha256 over the relative names and bytes of every file in the scene folder except the marker."""
+    fs = scene.root.fs
+    digest = hashlib.sha256(b"imix2mix-folder-v1")
+    for path in sorted(fs.find(scene.path, withdirs=False)):
+        if not scene.root.contains(path):
+            raise SceneError(path, "points outside the collection root; refusing to read it")
+        relative = posixpath.relpath(path, scene.path)
+        if relative == marker:
+            continue
+        digest.update(relative.encode("utf-8") + b"\0")
+        with fs.open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@dataclass
+class _Observation:
+    listing: str
+    since: float
+
+
+class ReadinessTracker:
+    """Remembers each scene's listing between scans to apply the quiet period."""
+
+    def __init__(self, settings: WatchSettings):
+        self.settings = settings
+        self._observations: dict[str, _Observation] = {}
+
+    def is_ready(self, scene: SceneRef, listing: str, now: float) -> bool:
+        has_marker = scene.root.fs.isfile(posixpath.join(scene.path, self.settings.marker))
+        observation = self._observations.get(scene.scene_id)
+        if observation is None or observation.listing != listing:
+            observation = self._observations[scene.scene_id] = _Observation(listing, now)
+        return has_marker or now - observation.since >= self.settings.quiet_seconds
+
+
+class AnnouncementLedger:
+    """Which content hash was last announced per scene, persisted as JSON (written atomically)."""
+
+    def __init__(self, state_file: str | os.PathLike[str]):
+        self.state_file = Path(state_file)
+        self._announced: dict[str, str] = self._load()
+
+    def _load(self) -> dict[str, str]:
+        if not self.state_file.exists():
+            return {}
+        try:
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            announced = data["announced"]
+            if not isinstance(announced, dict):
+                raise TypeError("'announced' is not an object")
+            return {str(key): str(value) for key, value in announced.items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SceneError(self.state_file, f"watch state file is unreadable ({exc}); "
+                                              "move it away to start over (scenes will be announced again)") from exc
+
+    def already_announced(self, scene_id: str, content_hash: str) -> bool:
+        return self._announced.get(scene_id) == content_hash
+
+    def record(self, scene_id: str, content_hash: str) -> None:
+        self._announced[scene_id] = content_hash
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"announced": self._announced}, indent=1, sort_keys=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{self.state_file.name}.", dir=self.state_file.parent)
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.state_file)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def default_state_file(root_uri: str, cache_dir: str | os.PathLike[str]) -> Path:
+    """Where the watcher of ``root_uri`` keeps its ledger by default (one file per root)."""
+    key = hashlib.sha256(root_uri.encode()).hexdigest()[:16]
+    return Path(cache_dir) / "watch" / f"{key}.json"
+
+
+@dataclass
+class SceneWatch:
+    """One watched root: scan it to get the scenes that became ready since the last announcement.
+
+    ``scan(now)`` records the returned scenes in the ledger before returning them (at most once: a
+    scene whose announcement is lost is not announced again until its content changes).
+    """
+
+    root: CollectionRoot
+    ledger: AnnouncementLedger
+    settings: WatchSettings = field(default_factory=WatchSettings)
+    tracker: ReadinessTracker = field(init=False)
+    _hashed: dict[tuple[str, str], str] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tracker = ReadinessTracker(self.settings)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], state_file: str | os.PathLike[str],
+             settings: WatchSettings | None = None) -> "SceneWatch":
+        return cls(open_root(root), AnnouncementLedger(state_file), settings or WatchSettings())
+
+    def scan(self, now: float) -> list[ReadyScene]:
+        ready = []
+        for scene in list_scenes(self.root):
+            try:
+                listing = listing_fingerprint(scene)
+                if not self.tracker.is_ready(scene, listing, now):
+                    continue
+                content_hash = self._content_hash(scene, listing)
+            except (SceneError, OSError) as exc:
+                logger.warning("not announcing scene %s: %s", scene.uri, exc)
+                continue
+            if self.ledger.already_announced(scene.scene_id, content_hash):
+                continue
+            self.ledger.record(scene.scene_id, content_hash)
+            ready.append(ReadyScene(scene, content_hash))
+        return ready
+
+    def _content_hash(self, scene: SceneRef, listing: str) -> str:
+        """Contents are hashed once per listing: rescans of an unchanged folder read no bytes."""
+        key = (scene.scene_id, listing)
+        if key not in self._hashed:
+            self._hashed[key] = folder_content_hash(scene, self.settings.marker)
+        return self._hashed[key]
