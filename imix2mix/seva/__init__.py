@@ -7,8 +7,12 @@ from imix2mix.seva.camera import (
     normalize_cameras,
     plucker_coordinates,
 )
+from imix2mix.seva.autoencoder import SevaAutoencoder
+from imix2mix.seva.conditioner import ClipImageConditioner
 from imix2mix.seva.config import SevaConfig
+from imix2mix.seva.loading import load_seva, save_seva
 from imix2mix.seva.network import Seva
+from imix2mix.seva.sampling import render_novel_views, sample_novel_views
 from imix2mix.seva.schedule import (
     EulerEDMSampler,
     GuidanceCameras,
@@ -23,6 +27,12 @@ from imix2mix.seva.schedule import (
 )
 
 __all__ = [
+    "ClipImageConditioner",
+    "SevaAutoencoder",
+    "load_seva",
+    "render_novel_views",
+    "sample_novel_views",
+    "save_seva",
     "EulerEDMSampler",
     "GuidanceCameras",
     "MultiviewCFG",
