@@ -21,10 +21,13 @@ import numpy as np
 import pycolmap
 from PIL import Image
 
-from imix2mix.errors import RegistrationError, SceneError
+from imix2mix.errors import ConfigError, RegistrationError, SceneError
 from imix2mix.images import PhotoMetadata
 
 MIN_SFM_PHOTOS = 3
+# Camera models SfM may use, with the extra (distortion) parameters that follow f, cx, cy when a
+# focal-length prior is given.
+SFM_CAMERA_MODELS = {"SIMPLE_PINHOLE": "", "PINHOLE": "", "SIMPLE_RADIAL": ",0", "RADIAL": ",0,0"}
 COLMAP_MODEL_FILES = ("cameras", "images", "points3D")
 
 
@@ -216,11 +219,8 @@ def _reader_options(photo: SfmPhoto, model: str) -> pycolmap.ImageReaderOptions:
     focal = photo.metadata.focal_length_pixels(width, height) if photo.metadata else None
     if focal is not None:
         # Given parameters mark the focal length as a prior (has_prior_focal_length) for the mapper.
-        extra = {"SIMPLE_PINHOLE": "", "PINHOLE": "", "SIMPLE_RADIAL": ",0", "RADIAL": ",0,0"}
-        if model not in extra:
-            raise SceneError(None, f"camera model {model!r} is not supported for SfM (use one of {sorted(extra)})")
         focals = f"{focal},{focal}" if model == "PINHOLE" else f"{focal}"
-        reader.camera_params = f"{focals},{width / 2},{height / 2}{extra[model]}"
+        reader.camera_params = f"{focals},{width / 2},{height / 2}{SFM_CAMERA_MODELS[model]}"
     return reader
 
 
@@ -247,6 +247,8 @@ def estimate_poses(
         )
     if len(set(names)) != len(names):
         raise SceneError(scene_path, "photo names must be unique")
+    if options.camera_model not in SFM_CAMERA_MODELS:
+        raise ConfigError(f"camera model {options.camera_model!r} is not supported for SfM (use one of {sorted(SFM_CAMERA_MODELS)})")
     _set_log_level(options.verbose)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="imix2mix-sfm-", dir=work_dir) as tmp:
@@ -298,8 +300,6 @@ def estimate_poses(
             mapping.mapper.abs_pose_min_num_inliers = options.abs_pose_min_num_inliers
             mapping.mapper.abs_pose_min_inlier_ratio = options.abs_pose_min_inlier_ratio
             models = pycolmap.incremental_mapping(database, image_dir, model_dir, options=mapping)
-        except SceneError:
-            raise
         except Exception as exc:  # C++ errors surface as RuntimeError/ValueError with COLMAP's text
             raise SceneError(scene_path, f"structure from motion failed ({type(exc).__name__}: {str(exc).strip()[:300]})") from None
         rec = max(models.values(), key=lambda r: r.num_reg_images()) if models else None

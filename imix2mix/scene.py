@@ -68,28 +68,31 @@ def _frozen_array(array: Any, dtype: type, shape: tuple[int, ...] | None, what: 
     return result
 
 
-def check_intrinsics(K: np.ndarray, where: str | Path) -> None:
+def intrinsics_problem(K: np.ndarray) -> str | None:
+    """Why ``K`` is not a usable pinhole intrinsics matrix, or None."""
     if not np.all(np.isfinite(K)):
-        raise SceneError(where, f"intrinsics contain NaN or infinity: {K.tolist()}")
+        return f"intrinsics contain NaN or infinity: {K.tolist()}"
     if K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise SceneError(where, f"focal lengths must be positive, got fx={K[0, 0]}, fy={K[1, 1]}")
+        return f"focal lengths must be positive, got fx={K[0, 0]}, fy={K[1, 1]}"
     if not np.allclose(K[2], [0.0, 0.0, 1.0]) or K[1, 0] != 0:
-        raise SceneError(where, f"not a pinhole intrinsics matrix (last row must be [0, 0, 1]): {K.tolist()}")
+        return f"not a pinhole intrinsics matrix (last row must be [0, 0, 1]): {K.tolist()}"
+    return None
 
 
-def check_pose(c2w: np.ndarray, where: str | Path) -> None:
-    """A camera-to-world matrix must be finite, rigid (orthonormal rotation with det +1), last row 0 0 0 1."""
+def pose_problem(c2w: np.ndarray) -> str | None:
+    """Why ``c2w`` is not a rigid camera-to-world matrix (finite, orthonormal rotation, det +1), or None."""
     if not np.all(np.isfinite(c2w)):
-        raise SceneError(where, "camera pose contains NaN or infinity")
+        return "camera pose contains NaN or infinity"
     if not np.allclose(c2w[3], [0.0, 0.0, 0.0, 1.0], atol=1e-9):
-        raise SceneError(where, f"camera pose's last row must be [0, 0, 0, 1], got {c2w[3].tolist()}")
+        return f"camera pose's last row must be [0, 0, 0, 1], got {c2w[3].tolist()}"
     rotation = c2w[:3, :3]
     deviation = float(np.abs(rotation.T @ rotation - np.eye(3)).max())
     if deviation > ROTATION_TOLERANCE:
-        raise SceneError(where, f"camera pose's rotation is not orthonormal (|RᵀR − I| = {deviation:.3g}; scaled or sheared?)")
+        return f"camera pose's rotation is not orthonormal (|RᵀR − I| = {deviation:.3g}; scaled or sheared?)"
     determinant = float(np.linalg.det(rotation))
     if abs(determinant - 1.0) > ROTATION_TOLERANCE:
-        raise SceneError(where, f"camera pose's rotation has determinant {determinant:.4f}, not +1 (a reflection?)")
+        return f"camera pose's rotation has determinant {determinant:.4f}, not +1 (a reflection?)"
+    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,8 +117,9 @@ class View:
         object.__setattr__(self, "K", _frozen_array(self.K, np.float64, (3, 3), "K", where))
         object.__setattr__(self, "c2w", _frozen_array(self.c2w, np.float64, (4, 4), "c2w", where))
         object.__setattr__(self, "path", None if self.path is None else Path(self.path))
-        check_intrinsics(self.K, where)
-        check_pose(self.c2w, where)
+        problem = intrinsics_problem(self.K) or pose_problem(self.c2w)
+        if problem:
+            raise SceneError(where, problem)
 
     @property
     def width(self) -> int:
@@ -348,10 +352,9 @@ def load_transforms_scene(root: Path, json_path: Path | None = None) -> Scene:
         K, recorded_wh = _frame_intrinsics(settings, image, where, json_path)
         K = _scale_intrinsics(K, recorded_wh, image, path)
         c2w_gl = _matrix(frame["transform_matrix"], "transform_matrix", where, json_path)
-        try:
-            check_pose(c2w_gl, f"{json_path}: {where}")
-        except SceneError as exc:
-            raise SceneError(json_path, f"{where}: {exc.reason}") from None
+        problem = pose_problem(c2w_gl)
+        if problem:
+            raise SceneError(json_path, f"{where}: {problem}")
         c2w = applied_inverse @ c2w_gl @ _GL_TO_CV
         views.append(View(name=_view_name(path, root), image=image, K=K, c2w=c2w, path=path))
     return Scene(views=tuple(views), root=root, pose_source="transforms", registration=None)
@@ -377,11 +380,13 @@ def load_colmap_scene(root: Path, model_dir: Path | None = None) -> Scene:
             problems.append(f"images without a pose in the model: {', '.join(unposed)}")
         if not_in_model:
             problems.append(f"photos in {image_dir} missing from the model: {', '.join(not_in_model)}")
-        raise RegistrationError(
+        error = RegistrationError(
             model_dir,
             "; ".join(problems) + ". Remove those photos, or re-run COLMAP (or `imix2mix poses`) on the scene.",
             unposed + not_in_model,
         )
+        error.report = report  # per-photo details for callers
+        raise error
     names = sorted(cameras)
     missing_files = [name for name in names if name not in photos]
     if missing_files:

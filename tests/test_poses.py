@@ -120,6 +120,8 @@ def test_unknown_sfm_option_is_a_config_error(tmp_path: Path) -> None:
     write_images(tmp_path, render_views(3))
     with pytest.raises(ConfigError, match="max_imagesize"):
         load_scene(tmp_path, max_imagesize=800)
+    with pytest.raises(ConfigError, match="OPENCV_FISHEYE"):
+        load_scene(tmp_path, camera_model="OPENCV_FISHEYE")
 
 
 def _photos_only_copy(scene: str, destination: Path) -> Path:
