@@ -1,4 +1,13 @@
-"""SEVA (Stable Virtual Camera) student: network, schedule and denoiser, cameras, encoders, loading."""
+"""SEVA (Stable Virtual Camera) student: network, schedule and denoiser, cameras, encoders, loading.
+
+The encoders (diffusers / transformers) and the sampling helpers that use them are imported on
+first use, so importing the network or schedule stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from imix2mix.seva.camera import (
     StudentConditioning,
@@ -7,12 +16,9 @@ from imix2mix.seva.camera import (
     normalize_cameras,
     plucker_coordinates,
 )
-from imix2mix.seva.autoencoder import SevaAutoencoder
-from imix2mix.seva.conditioner import ClipImageConditioner
 from imix2mix.seva.config import SevaConfig
 from imix2mix.seva.loading import load_seva, save_seva
 from imix2mix.seva.network import Seva
-from imix2mix.seva.sampling import render_novel_views, sample_novel_views
 from imix2mix.seva.schedule import (
     EulerEDMSampler,
     GuidanceCameras,
@@ -26,18 +32,28 @@ from imix2mix.seva.schedule import (
     sigma_hat,
 )
 
+_LAZY = {
+    "SevaAutoencoder": "imix2mix.seva.autoencoder",
+    "ClipImageConditioner": "imix2mix.seva.conditioner",
+    "sample_novel_views": "imix2mix.seva.sampling",
+    "render_novel_views": "imix2mix.seva.sampling",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'imix2mix.seva' has no attribute {name!r}")
+
+
 __all__ = [
     "ClipImageConditioner",
-    "SevaAutoencoder",
-    "load_seva",
-    "render_novel_views",
-    "sample_novel_views",
-    "save_seva",
     "EulerEDMSampler",
     "GuidanceCameras",
     "MultiviewCFG",
     "NoCFG",
     "Seva",
+    "SevaAutoencoder",
     "SevaConditioning",
     "SevaConfig",
     "SevaDenoiser",
@@ -47,7 +63,11 @@ __all__ = [
     "build_conditioning",
     "build_student_conditioning",
     "euler_edm_step",
+    "load_seva",
     "normalize_cameras",
     "plucker_coordinates",
+    "render_novel_views",
+    "sample_novel_views",
+    "save_seva",
     "sigma_hat",
 ]

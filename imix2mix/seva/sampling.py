@@ -3,12 +3,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from imix2mix.seva.autoencoder import SevaAutoencoder
-from imix2mix.seva.camera import CAMERA_SCALE, ArrayLike, StudentConditioning, as_float32_tensor, build_conditioning, to_homogeneous
-from imix2mix.seva.conditioner import ClipImageConditioner
+from imix2mix.seva.camera import (
+    CAMERA_SCALE,
+    ArrayLike,
+    StudentConditioning,
+    as_float32_tensor,
+    build_conditioning,
+    to_homogeneous,
+)
 from imix2mix.seva.schedule import EulerEDMSampler, MultiviewCFG, NoiseSource, SevaDenoiser
+
+if TYPE_CHECKING:  # the encoders pull in diffusers / transformers
+    from imix2mix.seva.autoencoder import SevaAutoencoder
+    from imix2mix.seva.conditioner import ClipImageConditioner
 
 DEFAULT_STEPS = 50
 DEFAULT_CFG = 2.0
