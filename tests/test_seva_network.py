@@ -187,3 +187,21 @@ def test_denoiser_keeps_gradients_and_replaces_the_input_frame(tiny_network: Sev
     x0[1:].square().mean().backward()
     assert all(p.grad is not None for p in tiny_network.parameters())
     tiny_network.zero_grad(set_to_none=True)
+
+
+def test_benchmark_command_runs_on_the_tiny_preset(tmp_path) -> None:  # noqa: ANN001
+    import importlib.util
+    import json
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_seva", REPO_ROOT / "benchmarks" / "bench_seva.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "seva.json"
+    args = ["--preset", "tiny", "--device", "cpu", "--latent", "8", "--iterations", "1", "--warmup", "0", "--out", str(out)]
+    result = bench.main(args)
+    assert json.loads(out.read_text()) == result
+    assert result["parameters"] == sum(p.numel() for p in Seva(SevaConfig.tiny()).parameters())
+    assert result["precision"] == "bf16_autocast" and result["frames"] == 5
+    assert len(result["seconds"]) == 1 and result["median_seconds"] > 0
