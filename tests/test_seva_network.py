@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import PARITY
 
 from imix2mix.errors import ConfigError
 from imix2mix.seva import Seva, SevaConditioning, SevaConfig, SevaDenoiser
@@ -25,6 +28,16 @@ def random_inputs(config: SevaConfig, frames: int = T, seed: int = 1) -> tuple[t
     y = torch.randn(frames, 1, config.context_dim, generator=g)
     dense = torch.randn(frames, config.dense_in_channels, H, W, generator=g)
     return x, t, y, dense
+
+
+def test_default_config_matches_official_state_dict_names_and_shapes() -> None:
+    with torch.device("meta"):
+        network = Seva(SevaConfig())
+    ours = {name: list(t.shape) for name, t in network.state_dict().items()}
+    official = json.loads((PARITY / "seva_state_dict.json").read_text())
+    assert list(ours) == list(official)
+    assert ours == official
+    assert sum(t.numel() for t in network.parameters()) == 1_263_968_004
 
 
 def test_tiny_is_the_same_architecture_at_small_width() -> None:

@@ -6,8 +6,6 @@ Every test here needs the 1.26 B-parameter network with the deterministic fixtur
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import PARITY
@@ -24,16 +22,6 @@ from imix2mix.seva import (
 )
 
 pytestmark = pytest.mark.fullsize
-
-
-def test_default_config_matches_official_state_dict_names_and_shapes() -> None:
-    with torch.device("meta"):
-        network = Seva(SevaConfig())
-    ours = {name: list(t.shape) for name, t in network.state_dict().items()}
-    official = json.loads((PARITY / "seva_state_dict.json").read_text())
-    assert list(ours) == list(official)
-    assert ours == official
-    assert sum(t.numel() for t in network.parameters()) == 1_263_968_004
 
 
 @pytest.fixture(scope="module")

@@ -163,8 +163,6 @@ class GuidanceCameras:
 class NoCFG:
     """Conditional prediction only (what I-Mix2Mix's student uses)."""
 
-    uses_unconditional = False
-
     def prepare_inputs(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: SevaConditioning, uncond: SevaConditioning | None
     ) -> tuple[torch.Tensor, torch.Tensor, SevaConditioning]:
@@ -176,8 +174,6 @@ class NoCFG:
 
 class VanillaCFG:
     """D = D_u + s·(D_c − D_u) with one scale for every frame; batch order [uncond, cond]."""
-
-    uses_unconditional = True
 
     def __init__(self, scale: float) -> None:
         self.scale = scale
