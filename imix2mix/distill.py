@@ -653,6 +653,9 @@ class Editor:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
+        if config.offload_after_use and device.type == "cuda":  # a previous edit moved these off the GPU
+            self.teacher.pipeline.text_encoder.to(device)
+            self.clip_image.to(device)
         prepared = prepare_views(scene, config.student_image_size)
         originals = torch.stack([view.image for view in prepared])  # [N, 3, S, S] in [−1, 1]
         num_views = len(prepared)
@@ -668,10 +671,15 @@ class Editor:
             with _timed(timings, "teacher_edits"):
                 edited = torch.stack([self._teacher_edit(view, edit, config, randomness) for view in originals])
         else:
-            with _timed(timings, "reference_edit"):
-                reference_edit = self._teacher_edit(originals[reference], edit, config, randomness)
+            if config.reference_edit == "edited":
+                with _timed(timings, "reference_edit"):
+                    reference_edit = self._teacher_edit(originals[reference], edit, config, randomness)
+                size = config.student_image_size
+                reference_image = F.interpolate(reference_edit[None], size=(size, size), mode="bilinear", align_corners=False)
+            else:  # Table 3 "Source ref. frame": the unedited reference conditions the student
+                reference_image = originals[reference][None]
             with _timed(timings, "conditioning"):
-                conditioning = self._student_conditioning(scene, prepared, reference, reference_edit, config)
+                conditioning = self._student_conditioning(scene, prepared, reference, reference_image, config)
             self.reset_student()
             self._configure_student(config)
             if config.mode == "student_only":
@@ -746,16 +754,11 @@ class Editor:
         ).cpu()
 
     @torch.no_grad()
-    def _student_conditioning(self, scene, prepared, reference: int, reference_edit: torch.Tensor, config: EditConfig):
-        """z_ref and the CLIP-H context from the (edited or source) reference, plus the cameras."""
+    def _student_conditioning(self, scene, prepared, reference: int, reference_image: torch.Tensor, config: EditConfig):
+        """z_ref and the CLIP-H context of the reference image [1, 3, S, S], plus the cameras."""
         from imix2mix.seva.camera import build_student_conditioning
 
-        if config.reference_edit == "edited":
-            size = config.student_image_size
-            reference_image = F.interpolate(reference_edit[None].float(), size=(size, size), mode="bilinear", align_corners=False)
-        else:
-            reference_image = prepared[reference].image[None]
-        reference_image = reference_image.to(self.device)
+        reference_image = reference_image.float().to(self.device)
         reference_latent = self.seva_vae.encode(reference_image)
         embedding = self.clip_image(reference_image)
         if config.offload_after_use and self.device.type == "cuda":

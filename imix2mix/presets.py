@@ -250,11 +250,19 @@ def build_editor(
     device = torch.device(device)
     if preset == "tiny" or random_weights:
         tiny = preset == "tiny"
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # the builders seed torch's global generator
             torch.manual_seed(seed)
-            student = Seva(SevaConfig.tiny() if tiny else SevaConfig())
-            seva_vae = SevaAutoencoder.tiny() if tiny else SevaAutoencoder.random()
-            clip_image = ClipImageConditioner.tiny() if tiny else ClipImageConditioner.random()
+            if tiny:
+                student, seva_vae, clip_image = Seva(SevaConfig.tiny()), SevaAutoencoder.tiny(seed), ClipImageConditioner.tiny(seed)
+            else:
+                from diffusers import AutoencoderKL
+                from transformers import CLIPVisionModelWithProjection
+
+                from imix2mix.seva.conditioner import vit_h14_config
+
+                student = Seva(SevaConfig())
+                seva_vae = SevaAutoencoder(AutoencoderKL(**{**TeacherArchitecture.sd15().vae, "sample_size": 768}))
+                clip_image = ClipImageConditioner(CLIPVisionModelWithProjection(vit_h14_config()))
         teacher_pipeline = build_random_teacher_pipeline(TeacherArchitecture.tiny() if tiny else TeacherArchitecture.sd15(), seed)
         teacher = InstructPix2PixTeacher(teacher_pipeline, device=device)
         clip_metrics = (
@@ -279,14 +287,12 @@ def build_editor(
 def save_editor_weights(editor: "Editor", folder: str | Path) -> WeightSources:
     """Write an editor's models in the official formats under ``folder`` (the
     :meth:`WeightSources.local` layout) and return the sources that load them back."""
-    from safetensors.torch import save_file
+    from imix2mix.seva.loading import save_seva
 
     folder = Path(folder)
-    (folder / "seva").mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in editor.student.state_dict().items()}
-    save_file(state, str(folder / "seva" / "modelv1.1.safetensors"))
-    editor.seva_vae.save_pretrained(folder / "seva_vae")
-    editor.clip_image.save_pretrained(folder / "clip_h")
+    save_seva(editor.student, folder / "seva")  # keeps the SevaConfig in the metadata (tiny widths)
+    editor.seva_vae.vae.save_pretrained(folder / "seva_vae")
+    editor.clip_image.model.save_pretrained(folder / "clip_h")
     editor.teacher.pipeline.save_pretrained(folder / "teacher")
     if editor.clip_metrics is not None:
         editor.clip_metrics.model.save_pretrained(folder / "clip_metrics")

@@ -1,0 +1,140 @@
+"""End to end on the tiny preset: ``imix2mix edit`` / ``preview`` over the face scene, outputs,
+determinism, and the Editor's modes and ablations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SCENES
+from PIL import Image
+
+from imix2mix.cli import main
+from imix2mix.distill import Edit
+from imix2mix.outputs import contact_sheet, write_edit_outputs
+from imix2mix.presets import build_editor
+from imix2mix.scene import load_scene
+
+FACE = SCENES / "face"
+EDIT = Edit("Turn him into a knight", source_caption="A man with curly hair in a grey jacket",
+            target_caption="A knight in armour")
+# A shorter schedule than the tiny preset's for runs that only check wiring: τ = 999, 512, 25 with
+# 2 + 1 + 1 updates.
+SHORT = {"distill_dt": 487, "k_initial": 2, "k": 1, "warmup_steps": 1}
+SHORT_ARGS = [arg for key, value in SHORT.items() for arg in ("--set", f"{key}={value}")]
+
+
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def editor():
+    return build_editor("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return load_scene(FACE)
+
+
+@pytest.fixture(scope="module")
+def short_result(editor, scene):
+    return editor.edit(scene, EDIT, editor.default_config.overridden(SHORT))
+
+
+@pytest.fixture(scope="module")
+def tiny_result(editor, scene):
+    events = []
+    result = editor.edit(scene, EDIT, progress=events.append)
+    return result, events
+
+
+def test_cli_edit_writes_every_output_and_is_deterministic(tmp_path, capsys):
+    argv = ["edit", str(FACE), "-i", EDIT.instruction, "--preset", "tiny", "--device", "cpu",
+            "--source-caption", EDIT.source_caption, "--target-caption", EDIT.target_caption, "--set", "seed=3", *SHORT_ARGS]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    names = {p.name for p in (tmp_path / "a").iterdir()}
+    expected = {f"view_{i:02d}.png" for i in range(4)} | {f"view_{i:02d}_full.png" for i in range(4)}
+    assert expected | {"contact_sheet.png", "run.json", "reference_edit.png"} == names  # no temp files left
+    for name in sorted(expected):
+        assert np.array_equal(_png(tmp_path / "a" / name), _png(tmp_path / "b" / name)), name
+    assert _png(tmp_path / "a" / "view_00.png").shape == (96, 96, 3)  # tiny teacher decodes at 96²
+    assert _png(tmp_path / "a" / "view_00_full.png").shape == (738, 994, 3)  # the original photo's framing
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert record["config"]["seed"] == 3 and record["iterations"] == 4 and record["preset"] == "tiny"
+    assert record["metrics"]["clip_cons"] is not None and record["metrics"]["clip_sim"] is not None
+    assert record["edit"]["instruction"] == EDIT.instruction
+    assert len(record["teacher_timesteps"]) == 4
+    assert str(tmp_path / "a") in capsys.readouterr().out
+
+
+def test_cli_preview_writes_the_reference_edit(tmp_path):
+    assert main(["preview", str(FACE), "-i", "make it snowy", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert _png(tmp_path / "preview.png").shape == (96, 96, 3)
+
+
+def test_cli_reports_bad_settings(tmp_path, capsys):
+    code = main(["edit", str(FACE), "-i", "x", "--preset", "tiny", "--device", "cpu", "--set", "nonsense=1", "--out", str(tmp_path)])
+    assert code == 2
+    assert "unknown setting 'nonsense'" in capsys.readouterr().err
+    assert main(["edit", str(FACE), "-i", "x", "--preset", "tiny", "--set", "k", "--out", str(tmp_path)]) == 2
+
+
+def test_edit_result_and_progress(tiny_result, scene):
+    result, events = tiny_result
+    assert len(result.views) == 4 and all(v.shape == (96, 96, 3) and v.dtype == np.uint8 for v in result.views)
+    assert [e.iteration for e in events] == list(range(1, 15)) and events[-1].total == 14
+    assert all(e.loss is not None and np.isfinite(e.loss) for e in events)  # log_every 1 in the tiny preset
+    assert result.reference_index == 0  # random.seed(42); random.choice(range(4))
+    assert result.iterations == 14 and len(result.teacher_timesteps) == 14
+    assert result.timings["distill"] > 0 and result.peak_memory_bytes is None
+    assert all(f.shape == v.image.shape for f, v in zip(result.full_views, scene.views))
+
+
+def test_same_seed_same_images(editor, scene, short_result):
+    again = editor.edit(scene, EDIT, editor.default_config.overridden(SHORT))
+    for a, b in zip(short_result.views, again.views):
+        assert np.array_equal(a, b)
+    other = editor.edit(scene, Edit(EDIT.instruction, seed=7), editor.default_config.overridden(SHORT))
+    assert not all(np.array_equal(a, b) for a, b in zip(short_result.views, other.views))
+
+
+def test_score_and_outputs(editor, scene, tiny_result, tmp_path):
+    result = tiny_result[0]
+    metrics = editor.score(result, EDIT)
+    assert -1 <= metrics.clip_cons <= 1 and len(metrics.pair_consistency) == 6
+    paths = write_edit_outputs(result, scene, tmp_path, metrics)
+    sheet = _png(paths.contact_sheet)
+    assert sheet.shape == (2 * 96, 4 * 96, 3)
+    assert np.array_equal(sheet, contact_sheet(result.originals, result.views))
+    assert np.array_equal(sheet[96:, 96:192], result.views[1])  # edits below, in view order
+    record = json.loads(paths.run_json.read_text())
+    assert record["config_hash"] == result.config.config_hash()
+    assert record["metrics"]["clip_cons"] == pytest.approx(metrics.clip_cons)
+
+
+def test_modes_and_decoders(editor, scene, short_result):
+    base = editor.default_config.overridden(SHORT)
+    teacher_only = editor.edit(scene, EDIT, base.overridden({"mode": "teacher_only"}))
+    assert teacher_only.iterations == 0 and teacher_only.reference_edit is None and len(teacher_only.views) == 4
+    student_only = editor.edit(scene, EDIT, base.overridden({"mode": "student_only"}))
+    assert student_only.iterations == 0 and student_only.views[0].shape == (96, 96, 3)
+    seva_decoded = editor.edit(scene, EDIT, base.overridden({"output_decoder": "seva"}))
+    assert seva_decoded.views[0].shape == (128, 128, 3)
+    # the output decoder changes only the decode: same reference, same draws
+    assert seva_decoded.teacher_timesteps == short_result.teacher_timesteps
+    assert seva_decoded.key_views == short_result.key_views
+
+
+def test_reference_and_alignment_ablations_run(editor, scene, short_result):
+    base = editor.default_config.overridden(SHORT)
+    for overrides in ({"reference_edit": "source"}, {"alignment": "decode_encode"}, {"alignment": "learned"},
+                      {"student_query_steps": 2}, {"reference_index": 2}):
+        result = editor.edit(scene, EDIT, base.overridden(overrides))
+        assert result.iterations == 4
+        assert result.teacher_timesteps == short_result.teacher_timesteps  # same random streams
+        assert not all(np.array_equal(a, b) for a, b in zip(result.views, short_result.views)), overrides
