@@ -1,0 +1,1 @@
+"""Prefect flows: ``edit_collection`` (a whole collection) and ``edit_scene`` (one scene, for events)."""

@@ -577,6 +577,11 @@ class PlannedRun:
     previous_run: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
+    def output_subdir(self) -> Path:
+        """The output folder relative to the output root, as the manifests record it."""
+        return Path(self.scene.scene_id) / self.edit.edit_id
+
+    @property
     def skip(self) -> bool:
         return self.previous_run is not None
 
@@ -642,7 +647,9 @@ def plan_collection(
                 config_hash = config.config_hash()
                 previous = succeeded.get((scene.scene_id, item.edit.edit_id, config_hash))
                 if previous is not None and (
-                    previous.get("preset") != preset or not Path(previous.get("output_dir") or "").is_dir()
+                    previous.get("preset") != preset
+                    or not previous.get("output_dir")
+                    or not (Path(output_root) / previous["output_dir"]).is_dir()
                 ):
                     previous = None
                 scene_runs.append(PlannedRun(

@@ -68,7 +68,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("clip_sim", pa.float64()),
         pa.field("clip_dir", pa.float64()),
         pa.field("clip_cons", pa.float64()),
-        pa.field("output_dir", pa.string()),
+        pa.field("output_dir", pa.string()),  # relative to the output root (the folder holding manifests/)
         pa.field("flow_run_id", pa.string()),
     ]
 )
@@ -80,7 +80,7 @@ VIEWS_SCHEMA = pa.schema(
         pa.field("edit_id", pa.string(), nullable=False),
         pa.field("view_index", pa.int32(), nullable=False),
         pa.field("input_path", pa.string()),
-        pa.field("output_path", pa.string()),
+        pa.field("output_path", pa.string()),  # relative to the output root
         pa.field("clip_sim", pa.float64()),
         pa.field("clip_dir", pa.float64()),
     ]

@@ -1,0 +1,89 @@
+"""Distill: one (scene, edit) on the shared Ray actor pool, then its outputs, manifest rows and artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, runtime, task
+from prefect.cache_policies import NO_CACHE
+
+from imix2mix.collection import PlannedRun
+from imix2mix.errors import ConfigError
+from imix2mix.manifests import discard_dir, new_run_id, publish_dir, staging_dir, utc_now
+from imix2mix.outputs import write_edit_outputs
+from tasks.manifest import record_failure, record_success
+from tasks.metrics import ProgressArtifact, publish_run_artifacts
+from tasks.settings import PipelineSettings
+from tasks.workers import EditWorkerPool, RaySettings, WorkerSpec, cluster_gpus, connect_ray
+
+
+def _retry_storage_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
+    """Retry when writing outputs hit the file system; bad input and engine errors would fail again."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    return False
+
+
+def current_run_ids() -> tuple[str, str | None]:
+    """(run_id, flow_run_id): the Prefect task run id keeps a retried run on one manifest row."""
+    task_run_id = runtime.task_run.id
+    return (str(task_run_id) if task_run_id else new_run_id()), (str(runtime.flow_run.id) if runtime.flow_run.id else None)
+
+
+@task(name="edit", task_run_name="{run.label}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
+      retry_condition_fn=_retry_storage_errors)
+def edit_run(run: PlannedRun, scene: Any, scene_folder: Path, pool: EditWorkerPool, output_root: Path,
+             preset: str) -> dict[str, Any]:
+    """Edit one scene on a pooled actor and publish the results; a failure is recorded, then raised."""
+    logger = get_run_logger()
+    run_id, flow_run_id = current_run_ids()
+    started_at = utc_now()
+    staging = None
+    try:
+        progress = ProgressArtifact(run)
+        logger.info("%s: distilling (config %s) into %s", run.label, run.config_hash[:12], run.output_dir)
+        outcome = pool.run(scene, run.edit.to_edit(), run.config, on_progress=progress.update)
+        progress.finish()
+        staging = staging_dir(run.output_dir)
+        written = write_edit_outputs(outcome.result, scene, staging, outcome.metrics)
+        publish_dir(staging, run.output_dir)
+        staging = None
+        row = record_success(output_root, run, run_id=run_id, preset=preset, started_at=started_at, scene=scene,
+                             scene_folder=scene_folder, outcome=outcome,
+                             view_files=[path.name for path in written.views], flow_run_id=flow_run_id)
+    except Exception as exc:
+        if staging is not None:
+            discard_dir(staging)
+        record_failure(output_root, run, run_id=run_id, preset=preset, started_at=started_at, error=exc,
+                       flow_run_id=flow_run_id)
+        raise
+    publish_run_artifacts(run, outcome, run.output_dir / written.contact_sheet.name)
+    logger.info("%s: done in %.1f s (%d iterations, CLIP dir %s)", run.label, row["wall_seconds"],
+                row["iterations"], _fmt(row["clip_dir"]))
+    return row
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+@task(name="start workers", cache_policy=NO_CACHE)
+def start_workers(settings: PipelineSettings, prefect_api_url: str | None) -> EditWorkerPool:
+    """Connect to Ray (or start it) and bring up the EditWorker actors, one per GPU (or ``workers``)."""
+    logger = get_run_logger()
+    env_vars = {"PREFECT_API_URL": prefect_api_url} if prefect_api_url else {}
+    connect_ray(RaySettings(address=settings.ray_address, temp_dir=settings.cache / "ray", env_vars=env_vars))
+    gpus = cluster_gpus()
+    device = settings.device if settings.device != "auto" else ("cuda" if gpus else "cpu")
+    if device.startswith("cuda") and not gpus:
+        raise ConfigError("device 'cuda' was asked for, but the Ray cluster has no GPUs")
+    size = settings.workers or (gpus if device.startswith("cuda") else 1)
+    spec = WorkerSpec(preset=settings.preset, device=device, weights=settings.weights,
+                      torch_threads=1 if device == "cpu" else None)
+    logger.info("starting %d edit worker(s) for preset %s on %s", size, settings.preset, device)
+    return EditWorkerPool(spec, size, max_attempts=settings.max_attempts).start()

@@ -1,0 +1,64 @@
+"""Manifest writes of the pipeline (thin wrappers: rows are built in :mod:`imix2mix.manifests`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from imix2mix.collection import PlannedRun
+from imix2mix.manifests import RUNS, VIEWS, ManifestStore, new_run_id, run_row, utc_now, view_rows
+
+
+def record_success(output_root: Path, run: PlannedRun, *, run_id: str, preset: str, started_at: Any,
+                   scene: Any, scene_folder: Path, outcome: Any, view_files: list[str],
+                   flow_run_id: str | None) -> dict[str, Any]:
+    """Write the run row and its view rows in one locked update; returns the run row.
+
+    Output paths are recorded relative to the output root, so an output folder can be moved.
+    """
+    row = run_row(run, run_id=run_id, status="succeeded", preset=preset, started_at=started_at,
+                  result=outcome.result, metrics=outcome.metrics, output_dir=run.output_subdir,
+                  flow_run_id=flow_run_id)
+    inputs = [run.scene.uri_of(Path(os.path.relpath(view.path, scene_folder)).as_posix()) for view in scene.views]
+    outputs = [run.output_subdir / name for name in view_files]
+    views = view_rows(run, run_id=run_id, input_uris=inputs, output_paths=outputs, metrics=outcome.metrics)
+    ManifestStore(output_root).upsert_many({RUNS.name: [row], VIEWS.name: views})
+    return row
+
+
+def record_failure(output_root: Path, run: PlannedRun, *, run_id: str, preset: str, started_at: Any,
+                   error: BaseException | str, flow_run_id: str | None) -> dict[str, Any]:
+    """Write a failed run row with the reason (the exception's message, naming the file where known)."""
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    row = run_row(run, run_id=run_id, status="failed", preset=preset, started_at=started_at, error=message,
+                  flow_run_id=flow_run_id)
+    ManifestStore(output_root).upsert(RUNS, [row])
+    return row
+
+
+def record_failures(output_root: Path, runs: list[PlannedRun], *, error: str, preset: str,
+                    flow_run_id: str | None) -> list[dict[str, Any]]:
+    """Failed rows for runs that never reached a worker (their scene could not be loaded)."""
+    now = utc_now()
+    rows = [run_row(run, run_id=new_run_id(), status="failed", preset=preset, started_at=now, finished_at=now,
+                    error=error, flow_run_id=flow_run_id) for run in runs]
+    ManifestStore(output_root).upsert(RUNS, rows)
+    return rows
+
+
+def record_skipped(output_root: Path, runs: list[PlannedRun], *, run_ids: list[str], preset: str,
+                   flow_run_id: str | None) -> list[dict[str, Any]]:
+    """One skipped row per run that an earlier run with the same config already produced."""
+    now = utc_now()
+    rows = []
+    for run, run_id in zip(runs, run_ids, strict=True):
+        previous = run.previous_run or {}
+        row = run_row(run, run_id=run_id, status="skipped", preset=preset, started_at=now, finished_at=now,
+                      output_dir=previous.get("output_dir"), flow_run_id=flow_run_id)
+        for metric in ("clip_sim", "clip_dir", "clip_cons", "iterations", "device_name"):
+            row[metric] = previous.get(metric)
+        rows.append(row)
+    if rows:
+        ManifestStore(output_root).upsert(RUNS, rows)
+    return rows
