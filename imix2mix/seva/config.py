@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from imix2mix.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SevaConfig:
@@ -30,8 +32,6 @@ class SevaConfig:
     norm_num_groups: int = 32
 
     def __post_init__(self) -> None:
-        from imix2mix.errors import ConfigError
-
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ConfigError(
                 f"SevaConfig: transformer_depth has {len(self.transformer_depth)} entries but channel_mult has"
