@@ -138,6 +138,16 @@ def test_clip_preprocessing_blurs_then_resizes_bicubic() -> None:
     )
 
 
+@pytest.mark.parametrize("shape", [(576, 576), (576, 1024), (320, 512)])
+def test_clip_resize_matches_kornia(shape: tuple[int, int]) -> None:
+    """The official preprocessing is kornia's antialiased bicubic resize with align_corners=True."""
+    from kornia.geometry.transform import resize
+
+    images = torch.rand(2, 3, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    expected = resize(images, (224, 224), interpolation="bicubic", align_corners=True, antialias=True)
+    torch.testing.assert_close(antialiased_bicubic_resize(images, 224), expected, rtol=0, atol=1e-6)
+
+
 def test_clip_embedding_is_projected_and_averaged() -> None:
     clip = ClipImageConditioner.tiny()
     images = torch.rand(3, 3, 96, 96) * 2 - 1
