@@ -36,12 +36,16 @@ import torch.nn.functional as F
 
 from imix2mix.attention import CrossViewAttention
 from imix2mix.errors import ConfigError
+from imix2mix.preprocess import paste_back, prepare_views
 from imix2mix.schedules import (
     LearningRateSchedule,
     StudentSchedule,
     TeacherTimestepSchedule,
     make_teacher_timestep_sampler,
 )
+from imix2mix.seva.camera import StudentConditioning, build_student_conditioning
+from imix2mix.seva.sampling import sample_novel_views
+from imix2mix.seva.schedule import SevaDenoiser, SevaSchedule
 from imix2mix.teacher import InstructPix2PixTeacher, TeacherContext, resize_images
 
 Mode = Literal["distill", "teacher_only", "student_only"]
@@ -415,8 +419,8 @@ class Distillation:
     def __init__(
         self,
         *,
-        denoiser,
-        conditioning,
+        denoiser: SevaDenoiser,
+        conditioning: StudentConditioning,
         teacher: InstructPix2PixTeacher,
         teacher_context: TeacherContext,
         config: EditConfig,
@@ -611,8 +615,6 @@ class Editor:
         preset: str = "full",
         random_weights: bool = False,
     ):
-        from imix2mix.seva.schedule import SevaDenoiser, SevaSchedule
-
         self.device = torch.device(device)
         self.teacher = teacher
         self.student = student.to(self.device)
@@ -624,7 +626,11 @@ class Editor:
         self.random_weights = random_weights
         self.schedule = SevaSchedule()
         self.denoiser = SevaDenoiser(self.student, self.schedule)
-        self._pristine = {name: value.detach().to("cpu", copy=True) for name, value in self.student.state_dict().items()}
+        pin = self.device.type == "cuda"  # pinned host memory makes the per-scene copy back fast
+        self._pristine = {
+            name: (value.detach().to("cpu", copy=True).pin_memory() if pin else value.detach().to("cpu", copy=True))
+            for name, value in self.student.state_dict().items()
+        }
         self._compiled = False
 
     # -- student reset --------------------------------------------------------------------------
@@ -632,7 +638,7 @@ class Editor:
     def reset_student(self) -> None:
         """Copy the pristine weights back in place (no checkpoint read, no reallocation)."""
         for name, value in self.student.state_dict().items():
-            value.copy_(self._pristine[name])
+            value.copy_(self._pristine[name], non_blocking=True)
         self.student.requires_grad_(True)
         self.student.train()
 
@@ -644,58 +650,27 @@ class Editor:
         config: EditConfig | None = None,
         progress: ProgressCallback | None = None,
     ) -> EditResult:
-        from imix2mix.preprocess import paste_back, prepare_views
-
-        config = (config or self.default_config).for_edit(edit)
-        device = self.device
-        timings: dict[str, float] = {}
+        """Edit every view of ``scene`` (METHOD §1): the mode in ``config`` picks I-Mix2Mix
+        distillation or one of the two baselines.  ``config`` defaults to the preset's."""
         started = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-        if config.offload_after_use and device.type == "cuda":  # a previous edit moved these off the GPU
-            self.teacher.pipeline.text_encoder.to(device)
-            self.clip_image.to(device)
-        prepared = prepare_views(scene, config.student_image_size)
-        originals = torch.stack([view.image for view in prepared])  # [N, 3, S, S] in [−1, 1]
-        num_views = len(prepared)
-        randomness = RunRandomness(config.seed, device)
-        reference = config.reference_index if config.reference_index is not None else randomness.reference_choice(num_views)
-        if reference >= num_views:
-            raise ConfigError(f"EditConfig: reference_index {reference} but the scene '{scene.name}' has {num_views} views.")
-
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        inputs = self._scene_inputs(scene, edit, config)
+        config, timings = inputs.config, inputs.timings
         log: list[dict[str, float]] = []
         distillation: Distillation | None = None
         reference_edit: torch.Tensor | None = None
         if config.mode == "teacher_only":
             with _timed(timings, "teacher_edits"):
-                edited = torch.stack([self._teacher_edit(view, edit, config, randomness) for view in originals])
+                edited = torch.stack([self._teacher_edit(view, edit, config, inputs.randomness) for view in inputs.originals])
         else:
-            if config.reference_edit == "edited":
-                with _timed(timings, "reference_edit"):
-                    reference_edit = self._teacher_edit(originals[reference], edit, config, randomness)
-                size = config.student_image_size
-                reference_image = F.interpolate(reference_edit[None], size=(size, size), mode="bilinear", align_corners=False)
-            else:  # Table 3 "Source ref. frame": the unedited reference conditions the student
-                reference_image = originals[reference][None]
-            with _timed(timings, "conditioning"):
-                conditioning = self._student_conditioning(scene, prepared, reference, reference_image, config)
-            self.reset_student()
-            self._configure_student(config)
+            reference_edit, conditioning = self._reference_and_conditioning(inputs)
             if config.mode == "student_only":
                 with _timed(timings, "student_sampling"):
-                    estimate = self._sample_student(conditioning, config, randomness)
+                    estimate = self._sample_student(conditioning, config, inputs.randomness)
             else:
-                with _timed(timings, "teacher_context"):
-                    context = self.teacher.prepare(edit.instruction, originals, config.teacher_image_size)
-                    if config.offload_after_use and device.type == "cuda":
-                        self.teacher.pipeline.text_encoder.to("cpu")
-                self.teacher.set_cross_view_attention(config.cross_view_attention)
+                distillation = self._start_distillation(inputs, conditioning)
                 try:
-                    distillation = Distillation(
-                        denoiser=self.denoiser, conditioning=conditioning, teacher=self.teacher, teacher_context=context,
-                        config=config, randomness=randomness, device=device, seva_vae=self.seva_vae,
-                    )
                     with _timed(timings, "distill"):
                         estimate, log = distillation.run(progress)
                 finally:
@@ -706,37 +681,39 @@ class Editor:
             self.student.eval()
 
         views = [to_uint8_image(image) for image in edited]
-        full_views = [paste_back(image, view, prep.box) for image, view, prep in zip(views, scene.views, prepared)]
+        full_views = [paste_back(image, view, prep.box) for image, view, prep in zip(views, scene.views, inputs.prepared)]
         timings["total"] = time.perf_counter() - started
         return EditResult(
             views=views,
             full_views=full_views,
-            originals=[to_uint8_image(image) for image in originals],
-            reference_index=reference,
+            originals=[to_uint8_image(image) for image in inputs.originals],
+            reference_index=inputs.reference,
             reference_edit=None if reference_edit is None else to_uint8_image(reference_edit),
             edit=edit,
             config=config,
             timings=timings,
-            peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+            peak_memory_bytes=int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None,
             iterations=distillation.iteration if distillation is not None else 0,
             log=log,
-            device=_device_name(device),
+            device=_device_name(self.device),
             teacher_timesteps=list(distillation.teacher_timesteps) if distillation is not None else [],
             key_views=list(distillation.key_views) if distillation is not None else [],
             preset=self.preset,
         )
 
+    def prepare_distillation(self, scene, edit: Edit, config: EditConfig | None = None) -> Distillation:
+        """Everything up to the loop (student reset, reference edit, conditioning, teacher context,
+        cross-view attention installed) and the :class:`Distillation` ready to ``step()``: for
+        benchmarks that time iterations.  Call ``editor.teacher.set_cross_view_attention("none")`` after."""
+        inputs = self._scene_inputs(scene, edit, config)
+        _, conditioning = self._reference_and_conditioning(inputs)
+        return self._start_distillation(inputs, conditioning)
+
     def preview(self, scene, edit: Edit, config: EditConfig | None = None) -> tuple[int, np.ndarray]:
         """Only the teacher's edit of the reference view: (reference index, edited image)."""
-        from imix2mix.preprocess import prepare_views
-
-        config = (config or self.default_config).for_edit(edit)
-        prepared = prepare_views(scene, config.student_image_size)
-        randomness = RunRandomness(config.seed, self.device)
-        reference = config.reference_index if config.reference_index is not None else randomness.reference_choice(len(prepared))
-        if reference >= len(prepared):
-            raise ConfigError(f"EditConfig: reference_index {reference} but the scene '{scene.name}' has {len(prepared)} views.")
-        return reference, to_uint8_image(self._teacher_edit(prepared[reference].image, edit, config, randomness))
+        inputs = self._scene_inputs(scene, edit, config)
+        image = self._teacher_edit(inputs.originals[inputs.reference], edit, inputs.config, inputs.randomness)
+        return inputs.reference, to_uint8_image(image)
 
     def score(self, result: EditResult, edit: Edit | None = None):
         """CLIP Sim./Dir./Cons. of a result with the already loaded metrics CLIP."""
@@ -746,6 +723,51 @@ class Editor:
         return self.clip_metrics.score(result.views, result.originals, edit.source_caption, edit.target_caption)
 
     # -- steps of edit() ------------------------------------------------------------------------
+    def _scene_inputs(self, scene, edit: Edit, config: EditConfig | None) -> "_SceneInputs":
+        """The effective config, the square crops, the run's random streams and the reference index."""
+        config = (config or self.default_config).for_edit(edit)
+        if config.offload_after_use and self.device.type == "cuda":  # a previous edit moved these off the GPU
+            self.teacher.pipeline.text_encoder.to(self.device)
+            self.clip_image.to(self.device)
+        prepared = prepare_views(scene, config.student_image_size)
+        randomness = RunRandomness(config.seed, self.device)
+        num_views = len(prepared)
+        reference = config.reference_index if config.reference_index is not None else randomness.reference_choice(num_views)
+        if reference >= num_views:
+            raise ConfigError(f"EditConfig: reference_index {reference} but the scene '{scene.name}' has {num_views} views.")
+        originals = torch.stack([view.image for view in prepared])  # [N, 3, S, S] in [−1, 1]
+        return _SceneInputs(scene, edit, config, prepared, originals, randomness, reference, timings={})
+
+    def _reference_and_conditioning(self, inputs: "_SceneInputs"):
+        """Teacher edit of the reference (unless the source-reference ablation), then the student's
+        conditioning from it; also resets the student for this scene."""
+        config, timings = inputs.config, inputs.timings
+        reference_edit = None
+        if config.reference_edit == "edited":
+            with _timed(timings, "reference_edit"):
+                reference_edit = self._teacher_edit(inputs.originals[inputs.reference], inputs.edit, config, inputs.randomness)
+            size = config.student_image_size
+            reference_image = F.interpolate(reference_edit[None], size=(size, size), mode="bilinear", align_corners=False)
+        else:  # Table 3 "Source ref. frame": the unedited reference conditions the student
+            reference_image = inputs.originals[inputs.reference][None]
+        with _timed(timings, "conditioning"):
+            conditioning = self._student_conditioning(inputs.scene, inputs.prepared, inputs.reference, reference_image, config)
+        self.reset_student()
+        self._configure_student(config)
+        return reference_edit, conditioning
+
+    def _start_distillation(self, inputs: "_SceneInputs", conditioning) -> Distillation:
+        config = inputs.config
+        with _timed(inputs.timings, "teacher_context"):
+            context = self.teacher.prepare(inputs.edit.instruction, inputs.originals, config.teacher_image_size)
+            if config.offload_after_use and self.device.type == "cuda":
+                self.teacher.pipeline.text_encoder.to("cpu")
+        self.teacher.set_cross_view_attention(config.cross_view_attention)
+        return Distillation(
+            denoiser=self.denoiser, conditioning=conditioning, teacher=self.teacher, teacher_context=context,
+            config=config, randomness=inputs.randomness, device=self.device, seva_vae=self.seva_vae,
+        )
+
     def _teacher_edit(self, image: torch.Tensor, edit: Edit, config: EditConfig, randomness: RunRandomness) -> torch.Tensor:
         """Full IP2P pipeline on one view at the configured teacher size (plain attention)."""
         return self.teacher.edit_image(
@@ -756,8 +778,6 @@ class Editor:
     @torch.no_grad()
     def _student_conditioning(self, scene, prepared, reference: int, reference_image: torch.Tensor, config: EditConfig):
         """z_ref and the CLIP-H context of the reference image [1, 3, S, S], plus the cameras."""
-        from imix2mix.seva.camera import build_student_conditioning
-
         reference_image = reference_image.float().to(self.device)
         reference_latent = self.seva_vae.encode(reference_image)
         embedding = self.clip_image(reference_image)
@@ -782,8 +802,6 @@ class Editor:
     @torch.no_grad()
     def _sample_student(self, conditioning, config: EditConfig, randomness: RunRandomness) -> torch.Tensor:
         """Student-only baseline: SEVA samples the N views from the edited reference alone."""
-        from imix2mix.seva.sampling import sample_novel_views
-
         latents = sample_novel_views(
             self.denoiser, conditioning, num_steps=config.student_only_steps, cfg=config.student_only_cfg,
             cfg_min=config.student_only_cfg_min, generator=randomness.initial_noise,
@@ -802,6 +820,18 @@ class Editor:
             size = config.teacher_image_size // self.teacher.pipeline.vae_scale_factor
             aligned = F.interpolate(estimate.float(), size=(size, size), mode="bilinear", align_corners=False)
         return self.teacher.decode(aligned).cpu()
+
+
+@dataclass
+class _SceneInputs:
+    scene: Any
+    edit: Edit
+    config: EditConfig
+    prepared: list
+    originals: torch.Tensor
+    randomness: RunRandomness
+    reference: int
+    timings: dict[str, float]
 
 
 class _timed:

@@ -138,3 +138,17 @@ def test_reference_and_alignment_ablations_run(editor, scene, short_result):
         assert result.iterations == 4
         assert result.teacher_timesteps == short_result.teacher_timesteps  # same random streams
         assert not all(np.array_equal(a, b) for a, b in zip(result.views, short_result.views)), overrides
+
+
+def test_prepare_distillation_for_benchmarks(editor, scene):
+    config = editor.default_config.overridden({**SHORT, "time_phases": True})
+    run = editor.prepare_distillation(scene, EDIT, config)
+    try:
+        assert editor.teacher.attention_mode == "rcv"
+        outcome = run.step()
+        run.step()
+    finally:
+        editor.teacher.set_cross_view_attention("none")
+    assert run.iteration == 2 and outcome.tau == 999 and torch.isfinite(outcome.loss)
+    assert set(run.timer.totals) == {"student_forward", "teacher", "backward", "clip_and_optimizer"}
+    assert all(seconds > 0 for seconds in run.timer.totals.values())
