@@ -84,3 +84,14 @@ def test_default_is_fifty_steps(models) -> None:
     finally:
         handle.remove()
     assert len(calls) == 50
+
+
+def test_sampling_under_autocast_keeps_a_float32_state(models) -> None:
+    denoiser, _, _ = models
+    c2w, K = rig(2)
+    conditioning = build_student_conditioning(c2w, K, 0, torch.randn(1, 4, 8, 8), torch.randn(32))
+    generator = torch.Generator().manual_seed(0)
+    low = sample_novel_views(denoiser, conditioning, num_steps=2, generator=generator, autocast_dtype=torch.bfloat16)
+    full = sample_novel_views(denoiser, conditioning, num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert (low - full).norm() / full.norm() < 0.05

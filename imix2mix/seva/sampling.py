@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,11 +38,13 @@ def sample_novel_views(
     cfg_min: float = DEFAULT_CFG_MIN,
     generator: torch.Generator | None = None,
     noise: NoiseSource | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sample the latents [T,4,h,w] of every frame of a conditioned window (input frames included).
 
     The initial N(0,1) latent and every step's noise come from ``generator`` (or ``noise``), drawn on
     the generator's device as the official sampler draws its first latent on the CPU.
+    ``autocast_dtype`` runs the network under autocast (the official demo uses float16 on CUDA).
     """
     cond = conditioning.cond
     shape = (conditioning.num_frames, 4, *cond.replace.shape[-2:])
@@ -49,17 +52,21 @@ def sample_novel_views(
     source_device = generator.device if generator is not None else torch.device("cpu")
     standard_normal = torch.randn(shape, generator=generator, device=source_device).to(device)
     sampler = EulerEDMSampler(denoiser.schedule, num_steps=num_steps)
-    return sampler(
-        denoiser,
-        standard_normal,
-        cond,
-        cond.unconditional(),
-        MultiviewCFG(cfg, cfg_min),
-        num_frames=conditioning.num_frames,
-        cameras=conditioning.guidance_cameras,
-        noise=noise,
-        generator=generator,
+    precision = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
+    with precision:
+        return sampler(
+            denoiser,
+            standard_normal,
+            cond,
+            cond.unconditional(),
+            MultiviewCFG(cfg, cfg_min),
+            num_frames=conditioning.num_frames,
+            cameras=conditioning.guidance_cameras,
+            noise=noise,
+            generator=generator,
+        )
 
 
 @torch.no_grad()
@@ -78,6 +85,7 @@ def render_novel_views(
     cfg_min: float = DEFAULT_CFG_MIN,
     seed: int = DEFAULT_SEED,
     camera_scale: float = CAMERA_SCALE,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Images [K,3,H,W] in [−1,1] at K target cameras from M posed input images [M,3,H,W] in [−1,1].
 
@@ -97,6 +105,7 @@ def render_novel_views(
     window = StudentConditioning(cond, c2w_normalized, K, input_frame_mask, layout=list(range(len(c2w))))
     generator = torch.Generator().manual_seed(seed)
     samples = sample_novel_views(
-        denoiser, window.to(device), num_steps=num_steps, cfg=cfg, cfg_min=cfg_min, generator=generator
+        denoiser, window.to(device), num_steps=num_steps, cfg=cfg, cfg_min=cfg_min, generator=generator,
+        autocast_dtype=autocast_dtype,
     )
     return autoencoder.decode(samples[num_inputs:]).float().clamp(-1.0, 1.0)
