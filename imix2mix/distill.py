@@ -674,11 +674,10 @@ class Editor:
                     with _timed(timings, "distill"):
                         estimate, log = distillation.run(progress)
                 finally:
-                    self.teacher.set_cross_view_attention("none")
+                    self.finish_distillation()
                 timings.update({f"phase_{k}": v for k, v in distillation.timer.totals.items()})
             with _timed(timings, "decode"):
                 edited = self._decode(estimate, config, distillation)
-            self.student.eval()
 
         views = [to_uint8_image(image) for image in edited]
         full_views = [paste_back(image, view, prep.box) for image, view, prep in zip(views, scene.views, inputs.prepared)]
@@ -704,10 +703,15 @@ class Editor:
     def prepare_distillation(self, scene, edit: Edit, config: EditConfig | None = None) -> Distillation:
         """Everything up to the loop (student reset, reference edit, conditioning, teacher context,
         cross-view attention installed) and the :class:`Distillation` ready to ``step()``: for
-        benchmarks that time iterations.  Call ``editor.teacher.set_cross_view_attention("none")`` after."""
+        benchmarks that time iterations.  Call :meth:`finish_distillation` when done."""
         inputs = self._scene_inputs(scene, edit, config)
         _, conditioning = self._reference_and_conditioning(inputs)
         return self._start_distillation(inputs, conditioning)
+
+    def finish_distillation(self) -> None:
+        """Back to the between-scenes state: plain teacher attention (the reference edit of the next
+        scene must not use RCVAttn)."""
+        self.teacher.set_cross_view_attention("none")
 
     def preview(self, scene, edit: Edit, config: EditConfig | None = None) -> tuple[int, np.ndarray]:
         """Only the teacher's edit of the reference view: (reference index, edited image)."""

@@ -148,7 +148,8 @@ def test_prepare_distillation_for_benchmarks(editor, scene):
         outcome = run.step()
         run.step()
     finally:
-        editor.teacher.set_cross_view_attention("none")
+        editor.finish_distillation()
+    assert editor.teacher.attention_mode == "none"
     assert run.iteration == 2 and outcome.tau == 999 and torch.isfinite(outcome.loss)
     assert set(run.timer.totals) == {"student_forward", "teacher", "backward", "clip_and_optimizer"}
     assert all(seconds > 0 for seconds in run.timer.totals.values())
