@@ -145,9 +145,10 @@ class EditConfig:
             problems.append(f"betas must be two values in [0, 1) (got {self.betas})")
         if self.reference_index is not None and self.reference_index < 0:
             problems.append("reference_index must be ≥ 0")
-        for name in ("student_image_size", "teacher_image_size"):
-            if getattr(self, name) % 16:
-                problems.append(f"{name} must be a multiple of 16 (got {getattr(self, name)})")
+        if self.student_image_size % 64:  # VAE ×8, then SEVA's three stride-2 levels
+            problems.append(f"student_image_size must be a multiple of 64 (got {self.student_image_size})")
+        if self.teacher_image_size % 16:
+            problems.append(f"teacher_image_size must be a multiple of 16 (got {self.teacher_image_size})")
         for name, kind in _field_types().items():
             if typing.get_origin(kind) is Literal and getattr(self, name) not in typing.get_args(kind):
                 problems.append(f"{name} must be one of {', '.join(map(str, typing.get_args(kind)))} (got {getattr(self, name)!r})")

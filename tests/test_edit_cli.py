@@ -12,8 +12,9 @@ from conftest import SCENES
 from PIL import Image
 
 from imix2mix.cli import main
-from imix2mix.distill import Edit
+from imix2mix.distill import Edit, to_uint8_image
 from imix2mix.outputs import contact_sheet, write_edit_outputs
+from imix2mix.preprocess import prepare_views
 from imix2mix.presets import build_editor
 from imix2mix.scene import load_scene
 
@@ -153,3 +154,34 @@ def test_prepare_distillation_for_benchmarks(editor, scene):
     assert run.iteration == 2 and outcome.tau == 999 and torch.isfinite(outcome.loss)
     assert set(run.timer.totals) == {"student_forward", "teacher", "backward", "clip_and_optimizer"}
     assert all(seconds > 0 for seconds in run.timer.totals.values())
+
+
+def test_reference_edit_switch_sets_z_ref(editor, scene):
+    """edited: z_ref = SEVA-VAE(edited reference, bilinear to the student size); source: of the crop."""
+    config = editor.default_config.overridden({**SHORT, "reference_index": 1})
+    crop = prepare_views(scene, config.student_image_size)[1].image[None]
+    try:
+        source = editor.prepare_distillation(scene, EDIT, config.overridden({"reference_edit": "source"}))
+        edited = editor.prepare_distillation(scene, EDIT, config)
+    finally:
+        editor.finish_distillation()
+    with torch.no_grad():
+        torch.testing.assert_close(source.cond.replace[0, :4], editor.seva_vae.encode(crop)[0])
+        _, reference_edit = editor.preview(scene, EDIT, config)
+        image = torch.from_numpy(reference_edit).permute(2, 0, 1).float()[None] / 127.5 - 1
+        resized = torch.nn.functional.interpolate(image, size=(128, 128), mode="bilinear", align_corners=False)
+    # the preview went through uint8, so compare loosely
+    torch.testing.assert_close(edited.cond.replace[0, :4], editor.seva_vae.encode(resized)[0], atol=0.05, rtol=0)
+    assert not torch.allclose(edited.cond.replace[0, :4], source.cond.replace[0, :4], atol=0.05)
+    assert not torch.equal(edited.cond.crossattn, source.cond.crossattn)
+    assert edited.cond.replace[1:].abs().sum() == 0  # only slot 0 is a clean input frame
+
+
+def test_teacher_only_is_an_independent_ip2p_edit_per_view(editor, scene):
+    config = editor.default_config.overridden({"mode": "teacher_only", "seed": 5})
+    result = editor.edit(scene, EDIT, config)
+    generator = torch.Generator().manual_seed(5)
+    for view, prepared in zip(result.views, prepare_views(scene, config.student_image_size)):
+        expected = editor.teacher.edit_image(prepared.image, EDIT.instruction, text_cfg=7.5, image_cfg=1.5, steps=4,
+                                             generator=generator, image_size=96)
+        assert np.array_equal(view, to_uint8_image(expected))
