@@ -14,11 +14,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from imix2mix.errors import ConfigError
 from imix2mix.watching import SCENE_READY_EVENT, ReadyScene, SceneWatch, WatchSettings
 
 logger = logging.getLogger(__name__)
 
 Emitter = Callable[[ReadyScene], None]
+
+
+def require_prefect_api() -> str:
+    """The API URL events go to; without one Prefect would start a throw-away server that nobody watches."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise ConfigError("set PREFECT_API_URL to the Prefect server that runs the edit-scene-on-upload deployment "
+                          "(e.g. http://127.0.0.1:4200/api)")
+    return url
 
 
 def emit_scene_ready(ready: ReadyScene) -> None:
@@ -62,7 +74,7 @@ def watch(
     emit: Emitter = emit_scene_ready,
     stop: threading.Event | None = None,
     once: bool = False,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.time,
 ) -> int:
     """Announce ready scenes under ``root`` until ``stop`` is set (or after one scan with ``once``).
 
@@ -70,6 +82,8 @@ def watch(
     """
     settings = settings or WatchSettings()
     stop = stop or threading.Event()
+    if emit is emit_scene_ready:
+        require_prefect_api()
     scene_watch = SceneWatch.open(root, state_file, settings)
     wake = threading.Event()
     observer = None

@@ -25,23 +25,25 @@ from imix2mix.collection import (
     plan_collection,
 )
 from imix2mix.manifests import ManifestError, ManifestStore, new_run_id, succeeded_runs
-from imix2mix.presets import default_config
+from imix2mix.presets import WeightSources, default_config
 from tasks.distill import edit_run, start_workers
 from tasks.manifest import record_failures, record_skipped
 from tasks.metrics import artifact_key, publish_summary
 from tasks.poses import prepare_scene
-from tasks.settings import PipelineSettings
+from tasks.settings import PipelineSettings, default_cache_dir
 
 EditsParameter = list[Any] | dict[str, Any] | str | None
 
 
 def pipeline_settings(output_root: str, preset: str, config_overrides: dict[str, Any] | None,
                       ray_address: str | None, concurrency: int | None, device: str, workers: int | None,
-                      cache_dir: str | None) -> PipelineSettings:
+                      cache_dir: str | None, weights_dir: str | None) -> PipelineSettings:
+    """The flows' parameters as one typed settings object (paths made absolute)."""
     return PipelineSettings(
         output_root=Path(output_root).expanduser().resolve(), preset=preset, device=device, workers=workers,
         concurrency=concurrency, ray_address=ray_address,
-        cache_dir=None if cache_dir is None else Path(cache_dir).expanduser().resolve(),
+        cache_dir=(default_cache_dir() if cache_dir is None else Path(cache_dir)).expanduser().resolve(),
+        weights=None if weights_dir is None else WeightSources.local(Path(weights_dir).expanduser().resolve()),
         config_overrides=dict(config_overrides or {}),
     )
 
@@ -105,7 +107,7 @@ def _run_pending(plan: CollectionPlan, settings: PipelineSettings, flow_run_id: 
     edits: dict[Any, Any] = {}
     # One thread more than the pool's size, so the next scene is prepared while the pool is busy.
     with ThreadPoolTaskRunner(max_workers=(settings.concurrency or pool.size) + 1) as runner:
-        prepared = {runner.submit(prepare_scene, {"scene": scene, "cache_dir": settings.cache,
+        prepared = {runner.submit(prepare_scene, {"scene": scene, "cache_dir": settings.cache_dir,
                                                   "output_root": settings.output_root}): scene.scene_id
                     for scene in plan.scenes_to_run()}
         for future in as_completed(list(prepared)):
@@ -169,6 +171,7 @@ def edit_collection(
     device: str = "auto",
     workers: int | None = None,
     cache_dir: str | None = None,
+    weights_dir: str | None = None,
 ) -> dict[str, Any]:
     """Edit every scene folder under ``root`` (a local folder or fsspec URL).
 
@@ -177,10 +180,11 @@ def edit_collection(
     ``workers``: EditWorker actors (default: one per GPU, or one on CPU); ``concurrency``: runs in
     flight (default: ``workers``).  ``ray_address``: an existing Ray cluster (default ``RAY_ADDRESS``,
     else a local one).  ``cache_dir``: fetched inputs, SfM poses, Ray session files
-    (default ``<output_root>/.cache``).
+    (default ``$IMIX2MIX_CACHE`` or ``~/.cache/imix2mix``).  ``weights_dir``: the full preset's weights
+    in a local folder (``WeightSources.local`` layout) instead of the Hugging Face Hub.
     """
     settings = pipeline_settings(output_root, preset, config_overrides, ray_address, concurrency, device, workers,
-                                 cache_dir)
+                                 cache_dir, weights_dir)
     scenes = list_scenes(open_root(root))
     get_run_logger().info("collection %s: %d scene(s)", root, len(scenes))
     return execute_plan(plan_runs(scenes, edits, settings), settings)

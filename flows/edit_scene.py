@@ -26,9 +26,11 @@ def edit_scene(
     device: str = "auto",
     workers: int | None = None,
     cache_dir: str | None = None,
+    weights_dir: str | None = None,
 ) -> dict[str, Any]:
     """Edit the scene folder ``scene_uri`` of the collection ``root`` with its ``edits.yaml`` (plus ``edits``)."""
-    settings = pipeline_settings(output_root, preset, config_overrides, ray_address, None, device, workers, cache_dir)
+    settings = pipeline_settings(output_root, preset, config_overrides, ray_address, None, device, workers, cache_dir,
+                                 weights_dir)
     scene = find_scene(open_root(root), scene_uri)
     get_run_logger().info("scene %s of collection %s", scene.scene_id, root)
     return execute_plan(plan_runs([scene], edits, settings), settings)

@@ -6,7 +6,7 @@ mtimes / etags) has not changed for a quiet period.  A ready scene is announced 
 that survives restarts.  Scenes are found with :func:`imix2mix.collection.list_scenes`, so folders and
 files that resolve outside the root are never read.
 
-The clock is always passed in (``now``), so the logic is tested without sleeping.  Sending the
+The clock is always passed in (``now``, epoch seconds), so the logic is tested without sleeping.  Sending the
 events is the caller's job (``deployments/watcher.py``); nothing here talks to Prefect.
 """
 
@@ -19,6 +19,7 @@ import os
 import posixpath
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from imix2mix.collection import CollectionRoot, SceneRef, list_scenes, listing_fingerprint, open_root
@@ -89,12 +90,32 @@ class ReadinessTracker:
         self.settings = settings
         self._observations: dict[str, _Observation] = {}
 
-    def is_ready(self, scene: SceneRef, listing: str, now: float) -> bool:
+    def is_ready(self, scene: SceneRef, listing: str, now: float, modified_at: float | None = None) -> bool:
+        """``now`` and ``modified_at`` (the newest file time, when storage reports one) in epoch seconds.
+
+        A folder seen for the first time counts as unchanged since its newest file, so folders that
+        were already complete when the watcher started need not wait another quiet period.
+        """
         has_marker = scene.root.fs.isfile(posixpath.join(scene.path, self.settings.marker))
         observation = self._observations.get(scene.scene_id)
-        if observation is None or observation.listing != listing:
+        if observation is None:
+            since = now if modified_at is None else min(now, modified_at)
+            observation = self._observations[scene.scene_id] = _Observation(listing, since)
+        elif observation.listing != listing:
             observation = self._observations[scene.scene_id] = _Observation(listing, now)
         return has_marker or now - observation.since >= self.settings.quiet_seconds
+
+
+def newest_modification(scene: SceneRef) -> float | None:
+    """The newest modification time of the scene's files in epoch seconds, if the storage reports one."""
+    times = []
+    for info in scene.root.fs.find(scene.path, withdirs=False, detail=True).values():
+        value = info.get("mtime", info.get("LastModified", info.get("updated")))
+        if isinstance(value, (int, float)):
+            times.append(float(value))
+        elif isinstance(value, datetime):
+            times.append(value.timestamp())
+    return max(times) if times else None
 
 
 class AnnouncementLedger:
@@ -169,7 +190,7 @@ class SceneWatch:
         for scene in list_scenes(self.root):
             try:
                 listing = listing_fingerprint(scene)
-                if not self.tracker.is_ready(scene, listing, now):
+                if not self.tracker.is_ready(scene, listing, now, newest_modification(scene)):
                     continue
                 content_hash = self._content_hash(scene, listing)
             except (SceneError, OSError) as exc:

@@ -77,7 +77,7 @@ def start_workers(settings: PipelineSettings, prefect_api_url: str | None) -> Ed
     """Connect to Ray (or start it) and bring up the EditWorker actors, one per GPU (or ``workers``)."""
     logger = get_run_logger()
     env_vars = {"PREFECT_API_URL": prefect_api_url} if prefect_api_url else {}
-    connect_ray(RaySettings(address=settings.ray_address, temp_dir=settings.cache / "ray", env_vars=env_vars))
+    connect_ray(RaySettings(address=settings.ray_address, temp_dir=settings.cache_dir / "ray", env_vars=env_vars))
     gpus = cluster_gpus()
     device = settings.device if settings.device != "auto" else ("cuda" if gpus else "cpu")
     if device.startswith("cuda") and not gpus:

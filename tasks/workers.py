@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY_NAMESPACE = "imix2mix"
+# Unix socket paths are limited to 107 bytes; Ray appends about 64 (session_<time>_<pid>/sockets/plasma_store).
+_MAX_RAY_TEMP_DIR_LENGTH = 40
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,6 +70,9 @@ def connect_ray(settings: RaySettings) -> bool:
         ray.init(address=address, runtime_env=runtime_env, namespace=RAY_NAMESPACE, log_to_driver=False)
         return True
     temp_dir = settings.temp_dir
+    if temp_dir is not None and len(str(temp_dir.resolve())) > _MAX_RAY_TEMP_DIR_LENGTH:
+        logger.warning("Ray session folder %s is too long for Ray's socket paths; using Ray's default", temp_dir)
+        temp_dir = None
     if temp_dir is not None:
         temp_dir.mkdir(parents=True, exist_ok=True)
     logger.info("starting a local Ray cluster (session files in %s)", temp_dir or "Ray's default folder")
