@@ -19,6 +19,7 @@ reruns agree closely but not bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ import random
 import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -375,21 +376,18 @@ class PhaseTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def phase(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                if timer.enabled:
-                    timer._sync()
-                    self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if timer.enabled:
-                    timer._sync()
-                    timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Phase()
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -461,7 +459,7 @@ class Distillation:
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if device.type == "cuda" and config.student_precision == "bf16_autocast"
-            else _NullContext()
+            else contextlib.nullcontext()
         )
         self.sigmas = denoiser.schedule.table(device)
 
@@ -568,14 +566,6 @@ class Distillation:
             if not self.advance():
                 break
         return self.last_estimate, log
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], config: EditConfig) -> torch.optim.Optimizer:
@@ -839,16 +829,13 @@ class _SceneInputs:
     timings: dict[str, float]
 
 
-class _timed:
-    def __init__(self, timings: dict[str, float], name: str):
-        self.timings, self.name = timings, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
-        return False
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _device_name(device: torch.device) -> str:
