@@ -36,6 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from imix2mix.attention import CrossViewAttention
+from imix2mix.metrics import ClipMetricsModel, SceneMetrics
+from imix2mix.seva import Seva
+from imix2mix.seva.autoencoder import SevaAutoencoder
+from imix2mix.seva.conditioner import ClipImageConditioner
 from imix2mix.errors import ConfigError
 from imix2mix.preprocess import paste_back, prepare_views
 from imix2mix.schedules import (
@@ -46,7 +50,7 @@ from imix2mix.schedules import (
 )
 from imix2mix.seva.camera import StudentConditioning, build_student_conditioning
 from imix2mix.seva.sampling import sample_novel_views
-from imix2mix.seva.schedule import SevaDenoiser, SevaSchedule
+from imix2mix.seva.schedule import SevaDenoiser, SevaSchedule, euler_edm_step
 from imix2mix.teacher import InstructPix2PixTeacher, TeacherContext, resize_images
 
 Mode = Literal["distill", "teacher_only", "student_only"]
@@ -425,7 +429,7 @@ class Distillation:
         config: EditConfig,
         randomness: RunRandomness,
         device: torch.device,
-        seva_vae=None,
+        seva_vae: SevaAutoencoder | None = None,
     ):
         self.denoiser = denoiser
         self.network = denoiser.network
@@ -491,7 +495,7 @@ class Distillation:
                 denoised = self.denoiser(x, sigma, self.cond, self.num_frames)
                 if sigma_next is None:
                     return denoised
-                x = x + (sigma_next - sigma) * ((x - denoised) / sigma)
+                x = euler_edm_step(x, denoised, sigma, sigma_next)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def align(self, estimate: torch.Tensor) -> torch.Tensor:
@@ -545,7 +549,7 @@ class Distillation:
         sigma, sigma_next = self.sigmas[self.tau], self.sigmas[self.taus[self.tau_position + 1]]
         with self.autocast:
             denoised = self.denoiser(self.latents, sigma, self.cond, self.num_frames)
-        self.latents = (self.latents + (sigma_next - sigma) * ((self.latents - denoised.float()) / sigma)).float()
+        self.latents = euler_edm_step(self.latents, denoised.float(), sigma, sigma_next)
         self.tau_position += 1
         self.updates_done_at_tau = 0
         return True
@@ -597,10 +601,10 @@ class Editor:
         self,
         *,
         teacher: InstructPix2PixTeacher,
-        student,
-        seva_vae,
-        clip_image,
-        clip_metrics=None,
+        student: Seva,
+        seva_vae: SevaAutoencoder,
+        clip_image: ClipImageConditioner,
+        clip_metrics: ClipMetricsModel | None = None,
         device: torch.device | str = "cpu",
         default_config: EditConfig | None = None,
         preset: str = "full",
@@ -710,7 +714,7 @@ class Editor:
         image = self._teacher_edit(inputs.originals[inputs.reference], edit, inputs.config, inputs.randomness)
         return inputs.reference, to_uint8_image(image)
 
-    def score(self, result: EditResult, edit: Edit | None = None):
+    def score(self, result: EditResult, edit: Edit | None = None) -> SceneMetrics:
         """CLIP Sim./Dir./Cons. of a result with the already loaded metrics CLIP."""
         if self.clip_metrics is None:
             raise ConfigError("this Editor was built without the metrics CLIP (build_editor(..., metrics=True))")
