@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import SCENES
+from conftest import REPO_ROOT, SCENES
 
 from imix2mix.collection import (
     EditSpec,
@@ -181,3 +183,12 @@ def test_scene_and_collection_edits_merge(collection: Path) -> None:
     (collection / "person-small" / "edits.json").write_text("{broken")
     with pytest.raises(ConfigError, match=r"person-small/edits.json: is not valid JSON"):
         edits_for_scene(person, shared)
+
+
+def test_pipeline_helpers_import_neither_prefect_ray_nor_torch() -> None:
+    """The watcher and listings stay light; the library never depends on the orchestration layer."""
+    code = ("import sys, imix2mix.collection, imix2mix.manifests, imix2mix.watching; "
+            "print(sorted({'prefect', 'ray', 'torch', 'pycolmap'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -6,12 +6,14 @@ its own copy of the outputs of the first batch, so the tests do not depend on th
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -22,6 +24,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.edit_collection import edit_collection
 from flows.edit_scene import edit_scene
+from imix2mix.cli import main
 from imix2mix.errors import SceneError
 from imix2mix.manifests import RUNS, RUNS_SCHEMA, SCENES, SCENES_SCHEMA, VIEWS, VIEWS_SCHEMA, ManifestStore
 from tasks.workers import RaySettings, connect_ray
@@ -178,14 +181,35 @@ def test_a_corrupt_scene_fails_alone_with_its_reason(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "broken").exists()
 
 
-def test_edit_scene_edits_one_scene_and_refuses_paths_outside_the_root(first_batch: Batch, tmp_path: Path) -> None:
-    batch = clone(first_batch, tmp_path)
-    summary = edit_scene(scene_uri=str(batch.root / "face"), root=str(batch.root), output_root=str(batch.output_root),
-                         config_overrides=SHORT, cache_dir=str(batch.cache_dir))
-    assert statuses(summary) == {("face", "Give him a Venetian mask"): "skipped"}
-    outside = copy_examples(tmp_path / "elsewhere") / "face"
-    state = edit_scene(scene_uri=str(outside), root=str(batch.root), output_root=str(batch.output_root),
+def test_edit_scene_fetches_a_remote_scene_and_refuses_paths_outside_the_root(tmp_path: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    base = f"/bucket-{tmp_path.name}"
+    for path in sorted((EXAMPLES / "face").rglob("*")):
+        if path.is_file():
+            fs.pipe(f"{base}/face/{path.relative_to(EXAMPLES / 'face').as_posix()}", path.read_bytes())
+    root = f"memory://{base}"
+    summary = edit_scene(scene_uri=f"{root}/face", root=root, output_root=str(tmp_path / "out"),
+                         config_overrides=SHORT, cache_dir=str(tmp_path / "cache"))
+    assert statuses(summary) == {("face", "Give him a Venetian mask"): "succeeded"}
+    assert list((tmp_path / "cache" / "inputs").glob("*/face/images/frame_00001.jpg"))
+    views = ManifestStore(tmp_path / "out").read_rows(VIEWS)
+    assert sorted(view["input_path"] for view in views) == [
+        f"{root}/face/images/frame_{number}.jpg" for number in ("00001", "00009", "00020", "00023")]
+    state = edit_scene(scene_uri=f"{root}/../elsewhere/face", root=root, output_root=str(tmp_path / "out"),
                        return_state=True)
     assert state.is_failed()
     with pytest.raises(SceneError, match="outside the collection root"):
         state.result()
+
+
+def test_cli_collection_runs_the_flow_and_reports(first_batch: Batch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    batch = clone(first_batch, tmp_path)
+    edits_file = tmp_path / "shared.json"
+    edits_file.write_text(json.dumps(SHARED_EDITS))
+    settings = [item for key, value in SHORT.items() for item in ("--set", f"{key}={value}")]
+    code = main(["collection", str(batch.root), "--edits", str(edits_file), "--out", str(batch.output_root),
+                 "--preset", "tiny", "--cache", str(batch.cache_dir), *settings])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "0 succeeded, 0 failed, 4 skipped" in out and "skipped    face · make it snowy" in out
