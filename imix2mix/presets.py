@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,13 +110,22 @@ class TeacherArchitecture:
         )
 
 
-def build_random_teacher_pipeline(arch: TeacherArchitecture, seed: int = 0):
+@contextlib.contextmanager
+def random_init(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Build modules with seeded random weights directly on ``device`` (full-size models initialise in
+    seconds on a GPU), leaving the global generators as they were."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_random_teacher_pipeline(arch: TeacherArchitecture, seed: int = 0, device: torch.device | str = "cpu"):
     """An InstructPix2Pix pipeline with random weights and no files (tokenizer built in memory)."""
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with random_init(seed, device):
         unet = UNet2DConditionModel(**arch.unet)
         vae = AutoencoderKL(**arch.vae)
         text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
@@ -165,8 +176,7 @@ def build_random_metrics_clip(arch: MetricsClipArchitecture, seed: int = 0, devi
 
     from imix2mix.metrics import ClipMetricsModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with random_init(seed, device):
         model = CLIPModel(CLIPConfig(text_config=arch.text, vision_config=arch.vision, projection_dim=arch.projection_dim))
     return ClipMetricsModel(model, byte_level_clip_tokenizer(), device=device)
 
@@ -250,8 +260,7 @@ def build_editor(
     device = torch.device(device)
     if preset == "tiny" or random_weights:
         tiny = preset == "tiny"
-        with torch.random.fork_rng(devices=[]):  # the builders seed torch's global generator
-            torch.manual_seed(seed)
+        with random_init(seed, device):  # (the tiny builders also seed torch's global generator)
             if tiny:
                 student, seva_vae, clip_image = Seva(SevaConfig.tiny()), SevaAutoencoder.tiny(seed), ClipImageConditioner.tiny(seed)
             else:
@@ -263,7 +272,7 @@ def build_editor(
                 student = Seva(SevaConfig())
                 seva_vae = SevaAutoencoder(AutoencoderKL(**{**TeacherArchitecture.sd15().vae, "sample_size": 768}))
                 clip_image = ClipImageConditioner(CLIPVisionModelWithProjection(vit_h14_config()))
-        teacher_pipeline = build_random_teacher_pipeline(TeacherArchitecture.tiny() if tiny else TeacherArchitecture.sd15(), seed)
+        teacher_pipeline = build_random_teacher_pipeline(TeacherArchitecture.tiny() if tiny else TeacherArchitecture.sd15(), seed, device)
         teacher = InstructPix2PixTeacher(teacher_pipeline, device=device)
         clip_metrics = (
             build_random_metrics_clip(MetricsClipArchitecture.tiny() if tiny else MetricsClipArchitecture.vit_l14(), seed, device)
@@ -273,8 +282,8 @@ def build_editor(
     else:
         weights = weights or WeightSources()
         student = load_seva(weights.seva, filename=weights.seva_filename, dtype=torch.float32, device=device)
-        seva_vae = SevaAutoencoder.from_pretrained(weights.seva_vae, subfolder=weights.seva_vae_subfolder)
-        clip_image = ClipImageConditioner.from_pretrained(weights.clip_h)
+        seva_vae = SevaAutoencoder.from_pretrained(weights.seva_vae, subfolder=weights.seva_vae_subfolder, device=device)
+        clip_image = ClipImageConditioner.from_pretrained(weights.clip_h, device=device)
         teacher = InstructPix2PixTeacher.from_pretrained(weights.teacher, device=device)
         clip_metrics = ClipMetricsModel.from_pretrained(weights.clip_metrics, device=device) if metrics else None
         random = False
