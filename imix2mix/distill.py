@@ -417,7 +417,12 @@ def sds_surrogate_loss(estimate: torch.Tensor, guided_noise: torch.Tensor, noise
 
 class Distillation:
     """Per-scene state of the loop.  ``step()`` is one iteration; ``advance()`` the Euler step to
-    the next τ; ``run()`` does the whole schedule.  A benchmark can call ``step()`` directly."""
+    the next τ; ``run()`` does the whole schedule.  A benchmark can call ``step()`` directly.
+
+    The official code wraps the update in a ``GradScaler``; under bf16 autocast (or fp32) it only
+    rescales and unscales, so it is left out.  The one behaviour it would add, skipping a step whose
+    gradients are not finite, cannot trigger here since NaNs in g are zeroed before the backward pass.
+    """
 
     def __init__(
         self,

@@ -185,3 +185,21 @@ def test_teacher_only_is_an_independent_ip2p_edit_per_view(editor, scene):
         expected = editor.teacher.edit_image(prepared.image, EDIT.instruction, text_cfg=7.5, image_cfg=1.5, steps=4,
                                              generator=generator, image_size=96)
         assert np.array_equal(view, to_uint8_image(expected))
+
+
+def test_cli_full_preset_loads_a_weights_dir(editor, tmp_path, capsys):
+    """``--preset full --weights-dir`` goes through the real loading code (tiny weights saved in the
+    official formats), with the schedule and sizes shrunk by --set."""
+    from imix2mix.presets import save_editor_weights
+
+    save_editor_weights(editor, tmp_path / "weights")
+    sizes = ["--set", "student_image_size=128", "--set", "teacher_image_size=96", "--set", "teacher_steps=2"]
+    code = main(["edit", str(FACE), "-i", "make it snowy", "--preset", "full", "--device", "cpu", "--no-metrics",
+                 "--weights-dir", str(tmp_path / "weights"), "--out", str(tmp_path / "out"), *SHORT_ARGS, *sizes])
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["preset"] == "full" and record["iterations"] == 4 and record["metrics"] is None
+    assert "random weights" not in capsys.readouterr().err
+    code = main(["preview", str(FACE), "-i", "x", "--preset", "full", "--device", "cpu",
+                 "--weights-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "p")])
+    assert code == 2 and "missing" in capsys.readouterr().err
