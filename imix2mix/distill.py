@@ -420,8 +420,8 @@ class Distillation:
     the next τ; ``run()`` does the whole schedule.  A benchmark can call ``step()`` directly.
 
     The official code wraps the update in a ``GradScaler``; under bf16 autocast (or fp32) it only
-    rescales and unscales, so it is left out.  The one behaviour it would add, skipping a step whose
-    gradients are not finite, cannot trigger here since NaNs in g are zeroed before the backward pass.
+    rescales and unscales, so it is left out.  The one behaviour it would add is skipping a step whose
+    gradients are not finite; NaNs in g are zeroed before the backward pass, as in the official code.
     """
 
     def __init__(
