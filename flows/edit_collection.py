@@ -10,29 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, runtime, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger, runtime
 from prefect.futures import as_completed
 from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from imix2mix.collection import (
-    CollectionPlan,
-    SceneRef,
-    collection_edit_document,
-    list_scenes,
-    open_root,
-    plan_collection,
-)
-from imix2mix.manifests import ManifestError, ManifestStore, new_run_id, succeeded_runs
-from imix2mix.presets import WeightSources, default_config
+from imix2mix.collection import CollectionPlan, SceneProblem, list_scenes, open_root
+from imix2mix.presets import WeightSources
 from tasks.distill import edit_run, start_workers
 from tasks.manifest import record_failures, record_skipped
 from tasks.metrics import artifact_key, publish_summary
+from tasks.plan import EditsParameter, plan_runs
 from tasks.poses import prepare_scene
 from tasks.settings import PipelineSettings, default_cache_dir
-
-EditsParameter = list[Any] | dict[str, Any] | str | None
 
 
 def pipeline_settings(output_root: str, preset: str, config_overrides: dict[str, Any] | None,
@@ -48,27 +38,17 @@ def pipeline_settings(output_root: str, preset: str, config_overrides: dict[str,
     )
 
 
-@task(name="plan", cache_policy=NO_CACHE)
-def plan_runs(scenes: list[SceneRef], edits: EditsParameter, settings: PipelineSettings) -> CollectionPlan:
-    """Scenes × edits with their config hashes; what already succeeded is marked skipped."""
-    logger = get_run_logger()
-    store = ManifestStore(settings.output_root)
-    try:
-        succeeded = succeeded_runs(store)
-    except ManifestError as exc:
-        logger.warning("%s; every run will be redone, and the file moved aside on the next write", exc)
-        succeeded = {}
-    return plan_collection(
-        scenes, collection_edit_document(edits), default_config(settings.preset), preset=settings.preset,
-        output_root=settings.output_root, succeeded=succeeded, base_overrides=settings.config_overrides,
-    )
-
-
 def _summary_row(run: Any, status: str, *, seconds: float | None = None, clip_dir: float | None = None,
                  clip_cons: float | None = None, note: str = "") -> dict[str, Any]:
     return {"scene": run.scene.scene_id, "edit": run.edit.instruction, "edit_id": run.edit.edit_id,
             "status": status, "seconds": None if seconds is None else round(seconds, 2),
             "clip_dir": clip_dir, "clip_cons": clip_cons, "output_dir": str(run.output_dir), "note": note}
+
+
+def _problem_row(problem: SceneProblem) -> dict[str, Any]:
+    """A scene that could not be planned: it has no (scene, edit) runs, only a reason."""
+    return {"scene": problem.scene.scene_id, "edit": None, "edit_id": None, "status": "failed", "seconds": None,
+            "clip_dir": None, "clip_cons": None, "output_dir": None, "note": problem.error}
 
 
 def _succeeded(future: Any) -> bool:
@@ -84,8 +64,7 @@ def _error_of(future: Any) -> str:
 def _skip_done_runs(plan: CollectionPlan, settings: PipelineSettings, flow_run_id: str | None) -> list[dict[str, Any]]:
     logger = get_run_logger()
     skipped = plan.skipped
-    record_skipped(settings.output_root, skipped, run_ids=[new_run_id() for _ in skipped], preset=settings.preset,
-                   flow_run_id=flow_run_id)
+    record_skipped(settings.output_root, skipped, preset=settings.preset, flow_run_id=flow_run_id)
     rows = []
     for run in skipped:
         previous = run.previous_run or {}
@@ -145,9 +124,7 @@ def execute_plan(plan: CollectionPlan, settings: PipelineSettings) -> dict[str, 
     rows = _skip_done_runs(plan, settings, flow_run_id)
     if plan.to_run:
         rows += _run_pending(plan, settings, flow_run_id)
-    rows += [{"scene": problem.scene.scene_id, "edit": None, "edit_id": None, "status": "failed", "seconds": None,
-              "clip_dir": None, "clip_cons": None, "output_dir": None, "note": problem.error}
-             for problem in plan.problems]
+    rows += [_problem_row(problem) for problem in plan.problems]
     publish_summary(rows, key=artifact_key("summary", runtime.flow_run.flow_name or "batch"))
     counts = {status: sum(row["status"] == status for row in rows) for status in ("succeeded", "failed", "skipped")}
     logger.info("batch finished: %(succeeded)d succeeded, %(failed)d failed, %(skipped)d skipped", counts)

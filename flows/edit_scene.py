@@ -10,7 +10,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.edit_collection import EditsParameter, execute_plan, pipeline_settings, plan_runs
+from flows.edit_collection import execute_plan, pipeline_settings
+from tasks.plan import EditsParameter, plan_runs
 from imix2mix.collection import find_scene, open_root
 
 

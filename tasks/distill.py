@@ -14,29 +14,19 @@ from imix2mix.manifests import discard_dir, new_run_id, publish_dir, staging_dir
 from imix2mix.outputs import write_edit_outputs
 from tasks.manifest import record_failure, record_success
 from tasks.metrics import ProgressArtifact, publish_run_artifacts
+from tasks.retries import retry_on_storage_errors
 from tasks.settings import PipelineSettings
 from tasks.workers import EditWorkerPool, RaySettings, WorkerSpec, cluster_gpus, connect_ray
 
 
-def _retry_storage_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
-    """Retry when writing outputs hit the file system; bad input and engine errors would fail again."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-    return False
-
-
 def current_run_ids() -> tuple[str, str | None]:
     """(run_id, flow_run_id): the Prefect task run id keeps a retried run on one manifest row."""
-    task_run_id = runtime.task_run.id
-    return (str(task_run_id) if task_run_id else new_run_id()), (str(runtime.flow_run.id) if runtime.flow_run.id else None)
+    task_run_id, flow_run_id = runtime.task_run.id, runtime.flow_run.id
+    return (str(task_run_id) if task_run_id else new_run_id()), (str(flow_run_id) if flow_run_id else None)
 
 
 @task(name="edit", task_run_name="{run.label}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
-      retry_condition_fn=_retry_storage_errors)
+      retry_condition_fn=retry_on_storage_errors)
 def edit_run(run: PlannedRun, scene: Any, scene_folder: Path, pool: EditWorkerPool, output_root: Path,
              preset: str) -> dict[str, Any]:
     """Edit one scene on a pooled actor and publish the results; a failure is recorded, then raised."""

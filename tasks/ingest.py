@@ -8,25 +8,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imix2mix.collection import SceneRef, fetch_scene
-
-
-def _retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
-    """Retry storage hiccups, never bad input (a SceneError would fail the same way again)."""
-    from imix2mix.errors import ImixError
-
-    try:
-        state.result()
-    except ImixError:
-        return False
-    except OSError:
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-    return False
+from tasks.retries import retry_on_storage_errors
 
 
 @task(name="ingest", task_run_name="ingest · {scene.scene_id}", cache_policy=NO_CACHE, retries=2,
-      retry_delay_seconds=2, retry_condition_fn=_retry_transient)
+      retry_delay_seconds=2, retry_condition_fn=retry_on_storage_errors)
 def ingest_scene(scene: SceneRef, cache_dir: Path) -> Path:
     """A local folder with the scene's files (remote scenes are fetched once per listing)."""
     folder = fetch_scene(scene, cache_dir)

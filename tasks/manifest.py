@@ -47,14 +47,14 @@ def record_failures(output_root: Path, runs: list[PlannedRun], *, error: str, pr
     return rows
 
 
-def record_skipped(output_root: Path, runs: list[PlannedRun], *, run_ids: list[str], preset: str,
+def record_skipped(output_root: Path, runs: list[PlannedRun], *, preset: str,
                    flow_run_id: str | None) -> list[dict[str, Any]]:
     """One skipped row per run that an earlier run with the same config already produced."""
     now = utc_now()
     rows = []
-    for run, run_id in zip(runs, run_ids, strict=True):
+    for run in runs:
         previous = run.previous_run or {}
-        row = run_row(run, run_id=run_id, status="skipped", preset=preset, started_at=now, finished_at=now,
+        row = run_row(run, run_id=new_run_id(), status="skipped", preset=preset, started_at=now, finished_at=now,
                       output_dir=previous.get("output_dir"), flow_run_id=flow_run_id)
         for metric in ("clip_sim", "clip_dir", "clip_cons", "iterations", "device_name"):
             row[metric] = previous.get(metric)
