@@ -4,6 +4,7 @@ determinism, and the Editor's modes and ablations."""
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -203,3 +204,11 @@ def test_cli_full_preset_loads_a_weights_dir(editor, tmp_path, capsys):
     code = main(["preview", str(FACE), "-i", "x", "--preset", "full", "--device", "cpu",
                  "--weights-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "p")])
     assert code == 2 and "missing" in capsys.readouterr().err
+
+
+def test_an_edit_leaves_global_random_state_alone(editor, scene):
+    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    editor.edit(scene, EDIT, editor.default_config.overridden({**SHORT, "alignment": "learned"}))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1])
+    assert random.getstate() == python_state
