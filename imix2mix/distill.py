@@ -36,11 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from imix2mix.attention import CrossViewAttention
-from imix2mix.metrics import ClipMetricsModel, SceneMetrics
-from imix2mix.seva import Seva
-from imix2mix.seva.autoencoder import SevaAutoencoder
-from imix2mix.seva.conditioner import ClipImageConditioner
 from imix2mix.errors import ConfigError
+from imix2mix.metrics import ClipMetricsModel, SceneMetrics
 from imix2mix.preprocess import paste_back, prepare_views
 from imix2mix.schedules import (
     LearningRateSchedule,
@@ -48,7 +45,10 @@ from imix2mix.schedules import (
     TeacherTimestepSchedule,
     make_teacher_timestep_sampler,
 )
+from imix2mix.seva import Seva
+from imix2mix.seva.autoencoder import SevaAutoencoder
 from imix2mix.seva.camera import StudentConditioning, build_student_conditioning
+from imix2mix.seva.conditioner import ClipImageConditioner
 from imix2mix.seva.sampling import sample_novel_views
 from imix2mix.seva.schedule import SevaDenoiser, SevaSchedule, euler_edm_step
 from imix2mix.teacher import InstructPix2PixTeacher, TeacherContext, resize_images

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import CLIPModel, CLIPTokenizer
 
+from imix2mix.errors import MissingWeightsError
 from imix2mix.hub import resolve_dir
 
 CLIP_METRICS_REPO = "openai/clip-vit-large-patch14"
@@ -129,17 +131,13 @@ def scene_metrics(
 class ClipMetricsModel:
     """Normalised CLIP image/text embeddings (transformers ``CLIPModel`` + tokenizer)."""
 
-    def __init__(self, model, tokenizer, *, device: torch.device | str = "cpu"):
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, *, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
 
     @classmethod
     def from_pretrained(cls, source: str | Path = CLIP_METRICS_REPO, *, device: torch.device | str = "cpu") -> "ClipMetricsModel":
-        from transformers import CLIPModel, CLIPTokenizer
-
-        from imix2mix.errors import MissingWeightsError
-
         folder = resolve_dir(source, what="CLIP ViT-L/14 (metrics)", hint="It is public: `hf download openai/clip-vit-large-patch14`.")
         try:
             model = CLIPModel.from_pretrained(folder)

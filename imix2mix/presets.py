@@ -16,14 +16,25 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionInstructPix2PixPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from imix2mix.distill import EditConfig, Editor
 from imix2mix.errors import ConfigError
-
-if TYPE_CHECKING:
-    from imix2mix.distill import EditConfig, Editor
+from imix2mix.metrics import ClipMetricsModel
+from imix2mix.seva import Seva, SevaConfig
+from imix2mix.seva.autoencoder import SevaAutoencoder
+from imix2mix.seva.conditioner import ClipImageConditioner, vit_h14_config
+from imix2mix.seva.loading import load_seva, save_seva
+from imix2mix.teacher import InstructPix2PixTeacher
 
 # ---------------------------------------------------------------------------------------------
 # Random-init architectures (same classes for full size and tiny)
@@ -46,8 +57,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 def byte_level_clip_tokenizer(model_max_length: int = 77):
     """A CLIPTokenizer with no files: start/end tokens plus the 256 byte characters (with and
     without the end-of-word suffix), no merges.  514 ids; random-weight text encoders only."""
-    from transformers import CLIPTokenizer
-
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in _bytes_to_unicode().values():
         vocab[char] = len(vocab)
@@ -122,9 +131,6 @@ def random_init(seed: int, device: torch.device | str = "cpu") -> Iterator[None]
 
 def build_random_teacher_pipeline(arch: TeacherArchitecture, seed: int = 0, device: torch.device | str = "cpu"):
     """An InstructPix2Pix pipeline with random weights and no files (tokenizer built in memory)."""
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     with random_init(seed, device):
         unet = UNet2DConditionModel(**arch.unet)
         vae = AutoencoderKL(**arch.vae)
@@ -172,10 +178,6 @@ class MetricsClipArchitecture:
 
 def build_random_metrics_clip(arch: MetricsClipArchitecture, seed: int = 0, device: torch.device | str = "cpu"):
     """A :class:`~imix2mix.metrics.ClipMetricsModel` with random weights and the in-memory tokenizer."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from imix2mix.metrics import ClipMetricsModel
-
     with random_init(seed, device):
         model = CLIPModel(CLIPConfig(text_config=arch.text, vision_config=arch.vision, projection_dim=arch.projection_dim))
     return ClipMetricsModel(model, byte_level_clip_tokenizer(), device=device)
@@ -215,14 +217,12 @@ class WeightSources:
 PRESETS = ("full", "tiny")
 
 
-def default_config(preset: str) -> "EditConfig":
+def default_config(preset: str) -> EditConfig:
     """The EditConfig a preset runs with unless told otherwise.
 
     ``tiny``: 128² student images (16² latents), 96² teacher images (12² latents), and a short
     schedule (6 τ values, k_initial 4, k 2 → 14 iterations; 4 teacher steps) so a CPU run takes seconds.
     """
-    from imix2mix.distill import EditConfig
-
     if preset == "full":
         return EditConfig()
     if preset == "tiny":
@@ -240,7 +240,7 @@ def build_editor(
     random_weights: bool = False,
     metrics: bool = True,
     seed: int = 0,
-) -> "Editor":
+) -> Editor:
     """Build an :class:`~imix2mix.distill.Editor` with every model loaded once.
 
     * ``full``: official weights from ``weights`` (default :class:`WeightSources`); with
@@ -248,14 +248,6 @@ def build_editor(
     * ``tiny``: small random models of the same classes (exercises the pipeline; edits are noise).
     ``metrics=False`` skips the CLIP ViT-L/14 used by :meth:`Editor.score`.
     """
-    from imix2mix.distill import Editor
-    from imix2mix.metrics import ClipMetricsModel
-    from imix2mix.seva import Seva, SevaConfig
-    from imix2mix.seva.autoencoder import SevaAutoencoder
-    from imix2mix.seva.conditioner import ClipImageConditioner
-    from imix2mix.seva.loading import load_seva
-    from imix2mix.teacher import InstructPix2PixTeacher
-
     config = default_config(preset)
     device = torch.device(device)
     if preset == "tiny" or random_weights:
@@ -264,12 +256,8 @@ def build_editor(
             if tiny:
                 student, seva_vae, clip_image = Seva(SevaConfig.tiny()), SevaAutoencoder.tiny(seed), ClipImageConditioner.tiny(seed)
             else:
-                from diffusers import AutoencoderKL
-                from transformers import CLIPVisionModelWithProjection
-
-                from imix2mix.seva.conditioner import vit_h14_config
-
                 student = Seva(SevaConfig())
+                # SEVA's SD-2.1-base VAE has the SD-1.5 VAE architecture (config sample_size 768)
                 seva_vae = SevaAutoencoder(AutoencoderKL(**{**TeacherArchitecture.sd15().vae, "sample_size": 768}))
                 clip_image = ClipImageConditioner(CLIPVisionModelWithProjection(vit_h14_config()))
         teacher_pipeline = build_random_teacher_pipeline(TeacherArchitecture.tiny() if tiny else TeacherArchitecture.sd15(), seed, device)
@@ -293,11 +281,9 @@ def build_editor(
     )
 
 
-def save_editor_weights(editor: "Editor", folder: str | Path) -> WeightSources:
+def save_editor_weights(editor: Editor, folder: str | Path) -> WeightSources:
     """Write an editor's models in the official formats under ``folder`` (the
     :meth:`WeightSources.local` layout) and return the sources that load them back."""
-    from imix2mix.seva.loading import save_seva
-
     folder = Path(folder)
     save_seva(editor.student, folder / "seva")  # keeps the SevaConfig in the metadata (tiny widths)
     editor.seva_vae.vae.save_pretrained(folder / "seva_vae")

@@ -16,14 +16,16 @@ Per-scene constants (text embeddings, image-conditioning latents) are computed o
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionInstructPix2PixPipeline
 
 from imix2mix.attention import CrossViewAttention, KeyViewState, set_cross_view_attention
+from imix2mix.errors import MissingWeightsError
 from imix2mix.hub import resolve_dir
 
 TEACHER_REPO = "timbrooks/instruct-pix2pix"
@@ -59,7 +61,7 @@ class InstructPix2PixTeacher:
     On CUDA the networks run in fp16 under ``torch.inference_mode`` (official numerics); on CPU in fp32.
     """
 
-    def __init__(self, pipeline, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, pipeline: StableDiffusionInstructPix2PixPipeline, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
         device = torch.device(device)
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         self.pipeline = pipeline.to(device) if pipeline.unet.dtype == self.dtype else pipeline.to(device=device, dtype=self.dtype)
@@ -78,8 +80,6 @@ class InstructPix2PixTeacher:
         cls, source: str | Path = TEACHER_REPO, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> "InstructPix2PixTeacher":
         """Load a diffusers IP2P folder (or hub id) once, without the safety checker."""
-        from diffusers import StableDiffusionInstructPix2PixPipeline
-
         folder = resolve_dir(source, what="InstructPix2Pix teacher", hint="It is public: `hf download timbrooks/instruct-pix2pix`.")
         device = torch.device(device)
         load_dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -87,9 +87,7 @@ class InstructPix2PixTeacher:
             pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
                 folder, dtype=load_dtype, safety_checker=None, requires_safety_checker=False
             )
-        except (OSError, ValueError, EnvironmentError) as exc:
-            from imix2mix.errors import MissingWeightsError
-
+        except (OSError, ValueError) as exc:
             raise MissingWeightsError(f"InstructPix2Pix teacher: '{folder}' is not a usable diffusers pipeline folder ({exc}).") from exc
         return cls(pipeline, device=device, dtype=load_dtype)
 
