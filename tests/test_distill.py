@@ -287,3 +287,14 @@ def test_student_query_steps_switch(models, pristine):
         expected = three.denoiser(x, sig[224], three.cond, 5)
     torch.testing.assert_close(trajectory, expected)
     assert not torch.allclose(tweedie, trajectory)
+
+
+@pytest.mark.parametrize("name, flags", [("adamw", {}), ("adamw_foreach", {"foreach": True}), ("adamw_fused", {"fused": True})])
+def test_optimizer_variants(models, pristine, name, flags):
+    run = make_distillation(models, optimizer=name, weight_decay=0.02, betas=(0.8, 0.95), eps=1e-7)
+    group = run.optimizer.param_groups[0]
+    assert isinstance(run.optimizer, torch.optim.AdamW)
+    assert (group["weight_decay"], group["betas"], group["eps"]) == (0.02, (0.8, 0.95), 1e-7)
+    for key, value in flags.items():
+        assert group[key] is value
+    assert torch.isfinite(run.step().loss)

@@ -212,3 +212,13 @@ def test_an_edit_leaves_global_random_state_alone(editor, scene):
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], numpy_state[1])
     assert random.getstate() == python_state
+
+
+def test_gradient_checkpointing_switch(editor, scene):
+    try:
+        editor.prepare_distillation(scene, EDIT, editor.default_config.overridden({**SHORT, "gradient_checkpointing": True}))
+        assert editor.student.gradient_checkpointing
+        editor.prepare_distillation(scene, EDIT, editor.default_config.overridden(SHORT))
+        assert not editor.student.gradient_checkpointing
+    finally:
+        editor.finish_distillation()
