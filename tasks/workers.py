@@ -128,7 +128,7 @@ class EditOutcome:
 class EditWorker:
     """One Editor, built once, serving scenes one at a time (default concurrency group of size 1).
 
-    ``progress()`` runs in its own concurrency group, so it answers while an edit is running.
+    ``progress()`` and ``ready()`` run in their own concurrency group, so they answer while an edit runs.
     """
 
     def __init__(self, spec: WorkerSpec, name: str):
@@ -143,6 +143,7 @@ class EditWorker:
                                    random_weights=spec.random_weights)
         self._progress: dict[str, Any] | None = None
 
+    @ray.method(concurrency_group="status")
     def ready(self) -> dict[str, Any]:
         return {"name": self.name, "pid": os.getpid(), "device": str(self.editor.device)}
 
@@ -198,7 +199,7 @@ class EditWorkerPool:
     """
 
     def __init__(self, spec: WorkerSpec, size: int, *, max_attempts: int = 3, poll_seconds: float = 0.5,
-                 start_timeout_s: float = 600.0):
+                 start_timeout_s: float = 1800.0):
         if size < 1:
             raise ConfigError(f"the worker pool needs at least one worker, got {size}")
         if max_attempts < 1:

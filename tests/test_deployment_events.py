@@ -161,7 +161,8 @@ def test_a_scene_ready_event_starts_an_edit_scene_run_that_succeeds(site: Site) 
         path.touch()
     (site.inbox / "face" / "_READY").touch()
     state = site.inbox.parent / "watch-state.json"
-    watcher = site.cli(str(BIN / "imix2mix"), "watch", str(site.inbox), "--once", "--state", str(state))
+    watch = [str(BIN / "imix2mix"), "watch", str(site.inbox), "--once", "--state", str(state), "--quiet", "3600"]
+    watcher = site.cli(*watch)
     assert watcher.returncode == 0, watcher.stderr
     assert "announced 1 scene(s)" in watcher.stdout
 
@@ -175,5 +176,5 @@ def test_a_scene_ready_event_starts_an_edit_scene_run_that_succeeds(site: Site) 
         ("face", "succeeded", str(run.id))]
     assert (site.output_root / runs[0]["output_dir"] / "contact_sheet.png").is_file()
 
-    again = site.cli(str(BIN / "imix2mix"), "watch", str(site.inbox), "--once", "--state", str(state))
-    assert "announced 0 scene(s)" in again.stdout  # same content: never announced twice
+    again = site.cli(*watch)
+    assert "announced 0 scene(s)" in again.stdout  # same content never twice; "uploading" is not quiet yet
