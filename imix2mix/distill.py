@@ -324,6 +324,7 @@ class EditResult:
     teacher_timesteps: list[int] = field(default_factory=list)
     key_views: list[int] = field(default_factory=list)
     preset: str = ""
+    random_weights: bool = False  # True: the models were random (tiny preset, benchmarks): not a real edit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,6 +700,7 @@ class Editor:
             teacher_timesteps=list(distillation.teacher_timesteps) if distillation is not None else [],
             key_views=list(distillation.key_views) if distillation is not None else [],
             preset=self.preset,
+            random_weights=self.random_weights,
         )
 
     def prepare_distillation(self, scene, edit: Edit, config: EditConfig | None = None) -> Distillation:

@@ -90,6 +90,7 @@ def run_record(result, scene, metrics=None) -> dict[str, Any]:
             "config": result.config.to_dict(),
             "config_hash": result.config.config_hash(),
             "preset": result.preset,
+            "random_weights": result.random_weights,
             "mode": result.config.mode,
             "reference_index": result.reference_index,
             "iterations": result.iterations,

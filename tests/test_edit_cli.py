@@ -68,6 +68,7 @@ def test_cli_edit_writes_every_output_and_is_deterministic(tmp_path, capsys):
     assert _png(tmp_path / "a" / "view_00_full.png").shape == (738, 994, 3)  # the original photo's framing
     record = json.loads((tmp_path / "a" / "run.json").read_text())
     assert record["config"]["seed"] == 3 and record["iterations"] == 4 and record["preset"] == "tiny"
+    assert record["random_weights"] is True
     assert record["metrics"]["clip_cons"] is not None and record["metrics"]["clip_sim"] is not None
     assert record["edit"]["instruction"] == EDIT.instruction
     assert len(record["teacher_timesteps"]) == 4
@@ -200,6 +201,7 @@ def test_cli_full_preset_loads_a_weights_dir(editor, tmp_path, capsys):
     assert code == 0
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert record["preset"] == "full" and record["iterations"] == 4 and record["metrics"] is None
+    assert record["random_weights"] is False
     assert "random weights" not in capsys.readouterr().err
     code = main(["preview", str(FACE), "-i", "x", "--preset", "full", "--device", "cpu",
                  "--weights-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "p")])
