@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -205,6 +206,7 @@ class EditConfig:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+@functools.cache
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(EditConfig)
 
