@@ -253,11 +253,9 @@ def fetch_scene(scene: SceneRef, cache_dir: str | os.PathLike[str]) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             scene.root.fs.get_file(info["name"], str(target))
         os.replace(staging, destination)
-    except FileExistsError:
-        pass  # another task fetched the same listing first
-    except OSError as exc:
-        if not destination.is_dir():
-            raise SceneError(scene.uri, f"could not copy the scene into the cache {destination}: {exc}") from exc
+    except OSError:
+        if not destination.is_dir():  # else another task fetched the same listing first
+            raise  # storage errors stay OSError: the ingest task retries those
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination

@@ -17,6 +17,7 @@ def record_success(output_root: Path, run: PlannedRun, *, run_id: str, preset: s
 
     Output paths are recorded relative to the output root, so an output folder can be moved.
     """
+    started_at = outcome.started_at or started_at  # from when an actor took it, not from queueing
     row = run_row(run, run_id=run_id, status="succeeded", preset=preset, started_at=started_at,
                   result=outcome.result, metrics=outcome.metrics, output_dir=run.output_subdir,
                   flow_run_id=flow_run_id)

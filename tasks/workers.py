@@ -20,7 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,7 @@ class EditOutcome:
     metrics: Any  # imix2mix.metrics.SceneMetrics | None
     worker: str  # the actor's name
     attempts: int = 1
+    started_at: datetime | None = None  # when an actor took the scene (time spent queueing for one excluded)
 
 
 @ray.remote(concurrency_groups={"status": 1})
@@ -290,8 +292,10 @@ class EditWorkerPool:
         the original exception (e.g. :class:`~imix2mix.errors.SceneError`).
         """
         lost: list[str] = []
+        started_at = None
         for attempt in range(1, self.max_attempts + 1):
             with self._lease() as slot:
+                started_at = started_at or datetime.now(timezone.utc)
                 try:
                     outcome = self._run_on(slot, scene, edit, config, on_progress)
                 except RayActorError as exc:
@@ -300,7 +304,7 @@ class EditWorkerPool:
                                    slot.name, getattr(scene, "name", scene), attempt, self.max_attempts)
                     self._replace(slot)
                     continue
-            return EditOutcome(outcome.result, outcome.metrics, outcome.worker, attempts=attempt)
+            return replace(outcome, attempts=attempt, started_at=started_at)
         raise WorkersLostError(
             f"the edit worker died on all {self.max_attempts} attempts for scene {getattr(scene, 'name', scene)}: "
             + "; ".join(lost)

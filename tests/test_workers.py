@@ -49,7 +49,7 @@ def test_edits_a_scene_and_reports_progress(pool: EditWorkerPool, scene, config)
     reports: list[dict] = []
     outcome = pool.run(scene, Edit("make it snowy", source_caption="a face", target_caption="a snowy face"), config,
                        on_progress=lambda report, worker: reports.append(report))
-    assert outcome.attempts == 1
+    assert outcome.attempts == 1 and outcome.started_at is not None
     assert len(outcome.result.views) == len(scene.views) == 4
     assert outcome.result.iterations == config.total_iterations == 6
     assert outcome.metrics is not None and outcome.metrics.clip_dir is not None
