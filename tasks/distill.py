@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,4 +77,6 @@ def start_workers(settings: PipelineSettings, prefect_api_url: str | None) -> Ed
     spec = WorkerSpec(preset=settings.preset, device=device, weights=settings.weights,
                       torch_threads=1 if device == "cpu" else None)
     logger.info("starting %d edit worker(s) for preset %s on %s", size, settings.preset, device)
-    return EditWorkerPool(spec, size, max_attempts=settings.max_attempts).start()
+    # On a shared cluster the actors stay up between flow runs, so events and nightly batches find them warm.
+    shared_cluster = bool(settings.ray_address or os.environ.get("RAY_ADDRESS"))
+    return EditWorkerPool(spec, size, max_attempts=settings.max_attempts, detached=shared_cluster).start()

@@ -183,6 +183,18 @@ class WorkersLostError(ImixError):
     """The actor running a scene died on every attempt."""
 
 
+class WorkerStartError(ImixError):
+    """An EditWorker could not build its Editor (missing weights, bad preset, no device)."""
+
+
+def _start_failure(exc: RayActorError) -> WorkerStartError | None:
+    """The build error of an actor whose ``__init__`` raised, as one readable line (else None)."""
+    if not getattr(exc, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return WorkerStartError(f"the edit workers could not start: {lines[-1] if lines else exc}")
+
+
 ProgressCallback = Callable[[dict[str, Any], str], None]  # (progress event fields, actor name)
 
 
@@ -197,11 +209,13 @@ class EditWorkerPool:
     """``size`` EditWorker actors lent to one caller at a time each; thread-safe.
 
     Actors are named ``imix2mix-<spec key>-<index>`` in the ``imix2mix`` namespace: a pool on a
-    cluster that still runs actors with the same spec reuses them (models stay loaded).
+    cluster that still runs actors with the same spec reuses them (models stay loaded).  With
+    ``detached=True`` (a shared, long-running cluster) the actors outlive the process that made
+    them, so later flow runs find them warm; stop them with ``shutdown()`` or ``ray stop``.
     """
 
     def __init__(self, spec: WorkerSpec, size: int, *, max_attempts: int = 3, poll_seconds: float = 0.5,
-                 start_timeout_s: float = 1800.0):
+                 start_timeout_s: float = 1800.0, detached: bool = False):
         if size < 1:
             raise ConfigError(f"the worker pool needs at least one worker, got {size}")
         if max_attempts < 1:
@@ -211,43 +225,53 @@ class EditWorkerPool:
         self.max_attempts = max_attempts
         self.poll_seconds = poll_seconds
         self.start_timeout_s = start_timeout_s
+        self.detached = detached
         self._slots: list[_Slot] = []
         self._idle: queue.Queue[_Slot] = queue.Queue()
         self._started = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _options(self, name: str, *, reuse: bool) -> dict[str, Any]:
+    def _options(self, name: str) -> dict[str, Any]:
         gpu = self.spec.device.startswith("cuda")
         return {
             "name": name,
             "namespace": RAY_NAMESPACE,
-            "get_if_exists": reuse,
+            "get_if_exists": True,  # another pool (or flow run) may have made it: share it
             "num_gpus": 1 if gpu else 0,
             "num_cpus": 1,
             "max_restarts": 0,  # the pool replaces dead actors itself, so it knows to retry the scene
+            **({"lifetime": "detached"} if self.detached else {}),
         }
 
-    def _create(self, name: str, *, reuse: bool) -> Any:
+    def _create(self, name: str) -> Any:
+        """The live actor called ``name``, or a new one (reusing a name frees up shortly after a death)."""
         deadline = time.monotonic() + 60
         while True:
             try:
-                return EditWorker.options(**self._options(name, reuse=reuse)).remote(self.spec, name)
-            except ValueError as exc:  # the dead actor's name is not released yet
+                actor = EditWorker.options(**self._options(name)).remote(self.spec, name)
+                ray.get(actor.ready.remote(), timeout=self.start_timeout_s)
+                return actor
+            except (ValueError, RayActorError) as exc:  # the dead actor still holds the name
+                failure = _start_failure(exc) if isinstance(exc, RayActorError) else None
+                if failure is not None:
+                    raise failure from None
                 if time.monotonic() > deadline:
                     raise
                 logger.debug("waiting for the name %s to be released: %s", name, exc)
-                time.sleep(0.2)
+                time.sleep(0.5)
 
     def start(self) -> "EditWorkerPool":
         """Create (or reuse) the actors and wait until each has built its Editor."""
         with self._started:
             if self._slots:
                 return self
-            slots = []
-            for index in range(self.size):
-                name = f"imix2mix-{self.spec.key}-{index}"
-                slots.append(_Slot(index, name, self._create(name, reuse=True)))
-            infos = ray.get([slot.actor.ready.remote() for slot in slots], timeout=self.start_timeout_s)
+            names = [f"imix2mix-{self.spec.key}-{index}" for index in range(self.size)]
+            actors = [EditWorker.options(**self._options(name)).remote(self.spec, name) for name in names]
+            try:  # the actors build their Editors in parallel
+                infos = ray.get([actor.ready.remote() for actor in actors], timeout=self.start_timeout_s)
+            except RayActorError as exc:
+                raise (_start_failure(exc) or exc) from None
+            slots = [_Slot(index, name, actor) for index, (name, actor) in enumerate(zip(names, actors))]
             for slot, info in zip(slots, infos):
                 logger.info("edit worker %s ready (pid %s, %s)", slot.name, info["pid"], info["device"])
                 self._slots.append(slot)
@@ -279,8 +303,7 @@ class EditWorkerPool:
 
     def _replace(self, slot: _Slot) -> None:
         _kill(slot.actor)
-        slot.actor = self._create(slot.name, reuse=False)
-        ray.get(slot.actor.ready.remote(), timeout=self.start_timeout_s)
+        slot.actor = self._create(slot.name)
         logger.warning("replaced edit worker %s", slot.name)
 
     # -- work -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from imix2mix.distill import Edit
 from imix2mix.errors import ConfigError
 from imix2mix.presets import default_config
 from imix2mix.scene import load_scene
-from tasks.workers import EditWorkerPool, RaySettings, WorkersLostError, WorkerSpec, connect_ray
+from tasks.workers import EditWorkerPool, RaySettings, WorkersLostError, WorkerSpec, WorkerStartError, connect_ray
 
 # The tiny preset with a shorter schedule: 6 iterations at τ=999, one teacher step.
 SHORT = {"distill_dt": 999, "k_initial": 6, "k": 1, "warmup_steps": 1, "teacher_steps": 1}
@@ -88,3 +88,8 @@ def test_an_actor_dying_on_every_attempt_gives_up(pool: EditWorkerPool, scene, c
     with pytest.raises(WorkersLostError, match="died on all 2 attempts for scene face"):
         pool.run(scene, Edit("make it snowy"), config, on_progress=always_kill)
     assert pool.run(scene, Edit("make it snowy"), config).attempts == 1  # the pool healed itself
+
+
+def test_a_worker_that_cannot_build_its_editor_says_why(pool: EditWorkerPool) -> None:  # noqa: ARG001 (Ray up)
+    with pytest.raises(WorkerStartError, match="could not start: .*unknown preset 'bogus'"):
+        EditWorkerPool(WorkerSpec(preset="bogus"), size=1).start()
