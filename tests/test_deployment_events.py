@@ -28,6 +28,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from imix2mix.manifests import RUNS, ManifestStore
 
+# End to end with real services: deselect with -m 'not slow'; the timeout only guards against hangs.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 SHORT = {"distill_dt": 999, "k_initial": 2, "k": 1, "warmup_steps": 1, "teacher_steps": 1}
 BIN = Path(sys.executable).parent
 WAIT_FOR_RUN_S = 400  # an upper bound for slow, shared CI boxes, not a performance assertion

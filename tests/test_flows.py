@@ -29,6 +29,9 @@ from imix2mix.errors import SceneError
 from imix2mix.manifests import RUNS, RUNS_SCHEMA, SCENES, SCENES_SCHEMA, VIEWS, VIEWS_SCHEMA, ManifestStore
 from tasks.workers import RaySettings, connect_ray
 
+# End to end with real services: deselect with -m 'not slow'; the timeout only guards against hangs.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 # The tiny preset with its shortest schedule: 2 iterations at τ=999, one teacher step.
 SHORT = {"distill_dt": 999, "k_initial": 2, "k": 1, "warmup_steps": 1, "teacher_steps": 1}
 SHARED_EDITS = {"edits": [{"instruction": "make it snowy", "target_caption": "a photo in the snow"}]}

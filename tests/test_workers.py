@@ -15,6 +15,9 @@ from imix2mix.presets import default_config
 from imix2mix.scene import load_scene
 from tasks.workers import EditWorkerPool, RaySettings, WorkersLostError, WorkerSpec, WorkerStartError, connect_ray
 
+# End to end with real services: deselect with -m 'not slow'; the timeout only guards against hangs.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 # The tiny preset with a shorter schedule: 6 iterations at τ=999, one teacher step.
 SHORT = {"distill_dt": 999, "k_initial": 6, "k": 1, "warmup_steps": 1, "teacher_steps": 1}
 
