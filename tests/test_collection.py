@@ -192,3 +192,27 @@ def test_pipeline_helpers_import_neither_prefect_ray_nor_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_sfm_poses_are_cached_by_photo_content(tmp_path: Path) -> None:
+    from synthetic_scenes import render_views, write_images
+
+    from imix2mix.collection import load_scene_cached
+
+    scene_dir = tmp_path / "room"
+    write_images(scene_dir, render_views(4))
+    cache = tmp_path / "poses"
+    first = load_scene_cached(scene_dir, cache)
+    assert first.pose_source == "sfm" and not first.registration.unregistered
+    (cached,) = cache.glob("*.json")
+    # Shift every camera in the cache file: a second load must come from it, not from a new SfM run.
+    content = json.loads(cached.read_text())
+    for frame in content["frames"]:
+        frame["transform_matrix"][0][3] += 1.0
+    cached.write_text(json.dumps(content))
+    copy = Path(shutil.copytree(scene_dir, tmp_path / "same-photos-elsewhere"))
+    second = load_scene_cached(copy, cache)
+    assert second.pose_source == "sfm" and second.registration == first.registration
+    for before, after in zip(first.views, second.views):
+        assert after.c2w[0, 3] == pytest.approx(before.c2w[0, 3] + 1.0)
+        assert (after.K == before.K).all()
