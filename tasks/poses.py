@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from imix2mix.collection import SceneRef, load_scene_cached
 from imix2mix.manifests import SCENES, ManifestStore, scene_row
+from tasks.ingest import ingest_scene
 
 
 @task(name="poses", task_run_name="poses · {scene.scene_id}", cache_policy=NO_CACHE)
@@ -27,7 +28,5 @@ def pose_scene(scene: SceneRef, folder: Path, cache_dir: Path, output_root: Path
 @task(name="prepare", task_run_name="prepare · {scene.scene_id}", cache_policy=NO_CACHE)
 def prepare_scene(scene: SceneRef, cache_dir: Path, output_root: Path) -> tuple[Path, Any]:
     """Ingest then pose one scene (two nested task runs); returns (local folder, Scene)."""
-    from tasks.ingest import ingest_scene
-
     folder = ingest_scene(scene, cache_dir)
     return folder, pose_scene(scene, folder, cache_dir, output_root)
