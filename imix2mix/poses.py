@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib  # noqa: F401, I001  (must precede pycolmap; see the module docstring)
 
+import importlib
 import tempfile
 import time
 from collections.abc import Sequence
@@ -18,11 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pycolmap
 from PIL import Image
 
 from imix2mix.errors import ConfigError, RegistrationError, SceneError
 from imix2mix.images import PhotoMetadata
+
+
+
+class _ImportedOnFirstUse:
+    """A stand-in for the pycolmap module that imports it at the first attribute access.
+
+    The rest of the library (scenes from transforms.json, the engine, the GPU benchmark) must import
+    on machines without pycolmap; zlib is already loaded above by then, so the order stays safe.
+    """
+
+    def __getattr__(self, name: str):
+        return getattr(importlib.import_module("pycolmap"), name)
+
+
+pycolmap = _ImportedOnFirstUse()
 
 MIN_SFM_PHOTOS = 3
 # Camera models SfM may use, with the extra (distortion) parameters that follow f, cx, cy when a
