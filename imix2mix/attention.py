@@ -15,7 +15,6 @@ keeps diffusers' :class:`AttnProcessor2_0`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,12 +24,37 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 CrossViewAttention = Literal["rcv", "extended", "none"]
 
 
-@dataclass
 class KeyViewState:
-    """Per-forward settings shared by all cross-view processors of one UNet."""
+    """Per-forward settings shared by all cross-view processors of one UNet: N and κ.
 
-    num_views: int = 1
-    key_view: int = 0
+    κ reaches the processors as a one-element tensor (``key_view_index``) refreshed in place, so a
+    compiled UNet reads it as data instead of recompiling for every κ.  The processors of each mode
+    are built once per UNet and reinstalled (``processors``), so a compiled UNet's guards keep
+    holding when the mode switches between scenes.
+    """
+
+    def __init__(self, num_views: int = 1, key_view: int = 0):
+        self.num_views = num_views
+        self.key_view_index = torch.zeros(1, dtype=torch.long)
+        self.key_view = key_view
+        self.processors: dict[str, dict[str, object]] = {}
+
+    @property
+    def key_view(self) -> int:
+        return self._key_view
+
+    @key_view.setter
+    def key_view(self, value: int) -> None:
+        self._key_view = int(value)
+        self.key_view_index.fill_(self._key_view)  # a device kernel, no host synchronisation
+
+    def select(self, num_views: int, key_view: int, device: torch.device | str) -> None:
+        """Set N and κ for the next forward (call outside any compiled region)."""
+        if not 0 <= key_view < num_views:
+            raise ValueError(f"key view {key_view} outside 0..{num_views - 1}")
+        if self.key_view_index.device != torch.device(device):
+            self.key_view_index = self.key_view_index.to(device)
+        self.num_views, self.key_view = num_views, key_view
 
 
 class _SelfAttentionProcessor:
@@ -102,13 +126,11 @@ class RandomCrossViewAttnProcessor(_SelfAttentionProcessor):
     """RCVAttn(Q, K, V, i) = softmax(Q_i K_κᵀ/√d) V_κ within each CFG branch."""
 
     def mix(self, query, key, value, *, groups, views, heads, head_dim):
-        kappa = self.state.key_view
-        if not 0 <= kappa < views:
-            raise ValueError(f"key view {kappa} outside 0..{views - 1}")
+        kappa = self.state.key_view_index.to(key.device)
         length, width = key.shape[1], key.shape[2]
 
         def key_view_of_each_group(x: torch.Tensor) -> torch.Tensor:
-            picked = x.view(groups, views, length, width)[:, kappa : kappa + 1]
+            picked = x.view(groups, views, length, width).index_select(1, kappa)
             return picked.expand(groups, views, length, width).reshape(groups * views, length, width)
 
         out = F.scaled_dot_product_attention(
@@ -146,11 +168,10 @@ def set_cross_view_attention(unet: torch.nn.Module, mode: CrossViewAttention, st
     processor_types = {"rcv": RandomCrossViewAttnProcessor, "extended": ExtendedAttnProcessor}
     if mode not in (*processor_types, "none"):
         raise ValueError(f"unknown cross-view attention {mode!r}; expected rcv, extended or none")
-    processors = {}
-    for name in unet.attn_processors:
-        if mode != "none" and name.endswith("attn1.processor"):
-            processors[name] = processor_types[mode](state)
-        else:
-            processors[name] = AttnProcessor2_0()
-    unet.set_attn_processor(processors)
+    if mode not in state.processors:
+        state.processors[mode] = {
+            name: processor_types[mode](state) if mode != "none" and name.endswith("attn1.processor") else AttnProcessor2_0()
+            for name in unet.attn_processors
+        }
+    unet.set_attn_processor(dict(state.processors[mode]))  # diffusers consumes the dict it is given
     return state

@@ -806,6 +806,7 @@ class Editor:
         self.student.enable_gradient_checkpointing(config.gradient_checkpointing)
         if config.compile and not self._compiled:
             self.student.compile()  # in place: parameter names (and the pristine copy) stay valid
+            self.teacher.compile_noise_prediction()
             self._compiled = True
 
     @torch.no_grad()

@@ -71,6 +71,7 @@ class InstructPix2PixTeacher:
         self.device = device
         self.alphas_cumprod = pipeline.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self.key_view_state = KeyViewState()
+        self.noise_unet = self.pipeline.unet  # what predict_noise calls: the UNet, or its compiled form
         self.attention_mode: CrossViewAttention = "none"
         set_cross_view_attention(self.unet, "none", self.key_view_state)
 
@@ -116,6 +117,12 @@ class InstructPix2PixTeacher:
         self.pipeline.to(self.device)
         self.alphas_cumprod = self.alphas_cumprod.to(self.device)
         return self
+
+    def compile_noise_prediction(self) -> None:
+        """``torch.compile`` the UNet for :meth:`predict_noise` only (the reference edit keeps the eager
+        UNet: it runs once per scene at another batch size).  Idempotent."""
+        if self.noise_unet is self.pipeline.unet:
+            self.noise_unet = torch.compile(self.pipeline.unet)
 
     # -- attention ------------------------------------------------------------------------------
     def set_cross_view_attention(self, mode: CrossViewAttention) -> None:
@@ -198,8 +205,7 @@ class InstructPix2PixTeacher:
         N views each, the layout the cross-view attention processors expect.
         """
         views = noisy_latents.shape[0]
-        self.key_view_state.num_views = views
-        self.key_view_state.key_view = key_view
+        self.key_view_state.select(views, key_view, self.device)
         with torch.inference_mode():
             latents = noisy_latents.detach().to(self.dtype)
             src = context.image_latents
@@ -208,7 +214,7 @@ class InstructPix2PixTeacher:
             )
             text = context.text_embeddings.repeat_interleave(views, dim=0)
             timestep = torch.full((3 * views,), t, device=self.device, dtype=torch.long)
-            eps = self.unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float()
+            eps = self.noise_unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float()
             eps_text, eps_image, eps_uncond = eps.chunk(3)
             guided = eps_uncond + text_cfg * (eps_text - eps_image) + image_cfg * (eps_image - eps_uncond)
         return guided.clone()  # a normal tensor: it is saved for backward by the SDS surrogate

@@ -1,0 +1,272 @@
+"""Speed and memory of the real distillation iteration at full model size (random weights).
+
+Runs the same code path as ``imix2mix edit``: :func:`imix2mix.presets.build_editor` builds the
+full-size student (SEVA, 1.26 B parameters), teacher (IP2P UNet, VAE, CLIP text encoder) and CLIP-H
+with random weights; :meth:`Editor.prepare_distillation` does the per-scene setup exactly as
+``Editor.edit`` does; then :meth:`Distillation.step` is timed.  Imports neither Prefect nor Ray, so it
+runs on the GPU machine with only the diffusers wheel carried.
+
+    python benchmarks/bench_edit.py --device cuda --out benchmarks/results          # full size, GPU
+    python benchmarks/bench_edit.py --preset tiny --device cpu --iterations 3         # smoke test here
+
+Each configuration reports the median seconds per iteration (device-synchronised after each step,
+after warm-up), a per-phase split (a separate pass with phase timing, which synchronises between
+phases), peak allocated/reserved memory, and the projected minutes for the default schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from imix2mix.distill import Edit, EditConfig  # noqa: E402
+from imix2mix.presets import build_editor, default_config  # noqa: E402
+from imix2mix.scene import Scene, View  # noqa: E402
+
+DEFAULT_SCHEDULE_ITERATIONS = EditConfig().total_iterations  # 2150
+
+
+def synthetic_scene(num_views: int, size: int, seed: int = 0) -> Scene:
+    """``num_views`` cameras on a 60° arc looking at the origin, random-texture photos.
+
+    Content does not change the cost of dense compute, so random pixels are a fair workload."""
+    rng = np.random.default_rng(seed)
+    views = []
+    focal = size / (2 * math.tan(math.radians(27)))
+    K = np.array([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1.0]])
+    for i in range(num_views):
+        angle = math.radians(-30 + 60 * i / max(num_views - 1, 1))
+        centre = np.array([3 * math.sin(angle), 0.0, -3 * math.cos(angle)])
+        forward = -centre / np.linalg.norm(centre)
+        right = np.cross([0.0, 1.0, 0.0], forward)
+        right /= np.linalg.norm(right)
+        down = np.cross(forward, right)
+        c2w = np.eye(4)
+        c2w[:3, :3] = np.stack([right, down, forward], axis=1)
+        c2w[:3, 3] = centre
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        views.append(View(name=f"view_{i:02d}.png", image=image, K=K, c2w=c2w))
+    return Scene(views=tuple(views), pose_source="transforms")
+
+
+@dataclass
+class Measurement:
+    name: str
+    n_views: int
+    overrides: dict[str, Any]
+    seconds_per_iteration: float | None = None
+    iteration_seconds: list[float] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory_allocated_bytes: int | None = None
+    peak_memory_reserved_bytes: int | None = None
+    setup_seconds: float | None = None
+    first_step_seconds: float | None = None
+    projected_minutes_per_scene: float | None = None
+    error: str | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[str, Any], args) -> Measurement:
+    device = editor.device
+    result = Measurement(name=name, n_views=n_views, overrides=overrides)
+    config = base.overridden(overrides)
+    scene = synthetic_scene(n_views, max(config.student_image_size, 64))
+    edit = Edit("turn him into a knight")
+    distillation = None
+    try:
+        _release(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        distillation = editor.prepare_distillation(scene, edit, config)
+        _sync(device)
+        result.setup_seconds = time.perf_counter() - started
+
+        started = time.perf_counter()
+        distillation.step()
+        _sync(device)
+        result.first_step_seconds = time.perf_counter() - started
+        for _ in range(args.warmup):
+            distillation.step()
+        _sync(device)
+
+        for _ in range(args.iterations):
+            started = time.perf_counter()
+            distillation.step()
+            _sync(device)
+            result.iteration_seconds.append(time.perf_counter() - started)
+        result.seconds_per_iteration = statistics.median(result.iteration_seconds)
+        result.projected_minutes_per_scene = result.seconds_per_iteration * DEFAULT_SCHEDULE_ITERATIONS / 60
+
+        # Phase split: a separate pass, because timing phases synchronises between them.
+        distillation.timer.enabled = True
+        distillation.timer.totals.clear()
+        for _ in range(args.phase_iterations):
+            distillation.step()
+        result.phase_seconds = {k: v / args.phase_iterations for k, v in distillation.timer.totals.items()}
+        distillation.timer.enabled = False
+        if args.profile_dir is not None and not PROFILED:
+            profile_steps(distillation, device, args.profile_dir / f"profile_{name.replace('=', '-').replace('+', '_')}_N{n_views}.txt")
+            PROFILED.add(name)
+        if device.type == "cuda":
+            result.peak_memory_allocated_bytes = int(torch.cuda.max_memory_allocated(device))
+            result.peak_memory_reserved_bytes = int(torch.cuda.max_memory_reserved(device))
+    except torch.OutOfMemoryError as exc:
+        result.error = f"out of memory: {str(exc).splitlines()[0]}"
+    finally:
+        del distillation
+        editor.finish_distillation()
+        _release(device)
+    return result
+
+
+PROFILED: set[str] = set()
+
+
+def profile_steps(distillation, device: torch.device, path: Path, steps: int = 3) -> None:
+    """Kernel-level table of a few iterations (torch.profiler), sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            distillation.step()
+        _sync(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=80))
+
+
+def configurations(args) -> list[tuple[str, int, dict[str, Any]]]:
+    """(name, n_views, EditConfig overrides) to measure, in order."""
+    modes = {name: dict(_parse_set(item) for item in spec) for name, spec in MODES.items()}
+    chosen = [m for m in args.modes.split(",") if m]
+    runs: list[tuple[str, int, dict[str, Any]]] = []
+    for mode in chosen:
+        for n in args.views:
+            runs.append((f"{mode}", n, modes[mode]))
+        if args.ablations:
+            base = modes[mode]
+            runs += [
+                (f"{mode}+attention=extended", 4, {**base, "cross_view_attention": "extended"}),
+                (f"{mode}+attention=none", 4, {**base, "cross_view_attention": "none"}),
+                (f"{mode}+alignment=decode_encode", 4, {**base, "alignment": "decode_encode"}),
+                (f"{mode}+student_query_steps=3", 4, {**base, "student_query_steps": 3}),
+            ]
+    return runs
+
+
+# Named bundles of EditConfig settings.  "official" is the published numerics run eagerly.
+MODES: dict[str, list[str]] = {
+    "official": [],
+}
+
+
+def _parse_set(item: str) -> tuple[str, str]:
+    key, _, value = item.partition("=")
+    return key.strip(), value.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full", choices=["full", "tiny"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--views", type=int, nargs="+", default=[4])
+    parser.add_argument("--modes", default="official", help=f"comma-separated, from: {', '.join(MODES)}")
+    parser.add_argument("--ablations", action="store_true", help="also the paper's efficiency ablations at N = 4")
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--phase-iterations", type=int, default=5)
+    parser.add_argument("--reference-steps", type=int, default=100, help="teacher steps of the first reference edit (one-time cost)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result file")
+    parser.add_argument("--profile-dir", type=Path, default=None, help="write a torch.profiler table of the first configuration here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # Official numerics: bf16 autocast compute, fp32 master weights; TF32 for leftover fp32 matmuls.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    started = time.perf_counter()
+    editor = build_editor(args.preset, device=device, random_weights=args.preset == "full", metrics=False)
+    _sync(device)
+    build_seconds = time.perf_counter() - started
+    base = default_config(args.preset)
+
+    # One-time cost of the reference edit (the full IP2P pipeline at the default step count).
+    scene = synthetic_scene(4, max(base.student_image_size, 64))
+    started = time.perf_counter()
+    editor.preview(scene, Edit("turn him into a knight"), base.overridden({"teacher_steps": args.reference_steps}))
+    _sync(device)
+    reference_edit_seconds = time.perf_counter() - started
+    base = base.overridden({"teacher_steps": 2})  # the per-configuration reference edits are not what is measured
+
+    measurements = []
+    for name, n_views, overrides in configurations(args):
+        m = measure(editor, name, n_views, base, overrides, args)
+        measurements.append(m)
+        line = (
+            f"{m.name:<38} N={m.n_views:<3} "
+            + (f"{m.seconds_per_iteration:.4f} s/it  {m.projected_minutes_per_scene:6.1f} min/scene  "
+               f"peak {((m.peak_memory_allocated_bytes or 0) / 2**30):5.1f} GiB  "
+               + " ".join(f"{k}={v:.4f}" for k, v in m.phase_seconds.items())
+               if m.error is None else m.error)
+        )
+        print(line, flush=True)
+
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "preset": args.preset,
+        "default_schedule_iterations": DEFAULT_SCHEDULE_ITERATIONS,
+        "one_time_seconds": {"model_build": build_seconds, "reference_edit": reference_edit_seconds},
+        "reference_edit_steps": args.reference_steps,
+        "config": base.to_dict(),
+        "modes": {name: dict(_parse_set(item) for item in MODES[name]) for name in args.modes.split(",") if name},
+        "measurements": [m.__dict__ for m in measurements],
+    }
+    text = json.dumps(report, indent=1)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        gpu = (report["gpu"] or "cpu").replace(" ", "-")
+        path = args.out / f"bench_edit_{gpu}_{stamp}.json"
+        path.write_text(text)
+        print(f"wrote {path}")
+    print(json.dumps({m.name + f"@N={m.n_views}": m.seconds_per_iteration for m in measurements}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
