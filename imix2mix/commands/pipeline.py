@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from imix2mix.commands.edit import _parse_settings
+from imix2mix.commands import parse_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,15 +59,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     watch.set_defaults(handler=run_watch)
 
 
-def _print_runs(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
+def _print_runs(rows: list[dict[str, Any]]) -> None:
+    # print() looks sys.stdout up per call; a stream bound at import time may be closed by now (pytest's capture).
     for row in rows:
         metrics = "" if row.get("clip_dir") is None else f"  CLIP dir {row['clip_dir']:.3f}"
         note = f"  ({row['note']})" if row.get("note") else ""
-        print(f"{row['status']:<10} {row['scene']} · {row['edit'] or '-'}{metrics}{note}", file=out)
+        print(f"{row['status']:<10} {row['scene']} · {row['edit'] or '-'}{metrics}{note}")
 
 
 def run_collection(args: argparse.Namespace) -> int:
-    overrides = _parse_settings(args.settings)
+    overrides = parse_settings(args.settings)
     if args.plan:
         return _print_plan(args, overrides)
     from flows.edit_collection import edit_collection
