@@ -4,12 +4,18 @@ that only one area needs: keep those in that area's own test module or helper fi
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-# Before anything imports torch, prefect or huggingface_hub.
-_TMP = Path(tempfile.mkdtemp(prefix="imix2mix-tests-"))
+# Before anything imports torch, prefect or huggingface_hub.  Processes started by the tests that
+# import this module (Ray workers unpickling test code) reuse the session's folder instead of
+# leaving folders of their own behind; the session removes it at the end.
+_OWNS_TMP = "IMIX2MIX_TESTS_TMP" not in os.environ
+if _OWNS_TMP:
+    os.environ["IMIX2MIX_TESTS_TMP"] = tempfile.mkdtemp(prefix="imix2mix-tests-")
+_TMP = Path(os.environ["IMIX2MIX_TESTS_TMP"])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", str(_TMP / "hf"))
@@ -47,3 +53,9 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def tmp_root() -> Path:
     return _TMP
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Session fixtures (Prefect servers, Ray) are torn down by now.
+    if _OWNS_TMP:
+        shutil.rmtree(_TMP, ignore_errors=True)
