@@ -7,17 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from imix2mix.commands import parse_settings
 from imix2mix.errors import ConfigError
-
-
-def _parse_settings(items: list[str] | None) -> dict[str, str]:
-    settings = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got '{item}'")
-        settings[key.strip()] = value.strip()
-    return settings
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +47,7 @@ def _setup(args: argparse.Namespace, *, metrics: bool):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is available")
-    settings = _parse_settings(args.settings)
+    settings = parse_settings(args.settings)
     scene = load_scene(args.scene)
     weights = WeightSources.local(args.weights_dir) if args.weights_dir else None
     editor = build_editor(args.preset, device=device, weights=weights, random_weights=args.random_weights, metrics=metrics)
