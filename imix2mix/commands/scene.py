@@ -10,7 +10,7 @@ from typing import TextIO
 import numpy as np
 
 from imix2mix.errors import RegistrationError, SceneError
-from imix2mix.poses import PoseReport, SfmOptions
+from imix2mix.poses import PoseReport, SfmOptions, ViewRegistration
 from imix2mix.scene import LOADERS, TRANSFORMS_FILE, Scene, load_scene, write_transforms_json
 
 
@@ -22,23 +22,26 @@ def _format_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _registration_cells(report: PoseReport | None, name: str) -> list[str]:
-    entry = report.view(name) if report is not None else None
-    if entry is None:
-        return ["given", "-"]
+def _entry_cells(entry: ViewRegistration) -> list[str]:
     error = "-" if entry.mean_reprojection_error is None else f"{entry.mean_reprojection_error:.3f}"
     return ["yes" if entry.registered else "NO", error]
 
 
-def report_lines(report: PoseReport) -> list[str]:
-    rows = []
-    for entry in report.views:
-        error = "-" if entry.mean_reprojection_error is None else f"{entry.mean_reprojection_error:.3f}"
-        rows.append([entry.name, "yes" if entry.registered else "NO", error, str(entry.num_observations)])
-    lines = _format_table(["photo", "registered", "reproj px", "observations"], rows)
+def _registration_cells(report: PoseReport | None, name: str) -> list[str]:
+    entry = report.view(name) if report is not None else None
+    return ["given", "-"] if entry is None else _entry_cells(entry)
+
+
+def _registration_summary(report: PoseReport) -> str:
     overall = "-" if report.mean_reprojection_error is None else f"{report.mean_reprojection_error:.3f} px"
     timing = "" if report.seconds is None else f", {report.seconds:.1f} s"
-    lines.append(f"{report.source}: {report.num_points3D} 3D points, mean reprojection error {overall}{timing}")
+    return f"{report.num_points3D} 3D points, mean reprojection error {overall}{timing}"
+
+
+def report_lines(report: PoseReport) -> list[str]:
+    rows = [[entry.name, *_entry_cells(entry), str(entry.num_observations)] for entry in report.views]
+    lines = _format_table(["photo", "registered", "reproj px", "observations"], rows)
+    lines.append(f"{report.source}: {_registration_summary(report)}")
     return lines
 
 
@@ -67,11 +70,8 @@ def scene_lines(scene: Scene) -> list[str]:
         )
     lines += _format_table(["#", "name", "size", "fx", "fy", "cx,cy", "camera centre", "registered", "reproj px"], rows)
     if scene.registration is not None:
-        report = scene.registration
-        overall = "-" if report.mean_reprojection_error is None else f"{report.mean_reprojection_error:.3f} px"
-        timing = "" if report.seconds is None else f", {report.seconds:.1f} s"
         lines.append("")
-        lines.append(f"registration:  {report.num_points3D} 3D points, mean reprojection error {overall}{timing}")
+        lines.append(f"registration:  {_registration_summary(scene.registration)}")
     return lines
 
 
