@@ -43,6 +43,7 @@ import fsspec
 import yaml
 
 from imix2mix.errors import ConfigError, SceneError
+from imix2mix.files import atomic_write_text
 from imix2mix.images import IMAGE_SUFFIXES
 
 EDIT_FILE_NAMES = ("edits.yaml", "edits.yml", "edits.json")
@@ -550,11 +551,7 @@ def load_scene_cached(folder: str | os.PathLike[str], pose_cache_dir: str | os.P
     scene = load_scene(folder, "sfm")
     content = transforms_dict(scene, root=folder)
     content["registration"] = asdict(scene.registration)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{cached.name}.", dir=cached.parent)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        json.dump(content, handle)
-    os.replace(temporary, cached)
+    atomic_write_text(cached, json.dumps(content))
     return scene
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -32,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from imix2mix.errors import ConfigError, RegistrationError, SceneError
+from imix2mix.files import atomic_write_text
 from imix2mix.images import check_no_duplicates, list_images, read_image, read_metadata
 from imix2mix.poses import (
     PoseReport,
@@ -518,14 +518,4 @@ def write_transforms_json(scene: Scene, out_path: str | Path, *, force: bool = F
     if not out_path.parent.is_dir():
         raise SceneError(out_path.parent, "output folder does not exist")
     text = json.dumps(transforms_dict(scene, out_path.parent), indent=2)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, out_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return out_path
+    return atomic_write_text(out_path, text + "\n")

@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from imix2mix.collection import CollectionRoot, SceneRef, list_scenes, listing_fingerprint, open_root
 from imix2mix.errors import SceneError
+from imix2mix.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -143,18 +143,7 @@ class AnnouncementLedger:
 
     def record(self, scene_id: str, content_hash: str) -> None:
         self._announced[scene_id] = content_hash
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"announced": self._announced}, indent=1, sort_keys=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{self.state_file.name}.", dir=self.state_file.parent)
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.state_file)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.state_file, json.dumps({"announced": self._announced}, indent=1, sort_keys=True))
 
 
 def default_state_file(root_uri: str, cache_dir: str | os.PathLike[str]) -> Path:
