@@ -88,11 +88,11 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-class TransformerBlock(nn.Module):
-    """Self-attention, cross-attention to the CLIP context, feed-forward; pre-norm residuals."""
+class _AttentionLayers(nn.Module):
+    """The layers both transformer blocks share, under the checkpoint's names: self-attention,
+    cross-attention to the CLIP context and a feed-forward, each after its own LayerNorm."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
-        super().__init__()
+    def _add_attention_layers(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float) -> None:
         self.attn1 = Attention(dim, heads, head_dim, dropout=dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, dropout=dropout)
@@ -100,13 +100,24 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+        return self.attn2(self.norm2(x), context) + x
+
+
+class TransformerBlock(_AttentionLayers):
+    """Self-attention, cross-attention to the CLIP context, feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self._add_attention_layers(dim, heads, head_dim, context_dim, dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self._attend(x, context)
         return self.ff(self.norm3(x)) + x
 
 
-class TransformerBlockTimeMix(nn.Module):
+class TransformerBlockTimeMix(_AttentionLayers):
     """Attention across the views at each spatial position (sequence axis = frames).
 
     Returns the last feed-forward's output *without* its residual: the owning
@@ -115,19 +126,14 @@ class TransformerBlockTimeMix(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
+        # Built before the shared layers: seeded random init (tiny preset) depends on construction order.
         self.norm_in = nn.LayerNorm(dim)
         self.ff_in = FeedForward(dim, dropout=dropout)
-        self.attn1 = Attention(dim, heads, head_dim, dropout=dropout)
-        self.ff = FeedForward(dim, dropout=dropout)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, dropout=dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self._add_attention_layers(dim, heads, head_dim, context_dim, dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.ff_in(self.norm_in(x)) + x
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+        x = self._attend(x, context)
         return self.ff(self.norm3(x))
 
 
