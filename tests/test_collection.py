@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 import pytest
 from conftest import REPO_ROOT, SCENES
+from memory_storage import upload_scene
 
 from imix2mix.collection import (
     EditSpec,
@@ -78,10 +79,7 @@ def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
 def test_remote_scene_is_copied_once_into_the_cache(tmp_path: Path) -> None:
     fs = fsspec.filesystem("memory")
     base = f"/imix2mix-test-{tmp_path.name}"
-    for path in sorted((SCENES / "face").rglob("*")):
-        if path.is_file():
-            fs.pipe(f"{base}/face/{path.relative_to(SCENES / 'face').as_posix()}", path.read_bytes())
-    root = open_root(f"memory://{base}")
+    root = open_root(upload_scene(SCENES / "face", base))
     assert not root.is_local
     (scene,) = list_scenes(root)
     assert scene.uri == f"memory://{base}/face"

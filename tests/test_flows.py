@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import EXAMPLES
+from memory_storage import upload_scene
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
@@ -185,12 +185,7 @@ def test_a_corrupt_scene_fails_alone_with_its_reason(tmp_path: Path) -> None:
 
 
 def test_edit_scene_fetches_a_remote_scene_and_refuses_paths_outside_the_root(tmp_path: Path) -> None:
-    fs = fsspec.filesystem("memory")
-    base = f"/bucket-{tmp_path.name}"
-    for path in sorted((EXAMPLES / "face").rglob("*")):
-        if path.is_file():
-            fs.pipe(f"{base}/face/{path.relative_to(EXAMPLES / 'face').as_posix()}", path.read_bytes())
-    root = f"memory://{base}"
+    root = upload_scene(EXAMPLES / "face", f"/bucket-{tmp_path.name}")
     summary = edit_scene(scene_uri=f"{root}/face", root=root, output_root=str(tmp_path / "out"),
                          config_overrides=SHORT, cache_dir=str(tmp_path / "cache"))
     assert statuses(summary) == {("face", "Give him a Venetian mask"): "succeeded"}

@@ -14,6 +14,7 @@ from pathlib import Path
 import fsspec
 import pytest
 from conftest import SCENES
+from memory_storage import upload_scene
 
 from deployments.watcher import watch
 from imix2mix.errors import SceneError
@@ -114,10 +115,7 @@ def test_unreadable_state_file_is_a_clear_error(root: Path, tmp_path: Path) -> N
 def test_remote_root_is_polled(tmp_path: Path) -> None:
     fs = fsspec.filesystem("memory")
     base = f"/watch-{tmp_path.name}"
-    for path in sorted((SCENES / "face").rglob("*")):
-        if path.is_file():
-            fs.pipe(f"{base}/face/{path.relative_to(SCENES / 'face').as_posix()}", path.read_bytes())
-    scene_watch = open_watch(f"memory://{base}", tmp_path / "state.json")
+    scene_watch = open_watch(upload_scene(SCENES / "face", base), tmp_path / "state.json")
     assert scene_watch.scan(now=0.0) == []
     fs.pipe(f"{base}/face/_READY", b"")
     (ready,) = scene_watch.scan(now=1.0)
