@@ -34,8 +34,9 @@ import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -612,6 +613,22 @@ class CollectionPlan:
         return list({run.scene.scene_id: run.scene for run in self.to_run}.values())
 
 
+def _runs_holding_output_dirs(succeeded: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """output_dir → run_id of the latest success written there.
+
+    Every config of an edit publishes into the same folder, so only the latest success is still on disk.
+    """
+    def finished(row: Mapping[str, Any]) -> datetime:
+        return row.get("finished_at") or datetime.min.replace(tzinfo=timezone.utc)
+
+    latest: dict[str, Mapping[str, Any]] = {}
+    for row in succeeded:
+        folder = row.get("output_dir")
+        if folder and (folder not in latest or finished(row) >= finished(latest[folder])):
+            latest[folder] = row
+    return {folder: row.get("run_id") for folder, row in latest.items()}
+
+
 def plan_collection(
     scenes: Sequence[SceneRef],
     collection_edits: EditDocument | None,
@@ -626,9 +643,11 @@ def plan_collection(
 
     ``base_config`` is the preset's :class:`~imix2mix.distill.EditConfig`; ``succeeded`` maps
     (scene_id, edit_id, config_hash) to the manifest row of the latest success.  A success counts only
-    for the same preset and while its output folder still exists.  A scene whose edit file or config
-    overrides are invalid becomes a :class:`SceneProblem`; the other scenes are planned normally.
+    for the same preset and while its output folder still holds its result: the folder exists and no
+    later success (of the same edit with other settings) replaced it.  A scene whose edit file or
+    config overrides are invalid becomes a :class:`SceneProblem`; the other scenes are planned normally.
     """
+    holding = _runs_holding_output_dirs(succeeded.values())
     runs: list[PlannedRun] = []
     problems: list[SceneProblem] = []
     for scene in scenes:
@@ -644,6 +663,7 @@ def plan_collection(
                 if previous is not None and (
                     previous.get("preset") != preset
                     or not previous.get("output_dir")
+                    or holding.get(previous["output_dir"]) != previous.get("run_id")
                     or not (Path(output_root) / previous["output_dir"]).is_dir()
                 ):
                     previous = None

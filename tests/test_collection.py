@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import fsspec
@@ -23,6 +24,7 @@ from imix2mix.collection import (
     load_edit_document,
     open_root,
     parse_edit_document,
+    plan_collection,
     slugify,
 )
 from imix2mix.errors import ConfigError, SceneError
@@ -181,6 +183,36 @@ def test_scene_and_collection_edits_merge(collection: Path) -> None:
     (collection / "person-small" / "edits.json").write_text("{broken")
     with pytest.raises(ConfigError, match=r"person-small/edits.json: is not valid JSON"):
         edits_for_scene(person, shared)
+
+
+def test_a_success_is_skipped_only_while_its_result_is_in_the_output_folder(collection: Path, tmp_path: Path) -> None:
+    from imix2mix.distill import EditConfig
+
+    (collection / "face" / "edits.yaml").write_text("edits: [make it snowy]\n")
+    scenes = [find_scene(collection, "face")]
+    output_root = tmp_path / "out"
+
+    def plan(succeeded: dict, preset: str = "tiny"):  # noqa: ANN202
+        (run,) = plan_collection(scenes, None, EditConfig(), preset=preset, output_root=output_root,
+                                 succeeded=succeeded).runs
+        return run
+
+    first = plan({})
+    assert not first.skip
+    folder = first.output_subdir.as_posix()
+
+    def success(run_id: str, config_hash: str, hour: int) -> dict:
+        return {"run_id": run_id, "scene_id": "face", "edit_id": first.edit.edit_id, "config_hash": config_hash,
+                "preset": "tiny", "output_dir": folder, "finished_at": datetime(2026, 11, 24, hour, tzinfo=timezone.utc)}
+
+    done = {("face", first.edit.edit_id, first.config_hash): success("r1", first.config_hash, 12)}
+    assert not plan(done).skip  # its output folder is gone
+    (output_root / folder).mkdir(parents=True)
+    assert plan(done).skip and plan(done).previous_run["run_id"] == "r1"
+    assert not plan(done, preset="full").skip
+    # The same edit run later with other settings (--set k=10) published into the same folder.
+    replaced = {**done, ("face", first.edit.edit_id, "other"): success("r2", "other", 13)}
+    assert not plan(replaced).skip
 
 
 def test_pipeline_helpers_import_neither_prefect_ray_nor_torch() -> None:
