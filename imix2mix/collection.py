@@ -9,7 +9,7 @@ Edits come from an *edit document* (YAML or JSON, same schema as a scene's ``edi
 ``edits.json`` or a collection-wide file or flow parameter)::
 
     source_caption: a photo of a man          # optional default for every edit below
-    config: {iterations: 400}                 # optional EditConfig overrides
+    config: {k: 25}                           # optional EditConfig overrides
     edits:
       - instruction: turn him into a knight   # required
         target_caption: a photo of a knight   # optional (CLIP metrics)
