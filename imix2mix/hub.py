@@ -28,7 +28,7 @@ def _download_hint(what: str, repo_id: str, hint: str | None) -> str:
     extra = f" {hint}" if hint else ""
     return (
         f"Could not fetch {what} from the Hugging Face Hub repo '{repo_id}' (offline, or no access)."
-        f"{extra} Either run on a machine with network access (`huggingface-cli login` for gated repos),"
+        f"{extra} Either run on a machine with network access (`hf auth login` for gated repos),"
         f" or download the files once and pass their local path instead of the repo id."
     )
 
@@ -64,7 +64,7 @@ def resolve_file(
     except GatedRepoError as exc:
         raise MissingWeightsError(
             f"{what}: the Hugging Face repo '{source}' is gated. Accept its terms on the model page,"
-            f" run `huggingface-cli login`, or pass a local path to '{filename}'."
+            f" run `hf auth login`, or pass a local path to '{filename}'."
         ) from exc
     except Exception as exc:  # offline, DNS failure, 404: all mean "not here"
         raise MissingWeightsError(_download_hint(what, str(source), hint) + f" ({type(exc).__name__})") from exc
