@@ -165,27 +165,35 @@ def profile_steps(distillation, device: torch.device, path: Path, steps: int = 3
 
 
 def configurations(args) -> list[tuple[str, int, dict[str, Any]]]:
-    """(name, n_views, EditConfig overrides) to measure, in order."""
+    """(name, n_views, EditConfig overrides): every mode at ``--views``, then the N sweep and the
+    paper's efficiency ablations for ``--sweep-mode``."""
     modes = {name: dict(_parse_set(item) for item in spec) for name, spec in MODES.items()}
-    chosen = [m for m in args.modes.split(",") if m]
     runs: list[tuple[str, int, dict[str, Any]]] = []
-    for mode in chosen:
-        for n in args.views:
-            runs.append((f"{mode}", n, modes[mode]))
+    for mode in [m for m in args.modes.split(",") if m]:
+        runs += [(mode, n, modes[mode]) for n in args.views]
+    if args.sweep_mode:
+        base = modes[args.sweep_mode]
+        runs += [(args.sweep_mode, n, base) for n in args.sweep_views if n not in args.views]
         if args.ablations:
-            base = modes[mode]
             runs += [
-                (f"{mode}+attention=extended", 4, {**base, "cross_view_attention": "extended"}),
-                (f"{mode}+attention=none", 4, {**base, "cross_view_attention": "none"}),
-                (f"{mode}+alignment=decode_encode", 4, {**base, "alignment": "decode_encode"}),
-                (f"{mode}+student_query_steps=3", 4, {**base, "student_query_steps": 3}),
+                (f"{args.sweep_mode}+attention=extended", 4, {**base, "cross_view_attention": "extended"}),
+                (f"{args.sweep_mode}+attention=none", 4, {**base, "cross_view_attention": "none"}),
+                (f"{args.sweep_mode}+alignment=decode_encode", 4, {**base, "alignment": "decode_encode"}),
+                (f"{args.sweep_mode}+student_query_steps=3", 4, {**base, "student_query_steps": 3}),
             ]
     return runs
 
 
-# Named bundles of EditConfig settings.  "official" is the published numerics run eagerly.
+# Named bundles of EditConfig settings.  "official": the published implementation choices, eager.
+# Every other bundle says whether it changes numerics.
 MODES: dict[str, list[str]] = {
-    "official": [],
+    "official": ["optimizer=adamw", "compile=false"],
+    # Same numerics: AdamW's update in one fused kernel.
+    "fused": ["optimizer=adamw_fused", "compile=false"],
+    # Same numerics up to kernel fusion order: torch.compile of the student and of the teacher's ε.
+    "compiled": ["optimizer=adamw_fused", "compile=true"],
+    # Changes numerics (bf16 AdamW moments); recomputes activations; frozen encoders leave the GPU.
+    "lean": ["optimizer=adamw_bf16_states", "gradient_checkpointing=true", "offload_after_use=true", "compile=false"],
 }
 
 
@@ -200,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--views", type=int, nargs="+", default=[4])
     parser.add_argument("--modes", default="official", help=f"comma-separated, from: {', '.join(MODES)}")
-    parser.add_argument("--ablations", action="store_true", help="also the paper's efficiency ablations at N = 4")
+    parser.add_argument("--sweep-mode", default=None, help="mode for the N sweep and the ablations")
+    parser.add_argument("--sweep-views", type=int, nargs="+", default=[2, 4, 8, 12])
+    parser.add_argument("--ablations", action="store_true", help="the paper's efficiency ablations at N = 4 (with --sweep-mode)")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--phase-iterations", type=int, default=5)
@@ -228,7 +238,31 @@ def main(argv: list[str] | None = None) -> int:
     reference_edit_seconds = time.perf_counter() - started
     base = base.overridden({"teacher_steps": 2})  # the per-configuration reference edits are not what is measured
 
-    measurements = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    measurements: list[Measurement] = []
+
+    def write_report() -> None:
+        report = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([sys.executable, *sys.argv]),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "device": str(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "preset": args.preset,
+            "default_schedule_iterations": DEFAULT_SCHEDULE_ITERATIONS,
+            "one_time_seconds": {"model_build": build_seconds, "reference_edit": reference_edit_seconds},
+            "reference_edit_steps": args.reference_steps,
+            "config": base.to_dict(),
+            "modes": {name: dict(_parse_set(item) for item in spec) for name, spec in MODES.items()},
+            "measurements": [m.__dict__ for m in measurements],
+        }
+        text = json.dumps(report, indent=1)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            gpu = (report["gpu"] or "cpu").replace(" ", "-")
+            (args.out / f"bench_edit_{gpu}_{stamp}.json").write_text(text)
+
     for name, n_views, overrides in configurations(args):
         m = measure(editor, name, n_views, base, overrides, args)
         measurements.append(m)
@@ -240,30 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                if m.error is None else m.error)
         )
         print(line, flush=True)
+        write_report()  # after every configuration: a run cut short keeps what it measured
 
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable, *sys.argv]),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "preset": args.preset,
-        "default_schedule_iterations": DEFAULT_SCHEDULE_ITERATIONS,
-        "one_time_seconds": {"model_build": build_seconds, "reference_edit": reference_edit_seconds},
-        "reference_edit_steps": args.reference_steps,
-        "config": base.to_dict(),
-        "modes": {name: dict(_parse_set(item) for item in MODES[name]) for name in args.modes.split(",") if name},
-        "measurements": [m.__dict__ for m in measurements],
-    }
-    text = json.dumps(report, indent=1)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        gpu = (report["gpu"] or "cpu").replace(" ", "-")
-        path = args.out / f"bench_edit_{gpu}_{stamp}.json"
-        path.write_text(text)
-        print(f"wrote {path}")
     print(json.dumps({m.name + f"@N={m.n_views}": m.seconds_per_iteration for m in measurements}))
     return 0
 

@@ -58,7 +58,9 @@ Mode = Literal["distill", "teacher_only", "student_only"]
 ReferenceEdit = Literal["edited", "source"]
 Alignment = Literal["bilinear", "learned", "decode_encode"]
 OutputDecoder = Literal["teacher", "seva"]
-OptimizerName = Literal["adamw", "adamw_fused", "adamw_foreach"]
+# adamw*: torch's AdamW (one update rule, three implementations); adamw_bf16_states: the lean mode's
+# AdamW with bf16 moments (changes numerics, see imix2mix/optim.py).
+OptimizerName = Literal["adamw", "adamw_fused", "adamw_foreach", "adamw_bf16_states"]
 StudentPrecision = Literal["bf16_autocast", "fp32"]
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ class EditConfig:
     alignment: Alignment = "bilinear"
 
     # optimiser and learning rate
-    optimizer: OptimizerName = "adamw"
+    optimizer: OptimizerName = "adamw_fused"  # the official AdamW update, one fused kernel (docs/benchmarks.md)
     lr: float = 1e-4
     final_lr: float = 5e-5
     min_lr: float = 1e-9
@@ -582,6 +584,12 @@ class Distillation:
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], config: EditConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw_bf16_states":
+        from imix2mix.optim import AdamWLowPrecisionStates
+
+        return AdamWLowPrecisionStates(
+            params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+        )
     variant = {"adamw": {}, "adamw_fused": {"fused": True}, "adamw_foreach": {"foreach": True}}[config.optimizer]
     return torch.optim.AdamW(
         params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay, **variant
@@ -735,7 +743,7 @@ class Editor:
     def _scene_inputs(self, scene, edit: Edit, config: EditConfig | None) -> "_SceneInputs":
         """The effective config, the square crops, the run's random streams and the reference index."""
         config = (config or self.default_config).for_edit(edit)
-        if config.offload_after_use and self.device.type == "cuda":  # a previous edit moved these off the GPU
+        if self.device.type == "cuda":  # an earlier edit with offload_after_use may have moved these off the GPU
             self.teacher.pipeline.text_encoder.to(self.device)
             self.clip_image.to(self.device)
         prepared = prepare_views(scene, config.student_image_size)
@@ -805,7 +813,9 @@ class Editor:
     def _configure_student(self, config: EditConfig) -> None:
         self.student.enable_gradient_checkpointing(config.gradient_checkpointing)
         if config.compile and not self._compiled:
-            self.student.compile()  # in place: parameter names (and the pristine copy) stay valid
+            # In place, so parameter names (and the pristine copy) stay valid; static shapes: a new
+            # number of views compiles once more rather than switching to slower dynamic kernels.
+            self.student.compile(dynamic=False)
             self.teacher.compile_noise_prediction()
             self._compiled = True
 
