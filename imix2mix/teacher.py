@@ -122,7 +122,7 @@ class InstructPix2PixTeacher:
         """``torch.compile`` the UNet for :meth:`predict_noise` only (the reference edit keeps the eager
         UNet: it runs once per scene at another batch size).  Idempotent."""
         if self.noise_unet is self.pipeline.unet:
-            self.noise_unet = torch.compile(self.pipeline.unet)
+            self.noise_unet = torch.compile(self.pipeline.unet, dynamic=False)
 
     # -- attention ------------------------------------------------------------------------------
     def set_cross_view_attention(self, mode: CrossViewAttention) -> None:
