@@ -1,6 +1,7 @@
 """``edit-collection``: edit every scene of a collection with every requested edit.
 
-Plans scenes × edits, skips what the manifest says already succeeded with the same config, then
+Plans scenes × edits, skips what the manifest says already succeeded with the same config on the
+same scene contents (a scene uploaded again with other photos is edited again), then
 fans out one ``prepare`` task per scene and one ``edit`` task per (scene, edit) onto a shared pool
 of Ray ``EditWorker`` actors.  A bad scene fails its own runs only.
 """
@@ -68,8 +69,8 @@ def _skip_done_runs(plan: CollectionPlan, settings: PipelineSettings, flow_run_i
     rows = []
     for run in skipped:
         previous = run.previous_run or {}
-        logger.info("skipping %s: already succeeded with config %s (run %s)", run.label, run.config_hash[:12],
-                    previous.get("run_id"))
+        logger.info("skipping %s: already succeeded with config %s on these photos (content %s, run %s)",
+                    run.label, run.config_hash[:12], (run.scene_content_hash or "")[:12], previous.get("run_id"))
         rows.append(_summary_row(run, "skipped", clip_dir=previous.get("clip_dir"),
                                  clip_cons=previous.get("clip_cons"), note="already done with this config"))
     return rows

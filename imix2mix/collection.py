@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +48,12 @@ from imix2mix.errors import ConfigError, SceneError
 from imix2mix.files import atomic_write_text
 from imix2mix.images import IMAGE_SUFFIXES
 
+logger = logging.getLogger(__name__)
+
 EDIT_FILE_NAMES = ("edits.yaml", "edits.yml", "edits.json")
+READY_MARKER = "_READY"  # the storage watcher's "upload complete" marker (imix2mix.watching)
+# Files of a scene folder that are not its inputs: what to edit (each edit has its own identity) and the marker.
+NOT_SCENE_INPUTS = (READY_MARKER, *EDIT_FILE_NAMES)
 # Folders under a root that are never scenes: hidden ones, our own bookkeeping (``_cache``) and outputs.
 _NOT_A_SCENE = re.compile(r"^[._]")
 
@@ -230,6 +236,53 @@ def listing_fingerprint(scene: SceneRef) -> str:
         )
         digest.update(f"\0{relative}\0{info.get('size')}\0{version}".encode())
     return digest.hexdigest()
+
+
+def folder_content_hash(scene: SceneRef, exclude: Collection[str] = ()) -> str:
+    """sha256 over the relative names and bytes of every file in the scene folder, except those whose
+    path relative to the folder is in ``exclude``.  Files resolving outside the root are refused
+    (:class:`SceneError`).  The storage watcher and the planner both use this one function.
+    """
+    fs = scene.root.fs
+    digest = hashlib.sha256(b"imix2mix-folder-v1")
+    for info in _scene_files(scene):
+        relative = posixpath.relpath(info["name"], scene.path)
+        if relative in exclude:
+            continue
+        digest.update(relative.encode("utf-8") + b"\0")
+        with fs.open(info["name"], "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def scene_content_hash(scene: SceneRef, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """The identity of a scene's inputs as stored: :func:`folder_content_hash` of its photos, pose files
+    (``transforms.json``, ``sparse/``) and any other file, without its edit files and ``_READY`` marker.
+
+    Editing ``edits.yaml`` does not change it; new or rewritten photos or poses do.  With ``cache_dir``
+    the hash is kept in ``cache_dir/<listing fingerprint>`` (the key :func:`fetch_scene` also trusts:
+    names, sizes, etags / checksums / mtimes), so planning an unchanged scene lists it without reading
+    (or downloading) its bytes.  A hash is cached only if the listing did not change while it was read.
+    """
+    if cache_dir is None:
+        return folder_content_hash(scene, NOT_SCENE_INPUTS)
+    listing = listing_fingerprint(scene)
+    cached = Path(cache_dir) / listing
+    try:
+        value = cached.read_text(encoding="utf-8").strip()
+        if _SHA256_HEX.match(value):
+            return value
+    except (OSError, UnicodeDecodeError):
+        pass
+    value = folder_content_hash(scene, NOT_SCENE_INPUTS)
+    if listing_fingerprint(scene) == listing:
+        atomic_write_text(cached, value)
+    return value
 
 
 def fetch_scene(scene: SceneRef, cache_dir: str | os.PathLike[str]) -> Path:
@@ -571,6 +624,7 @@ class PlannedRun:
     config_hash: str
     output_dir: Path
     previous_run: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    scene_content_hash: str | None = None  # scene_content_hash() at planning; None when it could not be read
 
     @property
     def output_subdir(self) -> Path:
@@ -629,6 +683,19 @@ def _runs_holding_output_dirs(succeeded: Iterable[Mapping[str, Any]]) -> dict[st
     return {folder: row.get("run_id") for folder, row in latest.items()}
 
 
+def _current_content_hash(scene: SceneRef, cache_dir: str | os.PathLike[str] | None) -> str | None:
+    """The scene's content hash, or None (nothing is skipped) when its files cannot be read now.
+
+    The runs then go ahead, and ingesting the scene reports the problem (naming the file) in the
+    manifest, or retries a passing storage error.
+    """
+    try:
+        return scene_content_hash(scene, cache_dir)
+    except (SceneError, OSError) as exc:
+        logger.warning("scene %s: cannot hash its files (%s); its runs will not be skipped", scene.uri, exc)
+        return None
+
+
 def plan_collection(
     scenes: Sequence[SceneRef],
     collection_edits: EditDocument | None,
@@ -638,19 +705,25 @@ def plan_collection(
     output_root: str | os.PathLike[str],
     succeeded: Mapping[tuple[str, str, str], Mapping[str, Any]],
     base_overrides: Mapping[str, Any] | None = None,
+    content_cache_dir: str | os.PathLike[str] | None = None,
 ) -> CollectionPlan:
     """Every (scene, edit) with its effective config; runs that already succeeded are marked skipped.
 
     ``base_config`` is the preset's :class:`~imix2mix.distill.EditConfig`; ``succeeded`` maps
     (scene_id, edit_id, config_hash) to the manifest row of the latest success.  A success counts only
-    for the same preset and while its output folder still holds its result: the folder exists and no
-    later success (of the same edit with other settings) replaced it.  A scene whose edit file or
-    config overrides are invalid becomes a :class:`SceneProblem`; the other scenes are planned normally.
+    for the same preset, for the scene's current contents (its ``scene_content_hash`` equals
+    :func:`scene_content_hash` now: a scene uploaded again under the same name with other photos or
+    poses is edited again; a row without one, written before the column existed, does not count), and
+    while its output folder still holds its result: the folder exists and no later success (of the same
+    edit with other settings or photos) replaced it.  ``content_cache_dir`` caches the content hashes
+    by listing.  A scene whose edit file or config overrides are invalid becomes a
+    :class:`SceneProblem`; the other scenes are planned normally.
     """
     holding = _runs_holding_output_dirs(succeeded.values())
     runs: list[PlannedRun] = []
     problems: list[SceneProblem] = []
     for scene in scenes:
+        content_hash = _current_content_hash(scene, content_cache_dir)
         try:
             scene_runs = []
             for item in edits_for_scene(scene, collection_edits, base_overrides):
@@ -662,6 +735,8 @@ def plan_collection(
                 previous = succeeded.get((scene.scene_id, item.edit.edit_id, config_hash))
                 if previous is not None and (
                     previous.get("preset") != preset
+                    or content_hash is None
+                    or previous.get("scene_content_hash") != content_hash
                     or not previous.get("output_dir")
                     or holding.get(previous["output_dir"]) != previous.get("run_id")
                     or not (Path(output_root) / previous["output_dir"]).is_dir()
@@ -670,6 +745,7 @@ def plan_collection(
                 scene_runs.append(PlannedRun(
                     scene=scene, edit=item.edit, config=config, config_hash=config_hash,
                     output_dir=Path(output_root) / scene.scene_id / item.edit.edit_id, previous_run=previous,
+                    scene_content_hash=content_hash,
                 ))
         except (ConfigError, SceneError) as exc:
             problems.append(SceneProblem(scene, str(exc)))

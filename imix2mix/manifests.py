@@ -55,6 +55,8 @@ RUNS_SCHEMA = pa.schema(
         pa.field("source_caption", pa.string()),
         pa.field("target_caption", pa.string()),
         pa.field("config_hash", pa.string(), nullable=False),
+        # collection.scene_content_hash of the scene's files when planned; null in files written before it existed
+        pa.field("scene_content_hash", pa.string()),
         pa.field("preset", pa.string(), nullable=False),
         pa.field("seed", pa.int64()),
         pa.field("status", pa.string(), nullable=False),  # succeeded | failed | skipped
@@ -366,6 +368,7 @@ def run_row(
         "source_caption": run.edit.source_caption,
         "target_caption": run.edit.target_caption,
         "config_hash": run.config_hash,
+        "scene_content_hash": run.scene_content_hash,
         "preset": preset,
         "seed": run.config.seed,
         "status": status,

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from imix2mix.collection import CollectionRoot, SceneRef, list_scenes, listing_fingerprint, open_root
+from imix2mix import collection
+from imix2mix.collection import READY_MARKER, CollectionRoot, SceneRef, list_scenes, listing_fingerprint, open_root
 from imix2mix.errors import SceneError
 from imix2mix.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-READY_MARKER = "_READY"
 SCENE_READY_EVENT = "imix2mix.scene.ready"
 SCENE_RESOURCE_PREFIX = "imix2mix.scene."
 
@@ -60,21 +60,11 @@ class ReadyScene:
 
 
 def folder_content_hash(scene: SceneRef, marker: str = READY_MARKER) -> str:
-    """sha256 over the relative names and bytes of every file in the scene folder except the marker."""
-    fs = scene.root.fs
-    digest = hashlib.sha256(b"imix2mix-folder-v1")
-    for path in sorted(fs.find(scene.path, withdirs=False)):
-        if not scene.root.contains(path):
-            raise SceneError(path, "points outside the collection root; refusing to read it")
-        relative = posixpath.relpath(path, scene.path)
-        if relative == marker:
-            continue
-        digest.update(relative.encode("utf-8") + b"\0")
-        with fs.open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
+    """sha256 over the relative names and bytes of every file in the scene folder except the marker.
+
+    Edit files count: a scene whose ``edits.yaml`` changes is announced again (its new edits then run).
+    """
+    return collection.folder_content_hash(scene, exclude=(marker,))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Plan: scenes × edits with their config hashes, minus what the manifest says already succeeded."""
+"""Plan: scenes × edits with their config hashes, minus what the manifest says already succeeded
+with the same config on the same scene contents (photos and poses)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ EditsParameter = list[Any] | dict[str, Any] | str | None
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_runs(scenes: list[SceneRef], edits: EditsParameter, settings: PipelineSettings) -> CollectionPlan:
-    """Scenes × edits with their config hashes; what already succeeded is marked skipped."""
+    """Scenes × edits with their config hashes; what already succeeded on the same photos is marked skipped.
+
+    Scene content hashes are cached in ``cache_dir/content`` by listing, so unchanged scenes are not re-read.
+    """
     logger = get_run_logger()
     store = ManifestStore(settings.output_root)
     try:
@@ -29,4 +33,5 @@ def plan_runs(scenes: list[SceneRef], edits: EditsParameter, settings: PipelineS
     return plan_collection(
         scenes, collection_edit_document(edits), default_config(settings.preset), preset=settings.preset,
         output_root=settings.output_root, succeeded=succeeded, base_overrides=settings.config_overrides,
+        content_cache_dir=settings.cache_dir / "content",
     )

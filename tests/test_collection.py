@@ -25,6 +25,7 @@ from imix2mix.collection import (
     open_root,
     parse_edit_document,
     plan_collection,
+    scene_content_hash,
     slugify,
 )
 from imix2mix.errors import ConfigError, SceneError
@@ -203,7 +204,8 @@ def test_a_success_is_skipped_only_while_its_result_is_in_the_output_folder(coll
 
     def success(run_id: str, config_hash: str, hour: int) -> dict:
         return {"run_id": run_id, "scene_id": "face", "edit_id": first.edit.edit_id, "config_hash": config_hash,
-                "preset": "tiny", "output_dir": folder, "finished_at": datetime(2026, 11, 24, hour, tzinfo=timezone.utc)}
+                "scene_content_hash": first.scene_content_hash, "preset": "tiny", "output_dir": folder,
+                "finished_at": datetime(2026, 11, 24, hour, tzinfo=timezone.utc)}
 
     done = {("face", first.edit.edit_id, first.config_hash): success("r1", first.config_hash, 12)}
     assert not plan(done).skip  # its output folder is gone
@@ -213,6 +215,65 @@ def test_a_success_is_skipped_only_while_its_result_is_in_the_output_folder(coll
     # The same edit run later with other settings (--set k=10) published into the same folder.
     replaced = {**done, ("face", first.edit.edit_id, "other"): success("r2", "other", 13)}
     assert not plan(replaced).skip
+
+
+def test_a_success_is_skipped_only_for_the_same_photos_and_poses(collection: Path, tmp_path: Path) -> None:
+    """A scene uploaded again under the same name with other photos is edited again (regression)."""
+    from imix2mix.distill import EditConfig
+
+    face = collection / "face"
+    (face / "edits.yaml").write_text("edits: [make it snowy]\n")
+    scenes = [find_scene(collection, "face")]
+    output_root = tmp_path / "out"
+    cache = tmp_path / "content"
+
+    def plan(succeeded: dict):  # noqa: ANN202
+        (run,) = plan_collection(scenes, None, EditConfig(), preset="tiny", output_root=output_root,
+                                 succeeded=succeeded, content_cache_dir=cache).runs
+        return run
+
+    first = plan({})
+    assert first.scene_content_hash == scene_content_hash(scenes[0])  # cached or not, the same hash
+    (output_root / first.output_subdir).mkdir(parents=True)
+    row = {"run_id": "r1", "scene_id": "face", "edit_id": first.edit.edit_id, "config_hash": first.config_hash,
+           "scene_content_hash": first.scene_content_hash, "preset": "tiny",
+           "output_dir": first.output_subdir.as_posix(), "finished_at": datetime(2026, 11, 24, tzinfo=timezone.utc)}
+    done = {("face", first.edit.edit_id, first.config_hash): row}
+    assert plan(done).skip
+    # Edit files and the watcher's marker are not the scene's inputs: still the same content.
+    (face / "edits.yaml").write_text("source_caption: a man\nedits: [make it snowy]\n")
+    (face / "_READY").touch()
+    assert plan(done).skip and plan(done).scene_content_hash == first.scene_content_hash
+    # A row written before the manifests recorded scene contents cannot say which photos it edited.
+    assert not plan({key: {**value, "scene_content_hash": None} for key, value in done.items()}).skip
+    # Same folder name, same file names, one photo re-uploaded with other pixels.
+    photo = face / "images" / "frame_00009.jpg"
+    photo.write_bytes((SCENES / "face" / "images" / "frame_00020.jpg").read_bytes())
+    changed = plan(done)
+    assert not changed.skip and changed.scene_content_hash != first.scene_content_hash
+    # New poses alone count too.
+    photo.write_bytes((SCENES / "face" / "images" / "frame_00009.jpg").read_bytes())
+    assert plan(done).skip
+    transforms = face / "transforms.json"
+    transforms.write_text(transforms.read_text().replace('"fl_x": 773.9306369872324', '"fl_x": 775.0', 1))
+    assert not plan(done).skip
+
+
+def test_scene_content_hash_of_a_remote_scene_is_cached_by_listing(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = fsspec.filesystem("memory")
+    base = f"/imix2mix-content-{tmp_path.name}"
+    (scene,) = list_scenes(upload_scene(SCENES / "face", base))
+    cache = tmp_path / "content"
+    first = scene_content_hash(scene, cache)
+    assert first == scene_content_hash(scene) and len(list(cache.iterdir())) == 1
+    with monkeypatch.context() as patched:
+        patched.setattr(scene.root.fs, "open", lambda *args, **kwargs: pytest.fail(f"read {args}"))
+        assert scene_content_hash(scene, cache) == first  # listed, not read
+    fs.pipe(f"{base}/face/edits.yaml", b"edits: [make it snowy]\n")
+    assert scene_content_hash(scene, cache) == first
+    fs.pipe(f"{base}/face/images/frame_00001.jpg", (SCENES / "face" / "images" / "frame_00009.jpg").read_bytes())
+    assert scene_content_hash(scene, cache) != first
 
 
 def test_pipeline_helpers_import_neither_prefect_ray_nor_torch() -> None:
