@@ -32,7 +32,8 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 def run_row(run_id: str, status: str = "succeeded", **changes: object) -> dict:
     row = {
         "run_id": run_id, "scene_id": "face", "edit_id": "make-it-snowy-1234abcd", "instruction": "make it snowy",
-        "source_caption": None, "target_caption": "a snowy face", "config_hash": "c0ffee", "preset": "tiny",
+        "source_caption": None, "target_caption": "a snowy face", "config_hash": "c0ffee",
+        "scene_content_hash": "5ce" * 21 + "5", "preset": "tiny",
         "seed": 42, "status": status, "error": None, "started_at": NOW, "finished_at": NOW, "wall_seconds": 1.5,
         "iterations": 3, "peak_gpu_memory_bytes": None, "device_name": "cpu", "clip_sim": 0.2, "clip_dir": 0.1,
         "clip_cons": 0.9, "output_dir": "/out/face/make-it-snowy-1234abcd", "flow_run_id": None,
@@ -124,6 +125,15 @@ def test_older_manifest_without_a_new_nullable_column_still_reads(tmp_path: Path
     old = pa.Table.from_pylist([run_row("r1")], schema=RUNS_SCHEMA).drop_columns(["flow_run_id"])
     pq.write_table(old, store.path(RUNS))
     assert store.read_rows(RUNS)[0]["flow_run_id"] is None
+    # Written before runs recorded the scene's content hash: reads, and can still be added to.
+    older = pa.Table.from_pylist([run_row("r1")], schema=RUNS_SCHEMA).drop_columns(["scene_content_hash"])
+    pq.write_table(older, store.path(RUNS))
+    assert store.read_rows(RUNS)[0]["scene_content_hash"] is None
+    store.upsert(RUNS, [run_row("r2")])
+    assert pq.read_schema(store.path(RUNS)).equals(RUNS_SCHEMA, check_metadata=False)
+    assert {row["run_id"]: row["scene_content_hash"] for row in store.read_rows(RUNS)} == {
+        "r1": None, "r2": "5ce" * 21 + "5"}
+    assert succeeded_runs(store)[("face", "make-it-snowy-1234abcd", "c0ffee")]["scene_content_hash"] is not None
     wrong = pa.table({"scene_id": ["x"]})
     pq.write_table(wrong, store.path(SCENES))
     with pytest.raises(ManifestError, match="has no 'source_uri' column"):
