@@ -150,6 +150,39 @@ def test_a_rerun_does_no_work_and_says_so(first_batch: Batch, tmp_path: Path) ->
     assert sorted(run["status"] for run in runs) == ["skipped"] * 4 + ["succeeded"] * 4
 
 
+def test_a_scene_uploaded_again_with_new_photos_is_edited_again(first_batch: Batch, tmp_path: Path) -> None:
+    """Same folder name, same file names, other pixels: its edits run again; then nothing is left to do."""
+    from PIL import Image, ImageDraw
+
+    batch = clone(first_batch, tmp_path)
+    before = {row["run_id"]: row for row in ManifestStore(batch.output_root).read_rows(RUNS)}
+    assert all(row["scene_content_hash"] for row in before.values())
+    photo = batch.root / "face" / "images" / "frame_00009.jpg"
+    with Image.open(photo) as image:
+        changed = image.copy()
+    ImageDraw.Draw(changed).rectangle((100, 100, 400, 300), fill=(255, 0, 0))
+    changed.save(photo, quality=95)
+    sheet = next(batch.output_root.glob("face/*/contact_sheet.png"))
+    sheet_before = sheet.stat().st_mtime_ns
+
+    summary, _ = batch.run()
+    assert statuses(summary) == {
+        ("face", "Give him a Venetian mask"): "succeeded", ("face", "make it snowy"): "succeeded",
+        ("person-small", "Turn him into a knight"): "skipped", ("person-small", "make it snowy"): "skipped",
+    }
+    assert sheet.stat().st_mtime_ns != sheet_before  # the published result is the new photos' edit
+    runs = [row for row in ManifestStore(batch.output_root).read_rows(RUNS) if row["run_id"] not in before]
+    old_hash = {row["scene_id"]: row["scene_content_hash"] for row in before.values()}
+    new_face = [row for row in runs if row["scene_id"] == "face"]
+    assert len(new_face) == 2 and all(row["status"] == "succeeded" for row in new_face)
+    new_hashes = {row["scene_content_hash"] for row in new_face}
+    assert len(new_hashes) == 1 and None not in new_hashes and old_hash["face"] not in new_hashes
+    assert all(row["scene_content_hash"] == old_hash["person-small"] for row in runs if row["scene_id"] == "person-small")
+
+    again, _ = batch.run()
+    assert set(statuses(again).values()) == {"skipped"} and again["skipped"] == 4
+
+
 def test_changing_a_config_value_reruns_only_what_it_changes(first_batch: Batch, tmp_path: Path) -> None:
     batch = clone(first_batch, tmp_path)
     edits_file = batch.root / "person-small" / "edits.yaml"
