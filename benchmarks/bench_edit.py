@@ -187,11 +187,13 @@ def configurations(args) -> list[tuple[str, int, dict[str, Any]]]:
 # Named bundles of EditConfig settings.  "official": the published implementation choices, eager.
 # Every other bundle says whether it changes numerics.
 MODES: dict[str, list[str]] = {
-    "official": ["optimizer=adamw", "compile=false"],
+    "official": ["optimizer=adamw", "compile=false", "cuda_graphs=false"],
     # Same numerics: AdamW's update in one fused kernel.
-    "fused": ["optimizer=adamw_fused", "compile=false"],
+    "fused": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=false"],
     # Same numerics up to kernel fusion order: torch.compile of the student and of the teacher's ε.
-    "compiled": ["optimizer=adamw_fused", "compile=true"],
+    "compiled": ["optimizer=adamw_fused", "compile=true", "cuda_graphs=false"],
+    # Same numerics: the student's forward + backward replayed as CUDA graphs (the default).
+    "graphed": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=true"],
     # Changes numerics (bf16 AdamW moments); recomputes activations; frozen encoders leave the GPU.
     "lean": ["optimizer=adamw_bf16_states", "gradient_checkpointing=true", "offload_after_use=true", "compile=false"],
 }
