@@ -44,6 +44,7 @@ from typing import Any
 import fsspec
 import yaml
 
+from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError, SceneError
 from imix2mix.files import atomic_write_text
 from imix2mix.images import IMAGE_SUFFIXES
@@ -325,7 +326,7 @@ _DOCUMENT_KEYS = {"source_caption", "config", "edits"}
 
 
 @dataclass(frozen=True)
-class EditSpec:
+class EditSpec(Edit):
     """One requested edit of a scene, as written in an edit document (validated).
 
     ``config`` holds EditConfig overrides for this edit only.  ``edit_id`` names the edit's output
@@ -333,12 +334,6 @@ class EditSpec:
     but not on captions (they only feed the CLIP metrics) or on ``config`` (part of the run's config hash).
     """
 
-    instruction: str
-    source_caption: str | None = None
-    target_caption: str | None = None
-    text_cfg: float | None = None
-    image_cfg: float | None = None
-    seed: int | None = None
     config: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
@@ -348,18 +343,9 @@ class EditSpec:
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
         return f"{slugify(self.instruction)}-{digest}"
 
-    def to_edit(self) -> Any:
-        """The engine's :class:`imix2mix.distill.Edit` (imported here: it pulls in torch)."""
-        from imix2mix.distill import Edit
-
-        return Edit(
-            instruction=self.instruction,
-            source_caption=self.source_caption,
-            target_caption=self.target_caption,
-            text_cfg=self.text_cfg,
-            image_cfg=self.image_cfg,
-            seed=self.seed,
-        )
+    def to_edit(self) -> Edit:
+        """The request alone, without this document's config overrides."""
+        return Edit(**Edit.to_dict(self))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from imix2mix.attention import CrossViewAttention
+from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError
 from imix2mix.metrics import ClipMetricsModel, SceneMetrics
 from imix2mix.preprocess import paste_back, prepare_views
@@ -270,25 +271,6 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             raise fail(f"{len(args)} comma-separated values")
         return tuple(_coerce(key, item, arg) for item, arg in zip(items, args))
     raise fail(str(kind))  # pragma: no cover - every field type is handled above
-
-
-@dataclass(frozen=True)
-class Edit:
-    """One edit request.  Captions feed CLIP Sim./Dir. only; CFG scales and seed override the config."""
-
-    instruction: str
-    source_caption: str | None = None
-    target_caption: str | None = None
-    text_cfg: float | None = None
-    image_cfg: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.instruction or not self.instruction.strip():
-            raise ConfigError("Edit: the instruction is empty.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
