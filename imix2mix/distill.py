@@ -69,7 +69,8 @@ StudentPrecision = Literal["bf16_autocast", "fp32"]
 # ---------------------------------------------------------------------------------------------
 
 # Knobs that change how a run is observed or where tensors live, never its result: not hashed.
-_UNHASHED_FIELDS = frozenset({"log_every", "time_phases", "offload_after_use"})
+# cuda_graphs replays the very kernels eager runs (docs/benchmarks.md: graphed vs eager = eager vs eager).
+_UNHASHED_FIELDS = frozenset({"log_every", "time_phases", "offload_after_use", "cuda_graphs"})
 
 
 @dataclass(frozen=True)

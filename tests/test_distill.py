@@ -80,6 +80,7 @@ def test_config_hash_is_stable_and_tracks_results_only():
     assert base.overridden({"seed": 1}).config_hash() != base.config_hash()
     assert base.overridden({"cross_view_attention": "none"}).config_hash() != base.config_hash()
     assert base.overridden({"log_every": 1, "time_phases": True}).config_hash() == base.config_hash()
+    assert base.overridden({"cuda_graphs": False, "offload_after_use": True}).config_hash() == base.config_hash()
     assert base.to_dict()["betas"] == [0.9, 0.999]
 
 
