@@ -131,9 +131,9 @@ class EditConfig:
     student_precision: StudentPrecision = "bf16_autocast"
     gradient_checkpointing: bool = False
     compile: bool = False
-    # Replay the student's forward + backward as CUDA graphs: the same kernels and numerics without the
-    # host launching ~10k kernels per iteration.  CUDA only; needs student_query_steps = 1 and no
-    # gradient checkpointing (otherwise the eager path runs).  Measured 1.44x faster (docs/benchmarks.md).
+    # Replay the student's forward + backward (and the teacher's UNet pass) as CUDA graphs: the same
+    # kernels and numerics without the host launching ~10k kernels per iteration.  CUDA only; the
+    # student's graph needs student_query_steps = 1 and no gradient checkpointing (else it runs eager).  Measured 1.44x faster (docs/benchmarks.md).
     cuda_graphs: bool = True
     offload_after_use: bool = False  # move CLIP-H and the text encoder off the GPU once used
     log_every: int = 10
@@ -503,6 +503,7 @@ class Distillation:
             else contextlib.nullcontext()
         )
         self.sigmas = denoiser.schedule.table(device)
+        teacher.cuda_graphs = config.cuda_graphs
         if config.cuda_graphs and device.type == "cuda" and config.student_query_steps == 1 and not config.gradient_checkpointing:
             # Autocast's weight-cast cache cannot be captured; each cast is a kernel inside the graph.
             self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.student_precision == "bf16_autocast", cache_enabled=False)

@@ -72,6 +72,8 @@ class InstructPix2PixTeacher:
         self.alphas_cumprod = pipeline.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self.key_view_state = KeyViewState()
         self.noise_unet = self.pipeline.unet  # what predict_noise calls: the UNet, or its compiled form
+        self.cuda_graphs = False  # replay predict_noise's UNet pass as a CUDA graph (set per run)
+        self._captured: _CapturedUnet | None = None  # for the current scene and attention mode
         self.attention_mode: CrossViewAttention = "none"
         set_cross_view_attention(self.unet, "none", self.key_view_state)
 
@@ -126,6 +128,7 @@ class InstructPix2PixTeacher:
 
     # -- attention ------------------------------------------------------------------------------
     def set_cross_view_attention(self, mode: CrossViewAttention) -> None:
+        self._captured = None
         set_cross_view_attention(self.unet, mode, self.key_view_state)
         self.attention_mode = mode
 
@@ -179,6 +182,7 @@ class InstructPix2PixTeacher:
 
         ``originals`` [N, 3, H, W] in [−1, 1] are resized to ``image_size`` (default: native size).
         """
+        self._captured = None  # a new scene: new text and image latents
         text = self.encode_prompts([instruction, "", ""])
         pixels = resize_images(originals.float(), image_size or self.image_size).to(self.device, self.dtype)
         latents = torch.cat([self.vae.encode(view[None]).latent_dist.mode() for view in pixels])
@@ -214,7 +218,12 @@ class InstructPix2PixTeacher:
             )
             text = context.text_embeddings.repeat_interleave(views, dim=0)
             timestep = torch.full((3 * views,), t, device=self.device, dtype=torch.long)
-            eps = self.noise_unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float()
+            if self.cuda_graphs and self.device.type == "cuda":
+                if self._captured is None or self._captured.input.shape != model_input.shape:
+                    self._captured = _CapturedUnet(self.noise_unet, model_input, timestep, text)
+                eps = self._captured(model_input, timestep).float()
+            else:
+                eps = self.noise_unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float()
             eps_text, eps_image, eps_uncond = eps.chunk(3)
             guided = eps_uncond + text_cfg * (eps_text - eps_image) + image_cfg * (eps_image - eps_uncond)
         return guided.clone()  # a normal tensor: it is saved for backward by the SDS surrogate
@@ -229,3 +238,30 @@ class InstructPix2PixTeacher:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, S, S] in [−1, 1] → scaled latent means; differentiable (decode_encode alignment)."""
         return self.vae.encode(images.to(self.dtype)).latent_dist.mean * self.scaling_factor
+
+
+class _CapturedUnet:
+    """One UNet forward for a fixed batch (a scene's 3 CFG groups × N views) captured as a CUDA graph.
+
+    The text embeddings are fixed per scene; latents and timesteps are copied into static buffers
+    before each replay, and κ is read from the key-view state's device tensor.  Call under
+    ``torch.inference_mode``.
+    """
+
+    def __init__(self, unet, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
+        self.input, self.timestep, self.text = model_input.clone(), timestep.clone(), text.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN/cuBLAS pick their kernels
+            for _ in range(2):
+                unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)[0]
+
+    def __call__(self, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        self.input.copy_(model_input)
+        self.timestep.copy_(timestep)
+        self.graph.replay()
+        return self.output
