@@ -503,7 +503,6 @@ class Distillation:
             else contextlib.nullcontext()
         )
         self.sigmas = denoiser.schedule.table(device)
-        teacher.cuda_graphs = config.cuda_graphs
         if config.cuda_graphs and device.type == "cuda" and config.student_query_steps == 1 and not config.gradient_checkpointing:
             # Autocast's weight-cast cache cannot be captured; each cast is a kernel inside the graph.
             self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.student_precision == "bf16_autocast", cache_enabled=False)
@@ -567,7 +566,8 @@ class Distillation:
             noise = torch.randn(aligned.shape, generator=self.randomness.sds_noise, device=self.device)
             noisy = self.teacher.add_noise(aligned.detach(), t, noise)
             guided = self.teacher.predict_noise(
-                noisy, t, self.teacher_context, text_cfg=config.text_cfg, image_cfg=config.image_cfg, key_view=key_view
+                noisy, t, self.teacher_context, text_cfg=config.text_cfg, image_cfg=config.image_cfg, key_view=key_view,
+                cuda_graph=config.cuda_graphs,
             )
         with self.timer.phase("backward"):
             loss = sds_surrogate_loss(aligned, guided, noise, config.sds_weight)

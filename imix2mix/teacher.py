@@ -72,7 +72,6 @@ class InstructPix2PixTeacher:
         self.alphas_cumprod = pipeline.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self.key_view_state = KeyViewState()
         self.noise_unet = self.pipeline.unet  # what predict_noise calls: the UNet, or its compiled form
-        self.cuda_graphs = False  # replay predict_noise's UNet pass as a CUDA graph (set per run)
         self._captured: _CapturedUnet | None = None  # for the current scene and attention mode
         self.attention_mode: CrossViewAttention = "none"
         set_cross_view_attention(self.unet, "none", self.key_view_state)
@@ -202,11 +201,13 @@ class InstructPix2PixTeacher:
         text_cfg: float,
         image_cfg: float,
         key_view: int = 0,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Dual-CFG ε̃ for N views: ε_u + s_T(ε_text − ε_img) + s_I(ε_img − ε_u); fp32, no graph.
 
         The batch is [z_t ×3] ⊕ [src, src, 0] on channels with text [edit, "", ""]: three CFG groups of
-        N views each, the layout the cross-view attention processors expect.
+        N views each, the layout the cross-view attention processors expect.  ``cuda_graph``: on CUDA,
+        replay the UNet pass as a graph captured once per scene and attention mode.
         """
         views = noisy_latents.shape[0]
         self.key_view_state.select(views, key_view, self.device)
@@ -218,7 +219,7 @@ class InstructPix2PixTeacher:
             )
             text = context.text_embeddings.repeat_interleave(views, dim=0)
             timestep = torch.full((3 * views,), t, device=self.device, dtype=torch.long)
-            if self.cuda_graphs and self.device.type == "cuda":
+            if cuda_graph and self.device.type == "cuda":
                 if self._captured is None or self._captured.input.shape != model_input.shape:
                     self._captured = _CapturedUnet(self.noise_unet, model_input, timestep, text)
                 eps = self._captured(model_input, timestep).float()
