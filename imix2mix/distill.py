@@ -392,7 +392,10 @@ class GraphedStudent(torch.nn.Module):
             cond.dense_vector.detach().clone(),
         )
         with autocast:
-            self.graphed = torch.cuda.make_graphed_callables(_StudentWithFrameCount(network, num_frames), sample)
+            # allow_unused_input: q, k and norm2 of the single-token cross-attentions get no gradient
+            self.graphed = torch.cuda.make_graphed_callables(
+                _StudentWithFrameCount(network, num_frames), sample, allow_unused_input=True
+            )
         for parameter in network.parameters():  # the capture's warm-up passes left gradients behind
             parameter.grad = None
 

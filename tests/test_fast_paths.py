@@ -66,7 +66,7 @@ def _two_steps(editor, overrides: dict) -> tuple[list[torch.Tensor], dict[str, t
         losses = [distillation.step().loss.clone() for _ in range(2)]
     finally:
         editor.finish_distillation()
-    grads = {name: p.grad.detach().clone() for name, p in editor.student.named_parameters()}
+    grads = {name: p.grad.detach().clone() for name, p in editor.student.named_parameters() if p.grad is not None}
     weights = {name: p.detach().clone() for name, p in editor.student.named_parameters()}
     return losses, grads, weights
 
@@ -81,8 +81,10 @@ def test_fused_iteration_equals_the_plain_one(editor):
     for a, b in zip(plain[0], fused[0]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     pristine = editor._pristine
-    for name in plain[1]:
-        torch.testing.assert_close(fused[1][name], plain[1][name], rtol=1e-4, atol=1e-8, msg=name)
+    assert fused[1].keys() == plain[1].keys()
+    for name in plain[2]:
+        if name in plain[1]:
+            torch.testing.assert_close(fused[1][name], plain[1][name], rtol=1e-4, atol=1e-8, msg=name)
         # Compare the updates, not the weights: AdamW's step is ~lr whatever the gradient's size.
         plain_update, fused_update = plain[2][name] - pristine[name], fused[2][name] - pristine[name]
         torch.testing.assert_close(fused_update, plain_update, rtol=1e-3, atol=1e-3 * float(plain_update.abs().max()), msg=name)

@@ -12,7 +12,12 @@ from imix2mix.seva.layers import GroupNorm32
 
 
 class AttentionProcessor(Protocol):
-    """Computes ``attn``'s output from its projections; swappable per layer (diffusers style)."""
+    """Computes ``attn``'s output from its projections; swappable per layer (diffusers style).
+
+    ``context`` (cross-attention) may hold fewer rows than ``x``: each of its rows then serves
+    ``x.shape[0] // context.shape[0]`` consecutive rows of ``x`` (the time-mix blocks pass one
+    context per scene for all of the scene's spatial positions).
+    """
 
     def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor: ...
 
@@ -20,13 +25,23 @@ class AttentionProcessor(Protocol):
 class SdpaAttnProcessor:
     """Multi-head attention through ``F.scaled_dot_product_attention``.
 
-    PyTorch picks flash / memory-efficient kernels on GPU and the math kernel on CPU. The official
-    code pins the flash backend, which fails on machines without it; the numbers are the same.
+    PyTorch picks flash / cuDNN kernels on GPU and the math kernel on CPU. The official code pins the
+    flash backend, which fails on machines without it; the numbers are the same.
+
+    Cross-attention to a single context token (SEVA's context is one CLIP image embedding) is
+    computed exactly without the attention kernel: a softmax over one key is 1, so every query's
+    output is ``to_out(to_v(context))`` and q, k and the attention scores cannot change it.  The
+    attention kernels are at their slowest there (the flash backward pass over one key took 24 ms of
+    the student's iteration on an H100), and the projections of the time-mix blocks' context, one
+    copy per spatial position, are computed once.
     """
 
     def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        context = x if context is None else context
         batch, q_len, _ = x.shape
+        if context is not None and context.shape[1] == 1:
+            out = attn.to_out(attn.to_v(context))  # [context rows, 1, C]
+            return _rows_per_query_batch(out, batch).expand(batch, q_len, out.shape[-1])
+        context = x if context is None else _rows_per_query_batch(context, batch)
         kv_len = context.shape[1]
         heads, head_dim = attn.heads, attn.head_dim
         q = attn.to_q(x).view(batch, q_len, heads, head_dim).transpose(1, 2)
@@ -35,6 +50,15 @@ class SdpaAttnProcessor:
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, q_len, heads * head_dim)
         return attn.to_out(out)
+
+
+def _rows_per_query_batch(context: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeat each context row over the query rows it serves (see :class:`AttentionProcessor`)."""
+    if context.shape[0] == batch:
+        return context
+    if batch % context.shape[0]:
+        raise ValueError(f"context of {context.shape[0]} rows cannot serve a query batch of {batch}")
+    return context.repeat_interleave(batch // context.shape[0], dim=0)
 
 
 class Attention(nn.Module):
@@ -176,9 +200,9 @@ class MultiviewTransformer(nn.Module):
         residual = x
         x = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # [B·T, h·w, C]
 
-        # Both the 3-D blocks and the time-mix blocks see the context of each scene's frame 0.
+        # Both the 3-D blocks and the time-mix blocks see the context of each scene's frame 0
+        # (the time-mix blocks: one row per scene for all its h·w positions).
         first_frame_context = context[::num_frames]  # [B, 1, ctx]
-        time_context = first_frame_context.repeat_interleave(tokens, dim=0)  # [B·h·w, 1, ctx]
 
         for spatial_block, time_block in zip(self.transformer_blocks, self.time_mix_blocks):
             if self.is_3d:
@@ -188,7 +212,7 @@ class MultiviewTransformer(nn.Module):
                 x = spatial_block(x, context)
             # [B·T, S, C] -> [B·S, T, C]: each spatial position becomes a sequence over the views.
             x_views = x.reshape(scenes, num_frames, tokens, channels).transpose(1, 2)
-            x_mix = time_block(x_views.reshape(scenes * tokens, num_frames, channels), time_context)
+            x_mix = time_block(x_views.reshape(scenes * tokens, num_frames, channels), first_frame_context)
             x = x + x_mix.reshape(scenes, tokens, num_frames, channels).transpose(1, 2).reshape(x.shape)
 
         x = self.proj_out(x)

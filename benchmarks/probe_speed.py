@@ -1,0 +1,397 @@
+"""Where the distillation iteration's GPU time goes, and what each candidate change buys.
+
+Measures, at full size with random weights (T = 5 frames at 72² for the student, the teacher's
+12-image batch at 64²):
+
+* the two ceilings of the machine (a large bf16 matrix product, a large device-to-device copy);
+* the student's forward + backward replayed as CUDA graphs (launch gaps removed, so the numbers are
+  GPU time) for variants: as now; channels-last; each SDPA backend; bf16 weight copies; together;
+* a kernel-level profile of one eager forward + backward, summed by kind (matrix, convolution,
+  attention, normalisation, elementwise, copies/casts);
+* the teacher's UNet pass (fp16, inference mode) as a CUDA graph, as now and channels-last;
+* the clip + optimizer phase: clip_grad_norm_ then fused AdamW, against the clip folded into the
+  fused AdamW's ``grad_scale``.
+
+    python benchmarks/probe_speed.py --out results/                # GPU
+    python benchmarks/probe_speed.py --preset tiny --device cpu      # smoke test (eager only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from imix2mix.seva import Seva, SevaConfig  # noqa: E402
+
+RESULTS: dict[str, Any] = {}
+
+
+def log(key: str, value: Any) -> None:
+    RESULTS[key] = value
+    print(f"{key}: {value}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- ceilings ---------------------------------------------------------------------------------
+
+def ceilings(device: torch.device) -> None:
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = median_seconds(lambda: torch.mm(a, b), device, 20)
+    log("ceiling_bf16_matmul_tflops", round(2 * n**3 / seconds / 1e12, 1))
+    src = torch.randn(256 * 2**20, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), device, 20)
+    log("ceiling_copy_tbps", round(2 * src.numel() * 4 / seconds / 1e12, 2))
+
+
+# -- kernel classification ----------------------------------------------------------------------
+
+KINDS = [
+    ("attention", r"flash|fmha|attention|sdpa|cudnn_generated_fort_native_sdpa"),
+    ("convolution", r"conv|implicit|fprop|dgrad|wgrad|xmma_fprop|cudnn|nchwToNhwc|nhwcToNchw"),
+    ("matmul", r"gemm|sm90_xmma|cutlass|ampere_|sm80_|nvjet|cublas"),
+    ("normalisation", r"norm|welford|moments"),
+    ("copy_cast", r"copy|cast|transpose|permute|cat|Copy|contiguous"),
+    ("optimizer", r"adam|foreach|multi_tensor|norm_kernel"),
+    ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|reduce"),
+]
+
+
+def kernel_table(prof, top: int = 45) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    totals: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        seconds = event.device_time_total / 1e6 if hasattr(event, "device_time_total") else event.cuda_time_total / 1e6
+        name = event.name
+        kernels[name][0] += seconds
+        kernels[name][1] += 1
+        for kind, pattern in KINDS:
+            if re.search(pattern, name, re.IGNORECASE):
+                totals[kind] += seconds
+                break
+        else:
+            totals["other"] += seconds
+    ranked = sorted(((name[:140], round(t, 5), int(c)) for name, (t, c) in kernels.items()), key=lambda r: -r[1])
+    return {k: round(v, 5) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}, ranked[:top]
+
+
+# -- the student ------------------------------------------------------------------------------
+
+class _Bound(torch.nn.Module):
+    def __init__(self, network: Seva, frames: int):
+        super().__init__()
+        self.network, self.frames = network, frames
+
+    def forward(self, x, t, y, dense):
+        return self.network(x, t, y, dense, num_frames=self.frames)
+
+
+def student_inputs(config: SevaConfig, frames: int, latent: int, device: torch.device, channels_last: bool):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(frames, config.in_channels, latent, latent, generator=g, device=device)
+    dense = torch.randn(frames, config.dense_in_channels, latent, latent, generator=g, device=device)
+    if channels_last:
+        x, dense = x.contiguous(memory_format=torch.channels_last), dense.contiguous(memory_format=torch.channels_last)
+    t = torch.full((frames,), 500, dtype=torch.long, device=device)
+    y = torch.randn(frames, 1, config.context_dim, generator=g, device=device)
+    return x, t, y, dense
+
+
+def sdpa_context(backend: str | None):
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, backend)])
+
+
+def student_variant(network: Seva, config: SevaConfig, args, device, *, channels_last=False, sdpa=None, bf16_weights=False,
+                    regional_compile=False, profile_path=None):
+    """Median seconds of one forward + backward replayed as CUDA graphs (eager on CPU)."""
+    network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    master = None
+    if bf16_weights:  # timing only: what the fp32→bf16 weight casts cost
+        master = {n: p.detach().clone() for n, p in network.named_parameters()}
+        for module in network.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.to(torch.bfloat16)
+    inputs = student_inputs(config, args.frames, args.latent, device, channels_last)
+    gradient = torch.randn(args.frames, config.out_channels, args.latent, args.latent, device=device)
+    def autocast():  # a fresh object each time: torch.autocast instances must not be nested
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    bound = _Bound(network, args.frames)
+    compiled = []
+    if regional_compile:
+        from imix2mix.seva.attention import MultiviewTransformer
+        from imix2mix.seva.layers import ResBlock
+
+        compiled = [m for m in network.modules() if isinstance(m, (ResBlock, MultiviewTransformer))]
+        for module in compiled:
+            module.compile()
+        started = time.perf_counter()
+        with autocast():
+            out = bound(*inputs)
+        out.float().backward(gradient)
+        sync(device)
+        log("student_regional_compile_first_step_s", round(time.perf_counter() - started, 1))
+    with sdpa_context(sdpa), autocast():
+        model = (
+            torch.cuda.make_graphed_callables(bound, inputs, allow_unused_input=True)
+            if device.type == "cuda" and not args.eager else bound
+        )
+
+        def step():
+            network.zero_grad(set_to_none=True)
+            with autocast():
+                out = model(*inputs)
+            out.float().backward(gradient)
+
+        seconds = median_seconds(step, device, args.repeats)
+        if profile_path is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            eager = bound
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                network.zero_grad(set_to_none=True)
+                with autocast():
+                    out = eager(*inputs)
+                out.float().backward(gradient)
+                sync(device)
+            totals, top = kernel_table(prof)
+            profile_path.write_text(json.dumps({"by_kind": totals, "top_kernels": top}, indent=1))
+            log(f"student_profile_by_kind[{profile_path.stem}]", totals)
+    del model
+    for module in compiled:
+        module._compiled_call_impl = None
+    network.zero_grad(set_to_none=True)
+    if master is not None:
+        network.float()
+        with torch.no_grad():
+            for n, p in network.named_parameters():
+                p.copy_(master[n])
+    network.to(memory_format=torch.contiguous_format)
+    release()
+    return seconds
+
+
+def student(args, device: torch.device) -> None:
+    config = SevaConfig() if args.preset == "full" else SevaConfig.tiny()
+    with device:
+        network = Seva(config)
+    network.train()
+    variants = {
+        "as_now": {},
+        "channels_last": {"channels_last": True},
+        "sdpa_flash": {"sdpa": "FLASH_ATTENTION"},
+        "sdpa_efficient": {"sdpa": "EFFICIENT_ATTENTION"},
+        "sdpa_cudnn": {"sdpa": "CUDNN_ATTENTION"},
+        "bf16_weights": {"bf16_weights": True},
+        "channels_last+bf16_weights": {"channels_last": True, "bf16_weights": True},
+        "regional_compile": {"regional_compile": True},
+    }
+    variants = {k: v for k, v in variants.items() if k in args.student_variants.split(",")}
+    if device.type != "cuda":
+        variants = {k: v for k, v in variants.items() if "sdpa" not in k}
+    for name, kwargs in variants.items():
+        profile_path = None
+        if name in ("as_now", "channels_last") and args.out is not None:
+            profile_path = args.out / f"profile_student_{name}.json"
+        try:
+            seconds = student_variant(network, config, args, device, profile_path=profile_path, **kwargs)
+            log(f"student_fwd_bwd_s[{name}]", round(seconds, 5))
+        except Exception as exc:  # a backend may not support a shape: record it and go on
+            log(f"student_fwd_bwd_s[{name}]", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            release()
+    if not args.skip_attention_shapes:
+        attention_shapes(config, args, device)
+    del network
+    release()
+
+
+def attention_shapes(config: SevaConfig, args, device: torch.device) -> None:
+    """SDPA forward + backward at the student's shapes, per backend (bf16)."""
+    if device.type != "cuda":
+        return
+    latent, frames = args.latent, args.frames
+    shapes = {
+        # name: (batch, heads, q_len, kv_len, head_dim)
+        "spatial_ds1": (frames, 5, latent * latent, latent * latent, 64),
+        "3d_ds2": (1, 10, frames * (latent // 2) ** 2, frames * (latent // 2) ** 2, 64),
+        "timemix_ds1": (latent * latent, 5, frames, frames, 64),
+        "cross_ds1": (frames, 5, latent * latent, 1, 64),
+    }
+    for shape_name, (b, h, lq, lk, d) in shapes.items():
+        q = torch.randn(b, h, lq, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(b, h, lk, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(b, h, lk, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(b, h, lq, d, device=device, dtype=torch.bfloat16)
+        flops = 4 * b * h * lq * lk * d * 3.5  # forward + backward (2.5× forward)
+        for backend in (None, "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            def step():
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                out.backward(grad)
+            try:
+                with sdpa_context(backend):
+                    seconds = median_seconds(step, device, 10)
+                log(f"attention_s[{shape_name},{backend or 'default'}]", f"{seconds * 1e3:.3f} ms, {flops / seconds / 1e12:.0f} TFLOP/s")
+            except Exception as exc:
+                log(f"attention_s[{shape_name},{backend or 'default'}]", f"failed: {str(exc).splitlines()[0][:120]}")
+        del q, k, v, grad
+        release()
+
+
+# -- the teacher ------------------------------------------------------------------------------
+
+def teacher(args, device: torch.device) -> None:
+    from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
+
+    arch = TeacherArchitecture.sd15() if args.preset == "full" else TeacherArchitecture.tiny()
+    pipeline = build_random_teacher_pipeline(arch, device=device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    unet = pipeline.unet.to(dtype).eval()
+    size = arch.unet["sample_size"]
+    batch = 12
+    model_input = torch.randn(batch, 8, size, size, device=device, dtype=dtype)
+    timestep = torch.full((batch,), 500, device=device, dtype=torch.long)
+    text = torch.randn(batch, 77, arch.unet["cross_attention_dim"], device=device, dtype=dtype)
+    for name, channels_last in (("as_now", False), ("channels_last", True)):
+        unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        x = model_input.contiguous(memory_format=torch.channels_last) if channels_last else model_input
+        with torch.inference_mode():
+            if device.type == "cuda" and not args.eager:
+                for _ in range(2):
+                    unet(x, timestep, encoder_hidden_states=text, return_dict=False)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    unet(x, timestep, encoder_hidden_states=text, return_dict=False)
+                seconds = median_seconds(graph.replay, device, args.repeats)
+                del graph
+            else:
+                seconds = median_seconds(lambda: unet(x, timestep, encoder_hidden_states=text, return_dict=False), device, args.repeats)
+        log(f"teacher_unet_s[{name}]", round(seconds, 5))
+        release()
+    if device.type == "cuda" and args.out is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        unet.to(memory_format=torch.contiguous_format)
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)
+            sync(device)
+        totals, top = kernel_table(prof)
+        (args.out / "profile_teacher.json").write_text(json.dumps({"by_kind": totals, "top_kernels": top}, indent=1))
+        log("teacher_profile_by_kind", totals)
+    del pipeline, unet
+    release()
+
+
+# -- clip + optimizer -------------------------------------------------------------------------
+
+def optimizer(args, device: torch.device) -> None:
+    config = SevaConfig() if args.preset == "full" else SevaConfig.tiny()
+    with device:
+        network = Seva(config)
+    params = list(network.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=fused)
+
+    def clip_then_step():
+        torch.nn.utils.clip_grad_norm_(params, 0.5, foreach=True)
+        opt.step()
+
+    def folded():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        opt.grad_scale = torch.clamp((norm + 1e-6) / 0.5, min=1.0)
+        opt.step()
+        del opt.grad_scale
+
+    variants = (("clip_then_fused_step", clip_then_step), ("norm_then_fused_step_with_grad_scale", folded))
+    for name, fn in variants[: 2 if fused else 1]:
+        log(f"optimizer_s[{name}]", round(median_seconds(fn, device, args.repeats), 5))
+    del opt, network, params
+    release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full", choices=["full", "tiny"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=5)
+    parser.add_argument("--latent", type=int, default=72)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--parts", default="ceilings,student,teacher,optimizer")
+    parser.add_argument("--student-variants", default="as_now,channels_last,bf16_weights,regional_compile")
+    parser.add_argument("--skip-attention-shapes", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        log("gpu", torch.cuda.get_device_name(device))
+        log("torch", torch.__version__)
+    parts = {"ceilings": ceilings, "student": student, "teacher": teacher, "optimizer": optimizer}
+    for part in args.parts.split(","):
+        started = time.perf_counter()
+        try:
+            parts[part](args, device) if part != "ceilings" else (ceilings(device) if device.type == "cuda" else None)
+        except Exception as exc:
+            log(f"{part}_error", f"{type(exc).__name__}: {exc}")
+        log(f"{part}_wall_s", round(time.perf_counter() - started, 1))
+        if args.out is not None:
+            (args.out / "probe_speed.json").write_text(json.dumps(RESULTS, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
