@@ -38,6 +38,7 @@ def main() -> None:
         updates = {n: (p.detach().float() - editor._pristine[n].cuda().float()) for n, p in editor.student.named_parameters()}
         editor.finish_distillation()
         results[name] = (losses, latents, updates)
+        del distillation  # its graphs and their memory go before the next capture
         print(f"{name}: setup {setup:.1f} s, losses {losses}", flush=True)
     (reference_losses, reference_latents, reference_updates) = results["eager"]
     for name in ("eager again", "graphed"):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -148,7 +149,7 @@ def sdpa_context(backend: str | None):
 
 
 def student_variant(network: Seva, config: SevaConfig, args, device, *, channels_last=False, sdpa=None, bf16_weights=False,
-                    regional_compile=False, profile_path=None):
+                    regional_compile=False, patches=(), profile_path=None, reference=None):
     """Median seconds of one forward + backward replayed as CUDA graphs (eager on CPU)."""
     network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     master = None
@@ -165,48 +166,57 @@ def student_variant(network: Seva, config: SevaConfig, args, device, *, channels
         return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     bound = _Bound(network, args.frames)
-    compiled = []
-    if regional_compile:
-        from imix2mix.seva.attention import MultiviewTransformer
-        from imix2mix.seva.layers import ResBlock
+    undo = [u for name in patches for u in PATCHES[name](network)]
+    try:
+        with torch.no_grad(), autocast():
+            output = bound(*inputs).float()
+        if reference is not None:
+            log(f"student_output_rel_diff[{'+'.join(patches) or 'none'}]", f"{float((output - reference).norm() / reference.norm()):.2e}")
+        compiled = []
+        if regional_compile:
+            from imix2mix.seva.attention import MultiviewTransformer
+            from imix2mix.seva.layers import ResBlock
 
-        compiled = [m for m in network.modules() if isinstance(m, (ResBlock, MultiviewTransformer))]
-        for module in compiled:
-            module.compile()
-        started = time.perf_counter()
-        with autocast():
-            out = bound(*inputs)
-        out.float().backward(gradient)
-        sync(device)
-        log("student_regional_compile_first_step_s", round(time.perf_counter() - started, 1))
-    with sdpa_context(sdpa), autocast():
-        model = (
-            torch.cuda.make_graphed_callables(bound, inputs, allow_unused_input=True)
-            if device.type == "cuda" and not args.eager else bound
-        )
-
-        def step():
-            network.zero_grad(set_to_none=True)
+            compiled = [m for m in network.modules() if isinstance(m, (ResBlock, MultiviewTransformer))]
+            for module in compiled:
+                module.compile()
+            started = time.perf_counter()
             with autocast():
-                out = model(*inputs)
+                out = bound(*inputs)
             out.float().backward(gradient)
+            sync(device)
+            log("student_regional_compile_first_step_s", round(time.perf_counter() - started, 1))
+        with sdpa_context(sdpa), autocast():
+            model = (
+                torch.cuda.make_graphed_callables(bound, inputs, allow_unused_input=True)
+                if device.type == "cuda" and not args.eager else bound
+            )
 
-        seconds = median_seconds(step, device, args.repeats)
-        if profile_path is not None:
-            from torch.profiler import ProfilerActivity, profile
-
-            eager = bound
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with profile(activities=activities) as prof:
+            def step():
                 network.zero_grad(set_to_none=True)
                 with autocast():
-                    out = eager(*inputs)
+                    out = model(*inputs)
                 out.float().backward(gradient)
-                sync(device)
-            totals, top = kernel_table(prof)
-            profile_path.write_text(json.dumps({"by_kind": totals, "top_kernels": top}, indent=1))
-            log(f"student_profile_by_kind[{profile_path.stem}]", totals)
-    del model
+
+            seconds = median_seconds(step, device, args.repeats)
+            if profile_path is not None:
+                from torch.profiler import ProfilerActivity, profile
+
+                eager = bound
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                with profile(activities=activities) as prof:
+                    network.zero_grad(set_to_none=True)
+                    with autocast():
+                        out = eager(*inputs)
+                    out.float().backward(gradient)
+                    sync(device)
+                totals, top = kernel_table(prof)
+                profile_path.write_text(json.dumps({"by_kind": totals, "top_kernels": top}, indent=1))
+                log(f"student_profile_by_kind[{profile_path.stem}]", totals)
+        del model
+    finally:
+        for u in undo:
+            u()
     for module in compiled:
         module._compiled_call_impl = None
     network.zero_grad(set_to_none=True)
@@ -217,7 +227,72 @@ def student_variant(network: Seva, config: SevaConfig, args, device, *, channels
                 p.copy_(master[n])
     network.to(memory_format=torch.contiguous_format)
     release()
-    return seconds
+    return seconds, output
+
+
+# -- candidate changes, applied by monkeypatching for the measurement only ----------------------
+
+def _patch(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    return lambda: setattr(obj, name, old)
+
+
+def patch_geglu_split(network):
+    """GEGLU as two half-width matmuls: the gate and value come out contiguous (vectorised kernels)."""
+    from imix2mix.seva.attention import GEGLU
+
+    def forward(self, x):
+        half = self.proj.out_features // 2
+        w, b = self.proj.weight, self.proj.bias
+        return F.linear(x, w[:half], b[:half]) * F.gelu(F.linear(x, w[half:], b[half:]))
+    return [_patch(GEGLU, "forward", forward)]
+
+
+def patch_layernorm_mixed(network):
+    """LayerNorm on the bf16 activations with fp32 statistics and weights, bf16 out (no casts)."""
+    def forward(self, x):
+        if x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cuda"):
+            with torch.autocast("cuda", enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    return [_patch(torch.nn.LayerNorm, "forward", forward)]
+
+
+def patch_groupnorm_mixed(network):
+    from imix2mix.seva.layers import GroupNorm32
+
+    def forward(self, x):
+        if x.dtype == torch.bfloat16:
+            with torch.autocast("cuda", enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).type(x.dtype)
+    return [_patch(GroupNorm32, "forward", forward)]
+
+
+def patch_timemix_backend(backend):
+    def apply(network):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from imix2mix.seva.attention import SdpaAttnProcessor, TransformerBlockTimeMix
+
+        class Pinned(SdpaAttnProcessor):
+            def __call__(self, attn, x, context):
+                with sdpa_kernel([getattr(SDPBackend, backend)]):
+                    return super().__call__(attn, x, context)
+        blocks = [m for m in network.modules() if isinstance(m, TransformerBlockTimeMix)]
+        for block in blocks:
+            block.attn1.set_processor(Pinned())
+        return [lambda: [b.attn1.set_processor(SdpaAttnProcessor()) for b in blocks]]
+    return apply
+
+
+PATCHES = {
+    "geglu_split": patch_geglu_split,
+    "layernorm_mixed": patch_layernorm_mixed,
+    "groupnorm_mixed": patch_groupnorm_mixed,
+    "timemix_math": patch_timemix_backend("MATH"),
+    "timemix_efficient": patch_timemix_backend("EFFICIENT_ATTENTION"),
+}
 
 
 def student(args, device: torch.device) -> None:
@@ -234,16 +309,22 @@ def student(args, device: torch.device) -> None:
         "bf16_weights": {"bf16_weights": True},
         "channels_last+bf16_weights": {"channels_last": True, "bf16_weights": True},
         "regional_compile": {"regional_compile": True},
+        **{name: {"patches": (name,)} for name in PATCHES},
+        "as_now_again": {},
+        "all_patches": {"patches": ("geglu_split", "layernorm_mixed", "groupnorm_mixed", "timemix_efficient")},
     }
     variants = {k: v for k, v in variants.items() if k in args.student_variants.split(",")}
     if device.type != "cuda":
         variants = {k: v for k, v in variants.items() if "sdpa" not in k}
+    reference = None
     for name, kwargs in variants.items():
         profile_path = None
-        if name in ("as_now", "channels_last") and args.out is not None:
+        if name in ("as_now", "all_patches") and args.out is not None:
             profile_path = args.out / f"profile_student_{name}.json"
         try:
-            seconds = student_variant(network, config, args, device, profile_path=profile_path, **kwargs)
+            seconds, output = student_variant(network, config, args, device, profile_path=profile_path, reference=reference, **kwargs)
+            if reference is None:
+                reference = output
             log(f"student_fwd_bwd_s[{name}]", round(seconds, 5))
         except Exception as exc:  # a backend may not support a shape: record it and go on
             log(f"student_fwd_bwd_s[{name}]", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -272,7 +353,7 @@ def attention_shapes(config: SevaConfig, args, device: torch.device) -> None:
         v = torch.randn(b, h, lk, d, device=device, dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(b, h, lq, d, device=device, dtype=torch.bfloat16)
         flops = 4 * b * h * lq * lk * d * 3.5  # forward + backward (2.5× forward)
-        for backend in (None, "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        for backend in (None, "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
             def step():
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
                 out.backward(grad)

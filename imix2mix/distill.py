@@ -133,7 +133,8 @@ class EditConfig:
     compile: bool = False
     # Replay the student's forward + backward (and the teacher's UNet pass) as CUDA graphs: the same
     # kernels and numerics without the host launching ~10k kernels per iteration.  CUDA only; the
-    # student's graph needs student_query_steps = 1 and no gradient checkpointing (else it runs eager).  Measured 1.44x faster (docs/benchmarks.md).
+    # student's graph needs student_query_steps = 1, no gradient checkpointing and compile off (else it
+    # runs without graphs).  Measured 1.44x faster (docs/benchmarks.md).
     cuda_graphs: bool = True
     offload_after_use: bool = False  # move CLIP-H and the text encoder off the GPU once used
     log_every: int = 10
@@ -391,12 +392,14 @@ class GraphedStudent(torch.nn.Module):
             cond.crossattn.detach().clone(),
             cond.dense_vector.detach().clone(),
         )
+        for parameter in network.parameters():  # an earlier scene's gradients: free their memory first
+            parameter.grad = None
         with autocast:
             # allow_unused_input: q, k and norm2 of the single-token cross-attentions get no gradient
             self.graphed = torch.cuda.make_graphed_callables(
                 _StudentWithFrameCount(network, num_frames), sample, allow_unused_input=True
             )
-        for parameter in network.parameters():  # the capture's warm-up passes left gradients behind
+        for parameter in network.parameters():  # the warm-up passes left gradients behind
             parameter.grad = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, dense: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
@@ -506,7 +509,7 @@ class Distillation:
             else contextlib.nullcontext()
         )
         self.sigmas = denoiser.schedule.table(device)
-        if config.cuda_graphs and device.type == "cuda" and config.student_query_steps == 1 and not config.gradient_checkpointing:
+        if self.graphs_student(config, device):
             # Autocast's weight-cast cache cannot be captured; each cast is a kernel inside the graph.
             self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.student_precision == "bf16_autocast", cache_enabled=False)
             self.denoiser = SevaDenoiser(
@@ -524,6 +527,15 @@ class Distillation:
         self.last_estimate: torch.Tensor | None = None  # x̂0 of frames 1..N at the student's latent size
         self.teacher_timesteps: list[int] = []
         self.key_views: list[int] = []
+
+    @staticmethod
+    def graphs_student(config: EditConfig, device: torch.device) -> bool:
+        """Whether the student's forward + backward is replayed as CUDA graphs.  Not with
+        ``compile``: capturing the compiled backward failed (torch 2.11, docs/benchmarks.md)."""
+        return (
+            config.cuda_graphs and not config.compile and device.type == "cuda"
+            and config.student_query_steps == 1 and not config.gradient_checkpointing
+        )
 
     # -- the iteration --------------------------------------------------------------------------
     @property
@@ -570,7 +582,7 @@ class Distillation:
             noisy = self.teacher.add_noise(aligned.detach(), t, noise)
             guided = self.teacher.predict_noise(
                 noisy, t, self.teacher_context, text_cfg=config.text_cfg, image_cfg=config.image_cfg, key_view=key_view,
-                cuda_graph=config.cuda_graphs,
+                cuda_graph=config.cuda_graphs and not config.compile,
             )
         with self.timer.phase("backward"):
             loss = sds_surrogate_loss(aligned, guided, noise, config.sds_weight)
