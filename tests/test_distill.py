@@ -84,6 +84,14 @@ def test_config_hash_is_stable_and_tracks_results_only():
     assert base.to_dict()["betas"] == [0.9, 0.999]
 
 
+def test_cuda_graphs_replay_the_student_only_where_a_capture_is_valid():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert Distillation.graphs_student(EditConfig(), cuda)
+    assert not Distillation.graphs_student(EditConfig(), cpu)
+    for overrides in ({"cuda_graphs": False}, {"compile": True}, {"student_query_steps": 3}, {"gradient_checkpointing": True}):
+        assert not Distillation.graphs_student(EditConfig().overridden(overrides), cuda), overrides
+
+
 def test_edit_values_override_the_config():
     config = EditConfig().for_edit(Edit("turn him into a knight", text_cfg=6.0, seed=7))
     assert (config.text_cfg, config.image_cfg, config.seed) == (6.0, 1.5, 7)
