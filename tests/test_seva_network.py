@@ -125,6 +125,65 @@ def test_single_token_cross_attention_equals_full_attention(context_rows: int) -
         attn(torch.randn(5, 10, 32), torch.randn(2, 3, 24))
 
 
+def test_gradient_checkpointing_gives_the_same_output_and_gradients() -> None:
+    torch.manual_seed(0)
+    network = Seva(SevaConfig.tiny())
+    x, t, y, dense = random_inputs(network.config)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        network.zero_grad(set_to_none=True)
+        out = network(x, t, y, dense, num_frames=T)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
+
+    plain_out, plain_grads = run()
+    network.enable_gradient_checkpointing()
+    assert network.gradient_checkpointing
+    ckpt_out, ckpt_grads = run()
+    torch.testing.assert_close(ckpt_out, plain_out)
+    assert ckpt_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_bf16_autocast_runs_with_fp32_weights_and_stays_close(tiny_network: Seva) -> None:
+    x, t, y, dense = random_inputs(tiny_network.config)
+    with torch.no_grad():
+        reference = tiny_network(x, t, y, dense, num_frames=T)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tiny_network(x, t, y, dense, num_frames=T)
+    assert all(p.dtype == torch.float32 for p in tiny_network.parameters())
+    assert low.dtype == torch.bfloat16
+    relative = (low.float() - reference).norm() / reference.norm()
+    assert relative < 0.05
+
+
+def test_frames_of_a_scene_interact_and_scenes_do_not(tiny_network: Seva) -> None:
+    config = tiny_network.config
+    x, t, y, dense = random_inputs(config, frames=2 * T)
+    with torch.no_grad():
+        base = tiny_network(x, t, y, dense, num_frames=T)
+        x_changed = x.clone()
+        x_changed[0] += 1.0  # frame 0 of scene 0 only
+        changed = tiny_network(x_changed, t, y, dense, num_frames=T)
+    assert (changed[1] - base[1]).abs().max() > 1e-4  # other frames of scene 0 see it
+    torch.testing.assert_close(changed[T:], base[T:])  # scene 1 does not
+
+
+def test_context_of_frame_zero_drives_3d_and_time_mix_blocks(tiny_network: Seva) -> None:
+    x, t, y, dense = random_inputs(tiny_network.config)
+    with torch.no_grad():
+        base = tiny_network(x, t, y, dense, num_frames=T)
+        y_other = y.clone()
+        y_other[2] += 1.0  # a non-first frame's context reaches only its own spatial blocks
+        other = tiny_network(x, t, y_other, dense, num_frames=T)
+        y_first = y.clone()
+        y_first[0] += 1.0
+        first = tiny_network(x, t, y_first, dense, num_frames=T)
+    assert (other[2] - base[2]).abs().max() > 1e-4
+    assert (first[3] - base[3]).abs().max() > 1e-4
+
+
 class CountingProcessor(SdpaAttnProcessor):
     def __init__(self) -> None:
         self.calls = 0
