@@ -529,11 +529,17 @@ class Distillation:
         self.key_views: list[int] = []
 
     @staticmethod
-    def graphs_student(config: EditConfig, device: torch.device) -> bool:
-        """Whether the student's forward + backward is replayed as CUDA graphs.  Not with
+    def graphs_teacher(config: EditConfig) -> bool:
+        """Whether the teacher's UNet pass is replayed as a CUDA graph (on CUDA).  Not with
         ``compile``: capturing the compiled backward failed (torch 2.11, docs/benchmarks.md)."""
+        return config.cuda_graphs and not config.compile
+
+    @staticmethod
+    def graphs_student(config: EditConfig, device: torch.device) -> bool:
+        """Whether the student's forward + backward is replayed as CUDA graphs: as the teacher, and
+        only for a single-step query without gradient checkpointing."""
         return (
-            config.cuda_graphs and not config.compile and device.type == "cuda"
+            Distillation.graphs_teacher(config) and device.type == "cuda"
             and config.student_query_steps == 1 and not config.gradient_checkpointing
         )
 
@@ -582,7 +588,7 @@ class Distillation:
             noisy = self.teacher.add_noise(aligned.detach(), t, noise)
             guided = self.teacher.predict_noise(
                 noisy, t, self.teacher_context, text_cfg=config.text_cfg, image_cfg=config.image_cfg, key_view=key_view,
-                cuda_graph=config.cuda_graphs and not config.compile,
+                cuda_graph=self.graphs_teacher(config),
             )
         with self.timer.phase("backward"):
             loss = sds_surrogate_loss(aligned, guided, noise, config.sds_weight)

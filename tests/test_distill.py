@@ -90,6 +90,8 @@ def test_cuda_graphs_replay_the_student_only_where_a_capture_is_valid():
     assert not Distillation.graphs_student(EditConfig(), cpu)
     for overrides in ({"cuda_graphs": False}, {"compile": True}, {"student_query_steps": 3}, {"gradient_checkpointing": True}):
         assert not Distillation.graphs_student(EditConfig().overridden(overrides), cuda), overrides
+    assert Distillation.graphs_teacher(EditConfig().overridden({"student_query_steps": 3}))
+    assert not Distillation.graphs_teacher(EditConfig().overridden({"compile": True}))
 
 
 def test_edit_values_override_the_config():
