@@ -194,6 +194,8 @@ MODES: dict[str, list[str]] = {
     "compiled": ["optimizer=adamw_fused", "compile=true", "cuda_graphs=false"],
     # Same numerics: the student's forward + backward replayed as CUDA graphs (the default).
     "graphed": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=true"],
+    # Same numerics up to kernel fusion order: compiled kernels replayed as inductor's CUDA graphs.
+    "compiled_graphed": ["optimizer=adamw_fused", "compile=true", "cuda_graphs=true"],
     # Changes numerics (bf16 AdamW moments); recomputes activations; frozen encoders leave the GPU.
     "lean": ["optimizer=adamw_bf16_states", "gradient_checkpointing=true", "offload_after_use=true", "compile=false"],
 }

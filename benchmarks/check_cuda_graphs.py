@@ -5,10 +5,13 @@ each way; prints the relative differences of the losses, of the latents after th
 the weight updates (the weights minus the pristine copy).
 
     python benchmarks/check_cuda_graphs.py        # on a CUDA machine
+    python benchmarks/check_cuda_graphs.py --configs "eager,compiled+graphs" --timed-steps 20
 """
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,32 +25,68 @@ from imix2mix.distill import Edit  # noqa: E402
 from imix2mix.presets import build_editor  # noqa: E402
 
 
+CONFIGURATIONS = {
+    "eager": {"cuda_graphs": False},
+    "eager again": {"cuda_graphs": False},
+    "graphed": {"cuda_graphs": True},
+    # Last: compiling is in place and stays.
+    "compiled+graphs": {"compile": True, "cuda_graphs": True},
+}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="eager,eager again,graphed", help=f"comma-separated, from: {', '.join(CONFIGURATIONS)}")
+    parser.add_argument("--no-euler", action="store_true", help="skip the Euler step (and its latents comparison)")
+    parser.add_argument("--timed-steps", type=int, default=0, help="then time this many more steps (median, synchronised)")
+    args = parser.parse_args()
     editor = build_editor("full", device="cuda", random_weights=True, metrics=False)
     scene = synthetic_scene(4, 576)
     results = {}
-    for name, graphs in (("eager", False), ("eager again", False), ("graphed", True)):
-        config = editor.default_config.overridden({"teacher_steps": 2, "cuda_graphs": graphs})
+    for name in args.configs.split(","):
+        config = editor.default_config.overridden({"teacher_steps": 2, **CONFIGURATIONS[name]})
         started = time.perf_counter()
         distillation = editor.prepare_distillation(scene, Edit("turn him into a knight"), config)
         torch.cuda.synchronize()
         setup = time.perf_counter() - started
-        losses = [float(distillation.step().loss) for _ in range(4)]
-        distillation.advance()
+        losses, step_seconds = [], []
+        for _ in range(4):
+            started = time.perf_counter()
+            losses.append(float(distillation.step().loss))
+            step_seconds.append(time.perf_counter() - started)
+            print(f"{name}: step {len(losses)} {step_seconds[-1]:.2f} s", flush=True)
+        started = time.perf_counter()
+        if not args.no_euler:
+            distillation.advance()
+        torch.cuda.synchronize()
+        advance_seconds = time.perf_counter() - started
         latents = distillation.latents.clone()
         updates = {n: (p.detach().float() - editor._pristine[n].cuda().float()) for n, p in editor.student.named_parameters()}
-        editor.finish_distillation()
         results[name] = (losses, latents, updates)
+        if args.timed_steps:
+            timed = []
+            for _ in range(args.timed_steps):
+                started = time.perf_counter()
+                distillation.step()
+                torch.cuda.synchronize()
+                timed.append(time.perf_counter() - started)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            print(f"{name}: {statistics.median(timed):.4f} s/it (median of {len(timed)}), peak allocated {peak:.1f} GiB", flush=True)
+        editor.finish_distillation()
         del distillation  # its graphs and their memory go before the next capture
-        print(f"{name}: setup {setup:.1f} s, losses {losses}", flush=True)
-    (reference_losses, reference_latents, reference_updates) = results["eager"]
-    for name in ("eager again", "graphed"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        steps = ", ".join(f"{x:.2f}" for x in step_seconds)
+        print(f"{name}: setup {setup:.1f} s, first steps {steps} s, Euler step {advance_seconds:.1f} s, losses {losses}", flush=True)
+    reference = "eager" if "eager" in results else next(iter(results))
+    (reference_losses, reference_latents, reference_updates) = results[reference]
+    for name in [n for n in results if n != reference]:
         losses, latents, updates = results[name]
         loss_diff = max(abs(a - b) / abs(a) for a, b in zip(reference_losses, losses))
         latent_diff = float((latents - reference_latents).norm() / reference_latents.norm())
         total = sum(float((updates[n] - reference_updates[n]).norm() ** 2) for n in updates) ** 0.5
         scale = sum(float(reference_updates[n].norm() ** 2) for n in updates) ** 0.5
-        print(f"{name} vs eager: loss {loss_diff:.2e}, latents {latent_diff:.2e}, all weight updates {total / scale:.2e} (relative)")
+        print(f"{name} vs {reference}: loss {loss_diff:.2e}, latents {latent_diff:.2e}, all weight updates {total / scale:.2e} (relative)")
 
 
 if __name__ == "__main__":

@@ -130,11 +130,14 @@ class EditConfig:
     # precision, memory, speed (CPU always runs fp32)
     student_precision: StudentPrecision = "bf16_autocast"
     gradient_checkpointing: bool = False
+    # torch.compile the student and the teacher's noise prediction (fused kernels, same numerics up to
+    # fusion order).  With cuda_graphs on CUDA, inductor replays the compiled kernels as CUDA graphs
+    # (mode "reduce-overhead").  Warm-up: minutes with a cold inductor cache (docs/benchmarks.md).
     compile: bool = False
     # Replay the student's forward + backward (and the teacher's UNet pass) as CUDA graphs: the same
     # kernels and numerics without the host launching ~10k kernels per iteration.  CUDA only; the
-    # student's graph needs student_query_steps = 1, no gradient checkpointing and compile off (else it
-    # runs without graphs).  Measured 1.44x faster (docs/benchmarks.md).
+    # student's graph needs student_query_steps = 1 and no gradient checkpointing (else it runs without
+    # graphs).  Measured 1.44x faster (docs/benchmarks.md).
     cuda_graphs: bool = True
     offload_after_use: bool = False  # move CLIP-H and the text encoder off the GPU once used
     log_every: int = 10
@@ -529,9 +532,17 @@ class Distillation:
         self.key_views: list[int] = []
 
     @staticmethod
+    def inductor_graphs(config: EditConfig, device: torch.device) -> bool:
+        """Whether the compiled student and teacher run as inductor's CUDA graphs (``torch.compile``
+        mode "reduce-overhead").  Our own capture of compiled code failed for the backward pass
+        (``cudaErrorStreamCaptureIsolation``, torch 2.11, docs/benchmarks.md); inductor's cudagraph
+        trees capture inside the compiled functions."""
+        return config.compile and config.cuda_graphs and device.type == "cuda"
+
+    @staticmethod
     def graphs_teacher(config: EditConfig) -> bool:
-        """Whether the teacher's UNet pass is replayed as a CUDA graph (on CUDA).  Not with
-        ``compile``: capturing the compiled backward failed (torch 2.11, docs/benchmarks.md)."""
+        """Whether the teacher's UNet pass is replayed as a CUDA graph we capture (on CUDA).  Not
+        with ``compile``: there inductor captures (:meth:`inductor_graphs`)."""
         return config.cuda_graphs and not config.compile
 
     @staticmethod
@@ -578,6 +589,7 @@ class Distillation:
     def step(self) -> StepOutcome:
         """One distillation iteration at the current τ (no host synchronisation)."""
         tau, config = self.tau, self.config
+        self._begin_graph_generation()
         with self.timer.phase("student_forward"):
             estimate = self.student_estimate(self.latents, tau)[1:]  # frames 1..N (slot 0 is the reference)
             aligned = self.align(estimate)
@@ -613,12 +625,20 @@ class Distillation:
         if self.tau_position + 1 >= len(self.taus):
             return False
         sigma, sigma_next = self.sigmas[self.tau], self.sigmas[self.taus[self.tau_position + 1]]
+        self._begin_graph_generation()
         with self.autocast:
             denoised = self.denoiser(self.latents, sigma, self.cond, self.num_frames)
         self.latents = euler_edm_step(self.latents, denoised.float(), sigma, sigma_next)
         self.tau_position += 1
         self.updates_done_at_tau = 0
         return True
+
+    def _begin_graph_generation(self) -> None:
+        # Inductor's cudagraph trees reuse their memory per iteration: the previous iteration's graph
+        # outputs, the gradients among them, are dropped and the start of a new one is marked.
+        if self.inductor_graphs(self.config, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.compiler.cudagraph_mark_step_begin()
 
     def run(self, progress: ProgressCallback | None = None) -> tuple[torch.Tensor, list[dict[str, float]]]:
         """The whole schedule; returns the last x̂0 of frames 1..N and the logged values."""
@@ -698,7 +718,7 @@ class Editor:
             name: (value.detach().to("cpu", copy=True).pin_memory() if pin else value.detach().to("cpu", copy=True))
             for name, value in self.student.state_dict().items()
         }
-        self._compiled = False
+        self._compile_mode: tuple[str | None] | None = None  # (torch.compile mode,) once compiled
 
     # -- student reset --------------------------------------------------------------------------
     @torch.no_grad()
@@ -867,12 +887,15 @@ class Editor:
 
     def _configure_student(self, config: EditConfig) -> None:
         self.student.enable_gradient_checkpointing(config.gradient_checkpointing)
-        if config.compile and not self._compiled:
+        if not config.compile:
+            return
+        mode = "reduce-overhead" if Distillation.inductor_graphs(config, self.device) else None
+        if self._compile_mode != (mode,):
             # In place, so parameter names (and the pristine copy) stay valid; static shapes: a new
             # number of views compiles once more rather than switching to slower dynamic kernels.
-            self.student.compile(dynamic=False)
-            self.teacher.compile_noise_prediction()
-            self._compiled = True
+            self.student.compile(dynamic=False, mode=mode)
+            self.teacher.compile_noise_prediction(mode)
+            self._compile_mode = (mode,)
 
     @torch.no_grad()
     def _sample_student(self, conditioning, config: EditConfig, randomness: RunRandomness) -> torch.Tensor:

@@ -119,11 +119,12 @@ class InstructPix2PixTeacher:
         self.alphas_cumprod = self.alphas_cumprod.to(self.device)
         return self
 
-    def compile_noise_prediction(self) -> None:
+    def compile_noise_prediction(self, mode: str | None = None) -> None:
         """``torch.compile`` the UNet for :meth:`predict_noise` only (the reference edit keeps the eager
-        UNet: it runs once per scene at another batch size).  Idempotent."""
-        if self.noise_unet is self.pipeline.unet:
-            self.noise_unet = torch.compile(self.pipeline.unet, dynamic=False)
+        UNet: it runs once per scene at another batch size).  ``mode``: torch.compile's, e.g.
+        "reduce-overhead" for inductor's CUDA graphs."""
+        self.noise_unet = torch.compile(self.pipeline.unet, dynamic=False, mode=mode)
+        self._captured = None
 
     # -- attention ------------------------------------------------------------------------------
     def set_cross_view_attention(self, mode: CrossViewAttention) -> None:

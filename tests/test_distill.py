@@ -94,6 +94,17 @@ def test_cuda_graphs_replay_the_student_only_where_a_capture_is_valid():
     assert not Distillation.graphs_teacher(EditConfig().overridden({"compile": True}))
 
 
+def test_compiled_code_replays_as_inductor_graphs_only_with_cuda_graphs_on_cuda():
+    """With compile, our own capture is off and inductor's CUDA graphs ("reduce-overhead") take over."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    compiled = EditConfig().overridden({"compile": True})
+    assert Distillation.inductor_graphs(compiled, cuda)
+    assert not Distillation.inductor_graphs(compiled, cpu)
+    assert not Distillation.inductor_graphs(compiled.overridden({"cuda_graphs": False}), cuda)
+    assert not Distillation.inductor_graphs(EditConfig(), cuda)  # the default: our capture, eager kernels
+    assert not Distillation.graphs_student(compiled, cuda)
+
+
 def test_edit_values_override_the_config():
     config = EditConfig().for_edit(Edit("turn him into a knight", text_cfg=6.0, seed=7))
     assert (config.text_cfg, config.image_cfg, config.seed) == (6.0, 1.5, 7)

@@ -90,3 +90,22 @@ def test_fused_iteration_equals_the_plain_one(editor):
         torch.testing.assert_close(fused_update, plain_update, rtol=1e-3, atol=1e-3 * float(plain_update.abs().max()), msg=name)
     # The comparison has teeth: the two steps changed the weights.
     assert any(not torch.equal(plain[2][name], pristine[name]) for name in plain[2])
+
+
+def test_compile_setting_compiles_lazily_without_inductor_graphs_on_cpu(editor):
+    """``compile=true`` wraps the student and the teacher's noise prediction in place (compiling
+    happens at the first call, which this test never makes); on CPU no CUDA-graph mode is asked for."""
+    config = default_config("tiny").overridden({"compile": True})
+    try:
+        editor._configure_student(config)
+        assert editor._compile_mode == (None,)
+        assert editor.student._compiled_call_impl is not None
+        assert editor.teacher.noise_unet is not editor.teacher.unet
+        assert editor.teacher.noise_unet._orig_mod is editor.teacher.unet
+        first = editor.student._compiled_call_impl
+        editor._configure_student(config)  # the same mode again: no second wrapper
+        assert editor.student._compiled_call_impl is first
+    finally:
+        editor.student._compiled_call_impl = None
+        editor.teacher.noise_unet = editor.teacher.unet
+        editor._compile_mode = None
