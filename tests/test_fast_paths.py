@@ -109,3 +109,22 @@ def test_compile_setting_compiles_lazily_without_inductor_graphs_on_cpu(editor):
         editor.student._compiled_call_impl = None
         editor.teacher.noise_unet = editor.teacher.unet
         editor._compile_mode = None
+
+
+def test_euler_step_of_a_compiled_run_stays_eager(editor):
+    """The 40 no-grad Euler steps per scene run eagerly: dynamo sees no frame, so nothing compiles."""
+    from torch._dynamo.utils import counters
+
+    config = default_config("tiny").overridden({"compile": True, "reference_index": 1, "teacher_steps": 2})
+    try:
+        distillation = editor.prepare_distillation(load_scene(SCENES / "face"), Edit("make it snowy"), config)
+        before = distillation.latents.clone()
+        frames = counters["frames"]["total"]
+        assert distillation.advance()
+        assert counters["frames"]["total"] == frames
+        assert not torch.equal(distillation.latents, before)
+    finally:
+        editor.finish_distillation()
+        editor.student._compiled_call_impl = None
+        editor.teacher.noise_unet = editor.teacher.unet
+        editor._compile_mode = None
