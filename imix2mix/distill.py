@@ -456,6 +456,13 @@ def sds_surrogate_loss(estimate: torch.Tensor, guided_noise: torch.Tensor, noise
     return (gradient * estimate.float()).sum() / estimate.numel()
 
 
+def eager_forwards(config: EditConfig) -> contextlib.AbstractContextManager:
+    """Where ``compile`` is on, run the student's no-grad forwards eagerly: the Euler steps between τ
+    (40 per scene, about a second) and the student-only sampler.  Compiling them would add graphs that
+    take minutes with a cold cache."""
+    return torch.compiler.set_stance("force_eager") if config.compile else contextlib.nullcontext()
+
+
 class Distillation:
     """Per-scene state of the loop.  ``step()`` is one iteration; ``advance()`` the Euler step to
     the next τ; ``run()`` does the whole schedule.  A benchmark can call ``step()`` directly.
@@ -625,10 +632,7 @@ class Distillation:
         if self.tau_position + 1 >= len(self.taus):
             return False
         sigma, sigma_next = self.sigmas[self.tau], self.sigmas[self.taus[self.tau_position + 1]]
-        # Compiled, this no-grad forward would be one more graph to compile (minutes with a cold cache)
-        # for 40 calls per scene; eager it costs about a second per scene.
-        eager = torch.compiler.set_stance("force_eager") if self.config.compile else contextlib.nullcontext()
-        with eager, self.autocast:
+        with eager_forwards(self.config), self.autocast:
             denoised = self.denoiser(self.latents, sigma, self.cond, self.num_frames)
         self.latents = euler_edm_step(self.latents, denoised.float(), sigma, sigma_next)
         self.tau_position += 1
@@ -902,10 +906,11 @@ class Editor:
     @torch.no_grad()
     def _sample_student(self, conditioning, config: EditConfig, randomness: RunRandomness) -> torch.Tensor:
         """Student-only baseline: SEVA samples the N views from the edited reference alone."""
-        latents = sample_novel_views(
-            self.denoiser, conditioning, num_steps=config.student_only_steps, cfg=config.student_only_cfg,
-            cfg_min=config.student_only_cfg_min, generator=randomness.initial_noise,
-        )
+        with eager_forwards(config):
+            latents = sample_novel_views(
+                self.denoiser, conditioning, num_steps=config.student_only_steps, cfg=config.student_only_cfg,
+                cfg_min=config.student_only_cfg_min, generator=randomness.initial_noise,
+            )
         return latents[1:]
 
     @torch.no_grad()
