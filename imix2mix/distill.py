@@ -724,7 +724,7 @@ class Editor:
             name: (value.detach().to("cpu", copy=True).pin_memory() if pin else value.detach().to("cpu", copy=True))
             for name, value in self.student.state_dict().items()
         }
-        self._compile_mode: tuple[str | None] | None = None  # (torch.compile mode,) once compiled
+        self._compile_mode: str | None = None  # torch.compile's mode, once compiled
 
     # -- student reset --------------------------------------------------------------------------
     @torch.no_grad()
@@ -895,13 +895,13 @@ class Editor:
         self.student.enable_gradient_checkpointing(config.gradient_checkpointing)
         if not config.compile:
             return
-        mode = "reduce-overhead" if Distillation.inductor_graphs(config, self.device) else None
-        if self._compile_mode != (mode,):
+        mode = "reduce-overhead" if Distillation.inductor_graphs(config, self.device) else "default"
+        if self._compile_mode != mode:
             # In place, so parameter names (and the pristine copy) stay valid; static shapes: a new
             # number of views compiles once more rather than switching to slower dynamic kernels.
             self.student.compile(dynamic=False, mode=mode)
             self.teacher.compile_noise_prediction(mode)
-            self._compile_mode = (mode,)
+            self._compile_mode = mode
 
     @torch.no_grad()
     def _sample_student(self, conditioning, config: EditConfig, randomness: RunRandomness) -> torch.Tensor:

@@ -119,7 +119,7 @@ class InstructPix2PixTeacher:
         self.alphas_cumprod = self.alphas_cumprod.to(self.device)
         return self
 
-    def compile_noise_prediction(self, mode: str | None = None) -> None:
+    def compile_noise_prediction(self, mode: str = "default") -> None:
         """``torch.compile`` the UNet for :meth:`predict_noise` only (the reference edit keeps the eager
         UNet: it runs once per scene at another batch size).  ``mode``: torch.compile's, e.g.
         "reduce-overhead" for inductor's CUDA graphs."""

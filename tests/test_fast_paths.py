@@ -92,13 +92,20 @@ def test_fused_iteration_equals_the_plain_one(editor):
     assert any(not torch.equal(plain[2][name], pristine[name]) for name in plain[2])
 
 
+def _uncompile(editor) -> None:  # noqa: ANN001
+    """Back to eager for the module's other tests (compiling the tiny student takes minutes here)."""
+    editor.student._compiled_call_impl = None
+    editor.teacher.noise_unet = editor.teacher.unet
+    editor._compile_mode = None
+
+
 def test_compile_setting_compiles_lazily_without_inductor_graphs_on_cpu(editor):
     """``compile=true`` wraps the student and the teacher's noise prediction in place (compiling
     happens at the first call, which this test never makes); on CPU no CUDA-graph mode is asked for."""
     config = default_config("tiny").overridden({"compile": True})
     try:
         editor._configure_student(config)
-        assert editor._compile_mode == (None,)
+        assert editor._compile_mode == "default"
         assert editor.student._compiled_call_impl is not None
         assert editor.teacher.noise_unet is not editor.teacher.unet
         assert editor.teacher.noise_unet._orig_mod is editor.teacher.unet
@@ -106,9 +113,7 @@ def test_compile_setting_compiles_lazily_without_inductor_graphs_on_cpu(editor):
         editor._configure_student(config)  # the same mode again: no second wrapper
         assert editor.student._compiled_call_impl is first
     finally:
-        editor.student._compiled_call_impl = None
-        editor.teacher.noise_unet = editor.teacher.unet
-        editor._compile_mode = None
+        _uncompile(editor)
 
 
 def test_euler_step_of_a_compiled_run_stays_eager(editor):
@@ -125,6 +130,4 @@ def test_euler_step_of_a_compiled_run_stays_eager(editor):
         assert not torch.equal(distillation.latents, before)
     finally:
         editor.finish_distillation()
-        editor.student._compiled_call_impl = None
-        editor.teacher.noise_unet = editor.teacher.unet
-        editor._compile_mode = None
+        _uncompile(editor)
