@@ -596,7 +596,12 @@ class Distillation:
     def step(self) -> StepOutcome:
         """One distillation iteration at the current τ (no host synchronisation)."""
         tau, config = self.tau, self.config
-        self._begin_graph_generation()
+        # The previous iteration's gradients go before this forward, not just before the backward:
+        # their memory is free while the activations build up.
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.inductor_graphs(config, self.device):
+            # Inductor's cudagraph trees reuse their memory per iteration; mark where one starts.
+            torch.compiler.cudagraph_mark_step_begin()
         with self.timer.phase("student_forward"):
             estimate = self.student_estimate(self.latents, tau)[1:]  # frames 1..N (slot 0 is the reference)
             aligned = self.align(estimate)
@@ -611,7 +616,6 @@ class Distillation:
             )
         with self.timer.phase("backward"):
             loss = sds_surrogate_loss(aligned, guided, noise, config.sds_weight)
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         with self.timer.phase("clip_and_optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
@@ -638,13 +642,6 @@ class Distillation:
         self.tau_position += 1
         self.updates_done_at_tau = 0
         return True
-
-    def _begin_graph_generation(self) -> None:
-        # Inductor's cudagraph trees reuse their memory per iteration: the previous iteration's graph
-        # outputs, the gradients among them, are dropped and the start of a new one is marked.
-        if self.inductor_graphs(self.config, self.device):
-            self.optimizer.zero_grad(set_to_none=True)
-            torch.compiler.cudagraph_mark_step_begin()
 
     def run(self, progress: ProgressCallback | None = None) -> tuple[torch.Tensor, list[dict[str, float]]]:
         """The whole schedule; returns the last x̂0 of frames 1..N and the logged values."""
