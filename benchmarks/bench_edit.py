@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # the package, and the sibling benchmark scripts
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 from imix2mix.distill import Edit, EditConfig  # noqa: E402
 from imix2mix.presets import build_editor, default_config  # noqa: E402
@@ -151,8 +152,11 @@ PROFILED: set[str] = set()
 
 
 def profile_steps(distillation, device: torch.device, path: Path, steps: int = 3) -> None:
-    """Kernel-level table of a few iterations (torch.profiler), sorted by device time."""
+    """Kernel-level tables of a few iterations (torch.profiler): the top operators, and on CUDA the
+    device time per iteration of every kernel, summed by kind (``<path>.json``)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from probe_speed import kernel_table  # the one kernel classification
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -162,6 +166,14 @@ def profile_steps(distillation, device: torch.device, path: Path, steps: int = 3
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=80))
+    if device.type == "cuda":
+        totals, top = kernel_table(prof)
+        per_iteration = {
+            "kernel_seconds": round(sum(totals.values()) / steps, 5),
+            "by_kind": {kind: round(seconds / steps, 5) for kind, seconds in totals.items()},
+            "top_kernels": [(name, round(seconds / steps, 5), count / steps) for name, seconds, count in top],
+        }
+        path.with_suffix(".json").write_text(json.dumps(per_iteration, indent=1))
 
 
 def configurations(args) -> list[tuple[str, int, dict[str, Any]]]:
@@ -187,13 +199,15 @@ def configurations(args) -> list[tuple[str, int, dict[str, Any]]]:
 # Named bundles of EditConfig settings.  "official": the published implementation choices, eager.
 # Every other bundle says whether it changes numerics.
 MODES: dict[str, list[str]] = {
-    "official": ["optimizer=adamw", "compile=false", "cuda_graphs=false"],
+    "official": ["optimizer=adamw", "compile=false", "cuda_graphs=false", "channels_last=false"],
     # Same numerics: AdamW's update in one fused kernel.
-    "fused": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=false"],
+    "fused": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=false", "channels_last=false"],
     # Same numerics up to kernel fusion order: torch.compile of the student and of the teacher's ε.
     "compiled": ["optimizer=adamw_fused", "compile=true", "cuda_graphs=false"],
     # Same numerics: the student's forward + backward replayed as CUDA graphs (the default).
     "graphed": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=true"],
+    # The default before channels-last: NCHW convolutions around torch's GroupNorm.
+    "graphed_nchw": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=true", "channels_last=false"],
     # Same numerics up to kernel fusion order: compiled kernels replayed as inductor's CUDA graphs.
     "compiled_graphed": ["optimizer=adamw_fused", "compile=true", "cuda_graphs=true"],
     # Changes numerics (bf16 AdamW moments); recomputes activations; frozen encoders leave the GPU.

@@ -1,4 +1,5 @@
-"""GPU check that CUDA-graph replay of the student computes what the eager student computes.
+"""GPU check that CUDA-graph replay of the student (and channels-last with the fused NHWC GroupNorm)
+computes what the eager NCHW student computes.
 
 Full-size random weights, the same scene and seed: four distillation iterations and one Euler step
 each way; prints the relative differences of the losses, of the latents after the Euler step, and of
@@ -26,9 +27,13 @@ from imix2mix.presets import build_editor  # noqa: E402
 
 
 CONFIGURATIONS = {
-    "eager": {"cuda_graphs": False},
-    "eager again": {"cuda_graphs": False},
-    "graphed": {"cuda_graphs": True},
+    # The reference: eager, NCHW, torch's GroupNorm.
+    "eager": {"cuda_graphs": False, "channels_last": False},
+    "eager again": {"cuda_graphs": False, "channels_last": False},
+    "graphed": {"cuda_graphs": True, "channels_last": False},
+    # channels-last with the fused NHWC GroupNorm kernels
+    "channels_last": {"cuda_graphs": False, "channels_last": True},
+    "graphed+channels_last": {"cuda_graphs": True, "channels_last": True},
     # Last: compiling is in place and stays.
     "compiled+graphs": {"compile": True, "cuda_graphs": True},
 }

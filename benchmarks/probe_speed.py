@@ -10,7 +10,9 @@ Measures, at full size with random weights (T = 5 frames at 72² for the student
   attention, normalisation, elementwise, copies/casts);
 * the teacher's UNet pass (fp16, inference mode) as a CUDA graph, as now and channels-last;
 * the clip + optimizer phase: clip_grad_norm_ then fused AdamW, against the clip folded into the
-  fused AdamW's ``grad_scale``.
+  fused AdamW's ``grad_scale``;
+* GroupNorm + SiLU forward + backward at the student's shapes: torch's NCHW kernel against the fused
+  NHWC Triton kernel (``--parts group_norm``).
 
     python benchmarks/probe_speed.py --out results/                # GPU
     python benchmarks/probe_speed.py --preset tiny --device cpu      # smoke test (eager only)
@@ -91,7 +93,7 @@ KINDS = [
     ("attention", r"flash|fmha|attention|sdpa|cudnn_generated_fort_native_sdpa"),
     ("convolution", r"conv|implicit|fprop|dgrad|wgrad|xmma_fprop|cudnn|nchwToNhwc|nhwcToNchw"),
     ("matmul", r"gemm|sm90_xmma|cutlass|ampere_|sm80_|nvjet|cublas"),
-    ("normalisation", r"norm|welford|moments"),
+    ("normalisation", r"norm|welford|moments|_stats_kernel|_backward_(sums|group|dx)_kernel"),  # ours: imix2mix/kernels
     ("copy_cast", r"copy|cast|transpose|permute|cat|Copy|contiguous"),
     ("optimizer", r"adam|foreach|multi_tensor|norm_kernel"),
     ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|reduce"),
@@ -440,6 +442,63 @@ def optimizer(args, device: torch.device) -> None:
     release()
 
 
+# -- GroupNorm at the student's shapes -----------------------------------------------------------
+
+def group_norm(args, device: torch.device) -> None:
+    """GroupNorm32 + SiLU forward + backward, bf16 activations: torch's NCHW kernel under autocast's
+    casts (with the NCHW↔NHWC transposes cuDNN would add around it, timed separately) against the
+    fused NHWC Triton kernel, at every (channels, size) of the full student with T frames."""
+    from imix2mix.kernels.group_norm import fused_group_norm_available
+    from imix2mix.seva.layers import GroupNorm32
+
+    latent = args.latent
+    shapes = [(320, latent), (640, latent // 2), (1280, latent // 4), (1280, latent // 8),
+              (640, latent), (960, latent // 2), (1920, latent // 4), (2560, latent // 8)]
+    class NormSilu(torch.nn.Module):
+        def __init__(self, channels: int):
+            super().__init__()
+            self.norm = GroupNorm32(32, channels)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x, silu=True)
+
+    for channels, size in shapes:
+        module = NormSilu(channels).to(device)
+        x = torch.randn(args.frames, channels, size, size, device=device, dtype=torch.bfloat16)
+        gradient = torch.randn_like(x)
+        results = {}
+        for name, memory_format in (("nchw", torch.contiguous_format), ("nhwc_fused", torch.channels_last)):
+            source = x.contiguous(memory_format=memory_format).requires_grad_(True)
+            grad = gradient.contiguous(memory_format=memory_format)
+            if name == "nhwc_fused" and not fused_group_norm_available(source, 32):
+                continue
+            def once() -> None:
+                module(source).backward(grad)
+
+            run = once
+            if device.type == "cuda" and not args.eager:
+                # Replayed as a CUDA graph, as in the iteration: GPU time, not launch overhead.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        once()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    once()
+                run = graph.replay
+
+            def fwd_bwd(times: int = 10):  # ten per timing, so the host's sync is not what is measured
+                for _ in range(times):
+                    run()
+
+            results[name] = median_seconds(fwd_bwd, device, args.repeats) * 1e3 / 10
+        transpose = median_seconds(lambda: x.contiguous(memory_format=torch.channels_last), device, args.repeats) * 1e3
+        log(f"group_norm_ms[C={channels},{size}x{size}]",
+            {**{k: round(v, 3) for k, v in results.items()}, "one_layout_transpose": round(transpose, 3)})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full", choices=["full", "tiny"])
@@ -461,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         log("gpu", torch.cuda.get_device_name(device))
         log("torch", torch.__version__)
-    parts = {"ceilings": ceilings, "student": student, "teacher": teacher, "optimizer": optimizer}
+    parts = {"ceilings": ceilings, "student": student, "teacher": teacher, "optimizer": optimizer, "group_norm": group_norm}
     for part in args.parts.split(","):
         started = time.perf_counter()
         try:

@@ -69,8 +69,9 @@ StudentPrecision = Literal["bf16_autocast", "fp32"]
 # ---------------------------------------------------------------------------------------------
 
 # Knobs that change how a run is observed or where tensors live, never its result: not hashed.
-# cuda_graphs replays the very kernels eager runs (docs/benchmarks.md: graphed vs eager = eager vs eager).
-_UNHASHED_FIELDS = frozenset({"log_every", "time_phases", "offload_after_use", "cuda_graphs"})
+# cuda_graphs replays the very kernels eager runs (docs/benchmarks.md: graphed vs eager = eager vs eager);
+# channels_last computes the same functions, differing only in reduction order (as eager vs eager).
+_UNHASHED_FIELDS = frozenset({"log_every", "time_phases", "offload_after_use", "cuda_graphs", "channels_last"})
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,11 @@ class EditConfig:
     # student's graph needs student_query_steps = 1 and no gradient checkpointing (else it runs without
     # graphs).  Measured 1.44x faster (docs/benchmarks.md).
     cuda_graphs: bool = True
+    # On CUDA, the student's and the teacher's convolutions read and write channels-last (NHWC) memory,
+    # and their GroupNorms run as fused NHWC Triton kernels (imix2mix/kernels/group_norm.py): no layout
+    # transposes around each convolution, no fp32 copies of activations around each norm.  Same
+    # numerics up to reduction order.
+    channels_last: bool = True
     offload_after_use: bool = False  # move CLIP-H and the text encoder off the GPU once used
     log_every: int = 10
     time_phases: bool = False  # per-phase timings (synchronises the device around each phase)
@@ -890,6 +896,9 @@ class Editor:
 
     def _configure_student(self, config: EditConfig) -> None:
         self.student.enable_gradient_checkpointing(config.gradient_checkpointing)
+        memory_format = torch.channels_last if config.channels_last and self.device.type == "cuda" else torch.contiguous_format
+        self.student.to(memory_format=memory_format)  # in place (the same Parameter objects): a no-op when unchanged
+        self.teacher.set_memory_format(memory_format)
         if not config.compile:
             return
         mode = "reduce-overhead" if Distillation.inductor_graphs(config, self.device) else "default"

@@ -27,6 +27,7 @@ from diffusers import StableDiffusionInstructPix2PixPipeline
 from imix2mix.attention import CrossViewAttention, KeyViewState, set_cross_view_attention
 from imix2mix.errors import MissingWeightsError
 from imix2mix.hub import resolve_dir
+from imix2mix.seva.layers import use_group_norm32
 
 TEACHER_REPO = "timbrooks/instruct-pix2pix"
 
@@ -75,6 +76,8 @@ class InstructPix2PixTeacher:
         self._captured: _CapturedUnet | None = None  # for the current scene and attention mode
         self.attention_mode: CrossViewAttention = "none"
         set_cross_view_attention(self.unet, "none", self.key_view_state)
+        use_group_norm32(self.unet)  # the same function; the fused NHWC kernel once channels-last
+        self.memory_format = torch.contiguous_format
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -125,6 +128,14 @@ class InstructPix2PixTeacher:
         "reduce-overhead" for inductor's CUDA graphs."""
         self.noise_unet = torch.compile(self.pipeline.unet, dynamic=False, mode=mode)
         self._captured = None
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> None:
+        """The UNet's convolution weights in ``memory_format`` (channels-last: NHWC activations
+        throughout, with the fused NHWC GroupNorm); a captured graph is recaptured."""
+        if memory_format != self.memory_format:
+            self.unet.to(memory_format=memory_format)
+            self.memory_format = memory_format
+            self._captured = None
 
     # -- attention ------------------------------------------------------------------------------
     def set_cross_view_attention(self, mode: CrossViewAttention) -> None:

@@ -9,12 +9,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imix2mix.kernels.group_norm import fused_group_norm_available, group_norm_nhwc, group_norm_reference
+
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, so bf16/fp16 autocast keeps fp32 statistics."""
+    """GroupNorm with fp32 statistics and affine, rounded to the input's dtype (bf16/fp16 autocast
+    keeps fp32 statistics), optionally followed by SiLU.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+    Channels-last inputs on CUDA take one fused Triton kernel per pass
+    (:mod:`imix2mix.kernels.group_norm`): torch's GroupNorm has no NHWC kernel, so without it every
+    convolution around a norm would transpose its input and output.  Under ``torch.compile`` the
+    plain ops run and inductor fuses them itself.
+    """
+
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and fused_group_norm_available(x, self.num_groups):
+            return group_norm_nhwc(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu)
+        return group_norm_reference(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu)
+
+
+def use_group_norm32(module: nn.Module) -> int:
+    """Swap every plain ``nn.GroupNorm`` inside ``module`` for a :class:`GroupNorm32` sharing its
+    parameters (the teacher's UNet: the same function where inputs already match the weights'
+    dtype, and the fused NHWC kernel on channels-last CUDA inputs).  Returns how many were swapped."""
+    swapped = 0
+    for name, child in list(module.named_modules()):
+        if type(child) is nn.GroupNorm:
+            replacement = GroupNorm32(child.num_groups, child.num_channels, child.eps, child.affine, device="meta")
+            replacement.weight, replacement.bias = child.weight, child.bias
+            replacement.train(child.training)
+            module.set_submodule(name, replacement)
+            swapped += 1
+    return swapped
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -87,10 +113,11 @@ class ResBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        norm, act, conv_in = self.in_layers
-        a = act(norm(x))
+        norm, _silu, conv_in = self.in_layers  # the SiLU runs inside the norm (one fused kernel on CUDA)
+        a = norm(x, silu=True)
         modulation = self.dense_emb_layers(resize_dense(dense, a.shape[-2:])).type(a.dtype)
         scale, shift = modulation.split(self.in_channels, dim=1)
         h = conv_in(a * (1 + scale) + shift)
         h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        norm, _silu, dropout, conv_out = self.out_layers
+        return self.skip_connection(x) + conv_out(dropout(norm(h, silu=True)))

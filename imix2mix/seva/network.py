@@ -154,4 +154,5 @@ class Seva(nn.Module):
         h = self._run_block(self.middle_block, h, emb, y, dense_y, num_frames)
         for block in self.output_blocks:
             h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb, y, dense_y, num_frames)
-        return self.out(h.type(x.dtype))
+        norm, _silu, conv_out = self.out
+        return conv_out(norm(h.type(x.dtype), silu=True))

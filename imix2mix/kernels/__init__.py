@@ -1,0 +1,5 @@
+"""Hand-written GPU kernels (Triton) for hot spots that torch has no fast path for.
+
+Every kernel module imports Triton behind a guard and exposes an ``*_available`` predicate, so the
+package imports (and callers fall back to torch) on machines without Triton or without a GPU.
+"""

@@ -1,0 +1,569 @@
+"""Fused GroupNorm (+ optional SiLU) for channels-last (NHWC) 4-D tensors, in Triton, with backward.
+
+Why this exists: the SEVA student's convolutions run fastest on NHWC activations, but torch has no
+NHWC CUDA kernel for GroupNorm, so cuDNN transposes around every conv, and ``GroupNorm32`` under
+bf16 autocast casts each activation bf16 -> fp32 -> bf16 around every norm.  These kernels read the
+low-precision tensor where it lies, do all the math in fp32, and write the low-precision result once.
+
+Semantics are those of :func:`group_norm_reference` (``GroupNorm32`` followed by SiLU in a ResBlock):
+fp32 statistics and affine, rounded to ``x.dtype``; SiLU applied to the *rounded* tensor and rounded
+again; gradients equal to that reference's autograd (``dx`` in ``x.dtype``, weight/bias grads fp32).
+
+Layout: a channels-last ``[N, C, H, W]`` tensor is, in memory, a row-major ``[N, HW, C]`` matrix.
+The element-wise kernels run on grids ``(N, row chunks, channel blocks)``; a program walks its rows
+in ``[BLOCK_HW, BLOCK_C]`` tiles, contiguous along C (coalesced).  Per-(n, group) reductions go
+through small ``[N, chunks, C]`` fp32 buffers of per-column partial results, finished by a tiny
+per-group kernel (channels per group need not be a power of two: each column looks its group up).
+
+Forward: chunk statistics (one read of x) -> group mean/rstd -> normalise (read x, write y).
+Backward: per-column sums of g and g*x_hat (read x, dy) -> per-group coefficients and dweight/dbias
+-> dx (read x, dy, write dx).  Six launches in all, no host synchronisation, buffer shapes fixed by
+the input's shape: the whole forward + backward can be captured in a CUDA graph.
+
+Triton is imported behind a guard: this module imports (and :func:`fused_group_norm_available` says
+False) where Triton is missing.  On CPU the kernels run only under the Triton interpreter, which must
+be switched on (``TRITON_INTERPRET=1``) before this module is first imported, because Triton decides
+at decoration time whether a kernel is compiled or interpreted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: CPU-only installs and macOS have none.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except Exception:  # noqa: BLE001 (a broken Triton install must not break importing the model code)
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+# Whether the kernels below were built for the interpreter (fixed when they are decorated).
+_KERNELS_INTERPRETED = _HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+# Tile and grid sizes, picked on an H100 (torch 2.11, Triton 3.6) over the SEVA shapes
+# (N = 5; C x HW = 320 x 5184 ... 2560 x 81), bf16, timing each kernel alone.
+# 64 channels of bf16 are one 128-byte line per row, and every SEVA width (320 ... 2560) is a
+# multiple of 64, so no lanes are masked off at full size.
+BLOCK_C = 64
+# The reducing kernels (statistics, backward sums) keep two [BLOCK_HW, BLOCK_C] fp32 accumulators
+# live: 16 rows leaves registers for more programs per SM (~20% faster than 32 for the backward sums).
+REDUCE_BLOCK_HW = 16
+# The applying kernels (normalise, dx) keep no accumulators: 32 rows, more bytes in flight per step.
+APPLY_BLOCK_HW = 32
+# Upper bound on the rows one program walks: long enough to amortise the per-program setup and keep
+# the partial buffers small at 72 x 72 latents.
+MAX_ROWS = 256
+# A grid's row chunks are halved (down to its BLOCK_HW) until it has at least this many programs,
+# so the small-HW, wide-C levels still spread over the 132 SMs of an H100 (4 or 8 per SM).
+REDUCE_MIN_PROGRAMS = 528
+APPLY_MIN_PROGRAMS = 1056
+# 2 warps beat 4 and 8 for every element-wise kernel here (by 5-20%), at these tile sizes.
+NUM_WARPS = 2
+# Elements per tile in the per-group finishing kernels: their inputs are a few KB, so they are
+# latency-bound, and one tile should cover all of a group's row chunks in one step where it can;
+# with 4 warps they ran 25-45% faster than with 2.
+FINISH_TILE = 2048
+FINISH_WARPS = 4
+
+# How a kernel rounds its fp32 results to the output dtype (a constexpr).
+_KIND_FP32, _KIND_FP16, _KIND_BF16 = 0, 1, 2
+_DTYPE_KIND = {torch.float32: _KIND_FP32, torch.float16: _KIND_FP16, torch.bfloat16: _KIND_BF16}
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _round_to_kind(v, KIND: tl.constexpr):
+        """fp32 ``v`` rounded to the output dtype (round to nearest even), returned as fp32."""
+        if KIND == 2:
+            # bf16 rounding by integer arithmetic: the Triton interpreter truncates on fp32 -> bf16
+            # casts, so doing it by hand gives torch's RTNE on CPU and GPU alike; the later cast to
+            # bf16 is then exact.  NaNs pass through untouched (the carry could turn them to inf).
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            bits = (bits >> 16) << 16
+            return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+        elif KIND == 1:
+            return v.to(tl.float16).to(tl.float32)
+        else:
+            return v
+
+    @triton.jit
+    def _chunk_stats_kernel(
+        x_ptr,
+        cmean_ptr,
+        cm2_ptr,
+        HW,
+        C,
+        ROWS,
+        BLOCK_HW: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Per (chunk, column): mean and sum of squared deviations of x over the chunk's rows.
+
+        One pass over x with sums shifted by the chunk's first row (a sample of the same column, so
+        within a few standard deviations of its mean): the classic shifted-data variance, which does
+        not cancel like E[x^2] - E[x]^2 does for activations with a large mean.
+        """
+        n = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        base = n.to(tl.int64) * HW * C
+        row0 = chunk * ROWS
+        row_end = tl.minimum(row0 + ROWS, HW)
+        shift = tl.load(x_ptr + base + row0 * C + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc_s = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+        acc_q = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+        for r in range(row0, row_end, BLOCK_HW):
+            rows = r + tl.arange(0, BLOCK_HW)
+            mask = (rows < row_end)[:, None] & col_mask[None, :]
+            offs = base + rows[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - shift[None, :], 0.0)
+            acc_s += d
+            acc_q += d * d
+        count = (row_end - row0).to(tl.float32)
+        s = tl.sum(acc_s, axis=0)
+        q = tl.sum(acc_q, axis=0)
+        out = (n * tl.num_programs(1) + chunk) * C + cols
+        tl.store(cmean_ptr + out, shift + s / count, mask=col_mask)
+        tl.store(cm2_ptr + out, q - s * (s / count), mask=col_mask)
+
+    @triton.jit
+    def _group_stats_kernel(
+        cmean_ptr,
+        cm2_ptr,
+        mean_ptr,
+        rstd_ptr,
+        HW,
+        C,
+        CG,
+        G,
+        ROWS,
+        n_chunks,
+        count,
+        eps,
+        BLOCK_K: tl.constexpr,
+        BLOCK_CG: tl.constexpr,
+    ):
+        """Per (n, group): mean and rstd from the chunk statistics, combined exactly (Chan et al.):
+        M2 = sum over (chunk, column) of [M2_kc + n_k * (mean_kc - mean)^2]."""
+        n = tl.program_id(0)
+        grp = tl.program_id(1)
+        lane = tl.arange(0, BLOCK_CG)
+        cols = grp * CG + lane
+        col_mask = lane < CG
+        acc = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
+        for k0 in range(0, n_chunks, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = (ks < n_chunks)[:, None] & col_mask[None, :]
+            rows_k = tl.minimum(ROWS, HW - ks * ROWS).to(tl.float32)
+            offs = (n * n_chunks + ks)[:, None] * C + cols[None, :]
+            cm = tl.load(cmean_ptr + offs, mask=mask, other=0.0)
+            acc += tl.where(mask, cm * rows_k[:, None], 0.0)
+        mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
+        acc = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
+        for k0 in range(0, n_chunks, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = (ks < n_chunks)[:, None] & col_mask[None, :]
+            rows_k = tl.minimum(ROWS, HW - ks * ROWS).to(tl.float32)
+            offs = (n * n_chunks + ks)[:, None] * C + cols[None, :]
+            cm = tl.load(cmean_ptr + offs, mask=mask, other=0.0)
+            m2 = tl.load(cm2_ptr + offs, mask=mask, other=0.0)
+            d = cm - mean
+            acc += tl.where(mask, m2 + rows_k[:, None] * d * d, 0.0)
+        # Biased variance, clamped like torch's (rounding can leave a tiny negative M2).
+        var = tl.maximum(tl.sum(tl.sum(acc, axis=1), axis=0) / count, 0.0)
+        tl.store(mean_ptr + n * G + grp, mean)
+        tl.store(rstd_ptr + n * G + grp, 1.0 / tl.sqrt(var + eps))
+
+    @triton.jit
+    def _normalize_kernel(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        mean_ptr,
+        rstd_ptr,
+        HW,
+        C,
+        CG,
+        G,
+        ROWS,
+        SILU: tl.constexpr,
+        KIND: tl.constexpr,
+        BLOCK_HW: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        n = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        base = n.to(tl.int64) * HW * C
+        grp = n * G + cols // CG
+        mu = tl.load(mean_ptr + grp, mask=col_mask, other=0.0)
+        rs = tl.load(rstd_ptr + grp, mask=col_mask, other=0.0)
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        # torch's GroupNorm kernels fold the affine into one scale/shift per (n, c) the same way.
+        scale = rs * w
+        shift = b - mu * scale
+        row0 = chunk * ROWS
+        row_end = tl.minimum(row0 + ROWS, HW)
+        for r in range(row0, row_end, BLOCK_HW):
+            rows = r + tl.arange(0, BLOCK_HW)
+            mask = (rows < row_end)[:, None] & col_mask[None, :]
+            offs = base + rows[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _round_to_kind(x * scale[None, :] + shift[None, :], KIND)
+            if SILU:
+                y = _round_to_kind(y * tl.sigmoid(y), KIND)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _backward_sums_kernel(
+        x_ptr,
+        dy_ptr,
+        w_ptr,
+        b_ptr,
+        mean_ptr,
+        rstd_ptr,
+        s1_ptr,
+        s2_ptr,
+        HW,
+        C,
+        CG,
+        G,
+        ROWS,
+        SILU: tl.constexpr,
+        KIND: tl.constexpr,
+        BLOCK_HW: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Per-column partial sums of g and g * x_hat, g being the gradient w.r.t. the norm's output."""
+        n = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        base = n.to(tl.int64) * HW * C
+        grp = n * G + cols // CG
+        mu = tl.load(mean_ptr + grp, mask=col_mask, other=0.0)
+        rs = tl.load(rstd_ptr + grp, mask=col_mask, other=0.0)
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        scale = rs * w
+        shift = b - mu * scale
+        acc1 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+        row0 = chunk * ROWS
+        row_end = tl.minimum(row0 + ROWS, HW)
+        for r in range(row0, row_end, BLOCK_HW):
+            rows = r + tl.arange(0, BLOCK_HW)
+            mask = (rows < row_end)[:, None] & col_mask[None, :]
+            offs = base + rows[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if SILU:
+                # Same expression as the forward, so y is bit-identical to what SiLU saw there; the
+                # SiLU backward of the reference runs on the rounded tensor and rounds its result.
+                y = _round_to_kind(x * scale[None, :] + shift[None, :], KIND)
+                s = tl.sigmoid(y)
+                g = _round_to_kind(g * s * (1.0 + y * (1.0 - s)), KIND)
+            g = tl.where(mask, g, 0.0)
+            x_hat = (x - mu[None, :]) * rs[None, :]
+            acc1 += g
+            acc2 += g * x_hat
+        n_chunks = tl.num_programs(1)
+        out = (n * n_chunks + chunk) * C + cols
+        tl.store(s1_ptr + out, tl.sum(acc1, axis=0), mask=col_mask)
+        tl.store(s2_ptr + out, tl.sum(acc2, axis=0), mask=col_mask)
+
+    @triton.jit
+    def _backward_group_kernel(
+        s1_ptr,
+        s2_ptr,
+        w_ptr,
+        a_ptr,
+        b_ptr,
+        dw_ptr,
+        db_ptr,
+        N,
+        C,
+        CG,
+        G,
+        n_chunks,
+        count,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_CG: tl.constexpr,
+    ):
+        """Per group: A[n] = mean of g*w and B[n] = mean of g*w*x_hat over (HW, group channels), and
+        the group's slice of dweight = sum of g*x_hat and dbias = sum of g over (N, HW).
+
+        The [N, chunks, C] buffers are walked as N * chunks rows at once (not one n after another:
+        this kernel is latency-bound), and the per-n sums are split out with a one-hot mask.
+        """
+        grp = tl.program_id(0)
+        lane = tl.arange(0, BLOCK_CG)
+        cols = grp * CG + lane
+        col_mask = lane < CG
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        ns = tl.arange(0, BLOCK_N)
+        total_rows = N * n_chunks
+        dw = tl.zeros([BLOCK_CG], dtype=tl.float32)
+        db = tl.zeros([BLOCK_CG], dtype=tl.float32)
+        acc_a = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, total_rows, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            mask = (rs < total_rows)[:, None] & col_mask[None, :]
+            offs = rs[:, None] * C + cols[None, :]
+            t1 = tl.load(s1_ptr + offs, mask=mask, other=0.0)
+            t2 = tl.load(s2_ptr + offs, mask=mask, other=0.0)
+            db += tl.sum(t1, axis=0)
+            dw += tl.sum(t2, axis=0)
+            row1 = tl.sum(t1 * w[None, :], axis=1)
+            row2 = tl.sum(t2 * w[None, :], axis=1)
+            owner = (rs // n_chunks)[None, :] == ns[:, None]
+            acc_a += tl.sum(tl.where(owner, row1[None, :], 0.0), axis=1)
+            acc_b += tl.sum(tl.where(owner, row2[None, :], 0.0), axis=1)
+        n_mask = ns < N
+        tl.store(a_ptr + ns * G + grp, acc_a / count, mask=n_mask)
+        tl.store(b_ptr + ns * G + grp, acc_b / count, mask=n_mask)
+        tl.store(dw_ptr + cols, dw, mask=col_mask)
+        tl.store(db_ptr + cols, db, mask=col_mask)
+
+    @triton.jit
+    def _backward_dx_kernel(
+        x_ptr,
+        dy_ptr,
+        dx_ptr,
+        w_ptr,
+        b_ptr,
+        mean_ptr,
+        rstd_ptr,
+        a_ptr,
+        bcoef_ptr,
+        HW,
+        C,
+        CG,
+        G,
+        ROWS,
+        SILU: tl.constexpr,
+        KIND: tl.constexpr,
+        BLOCK_HW: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """dx = rstd * (g * w - A - x_hat * B), A and B being per-(n, group) means of g*w and g*w*x_hat."""
+        n = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        base = n.to(tl.int64) * HW * C
+        grp = n * G + cols // CG
+        mu = tl.load(mean_ptr + grp, mask=col_mask, other=0.0)
+        rs = tl.load(rstd_ptr + grp, mask=col_mask, other=0.0)
+        coef_a = tl.load(a_ptr + grp, mask=col_mask, other=0.0)
+        coef_b = tl.load(bcoef_ptr + grp, mask=col_mask, other=0.0)
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        scale = rs * w
+        shift = b - mu * scale
+        row0 = chunk * ROWS
+        row_end = tl.minimum(row0 + ROWS, HW)
+        for r in range(row0, row_end, BLOCK_HW):
+            rows = r + tl.arange(0, BLOCK_HW)
+            mask = (rows < row_end)[:, None] & col_mask[None, :]
+            offs = base + rows[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if SILU:
+                y = _round_to_kind(x * scale[None, :] + shift[None, :], KIND)
+                s = tl.sigmoid(y)
+                g = _round_to_kind(g * s * (1.0 + y * (1.0 - s)), KIND)
+            x_hat = (x - mu[None, :]) * rs[None, :]
+            dx = rs[None, :] * (g * w[None, :] - coef_a[None, :] - x_hat * coef_b[None, :])
+            dx = _round_to_kind(dx, KIND)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreter_on() -> bool:
+    return _KERNELS_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_group_norm_available(x: torch.Tensor, num_groups: int) -> bool:
+    """Whether :func:`group_norm_nhwc` can run on ``x`` (else use torch's GroupNorm).
+
+    Beyond the layout, it also requires a float32/float16/bfloat16 ``x`` (the kernels compute in
+    fp32, which would lose precision on float64) and fewer than 2**31 elements per sample.
+    """
+    if not _HAS_TRITON:
+        return False
+    if x.dim() != 4 or x.dtype not in _DTYPE_KIND:
+        return False
+    if num_groups <= 0 or x.shape[1] % num_groups != 0:
+        return False
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    # Offsets within one sample are int32 in the kernels.
+    if x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
+        return False
+    return bool(x.is_cuda or _interpreter_on())
+
+
+def _finish_blocks(rows: int, cg: int, per_row: int = 1) -> tuple[int, int]:
+    """Tile (rows, BLOCK_CG) of (buffer rows, group channels) for the per-group kernels: all rows in
+    one step where FINISH_TILE allows.  ``per_row``: extra elements a row costs (a one-hot column)."""
+    block_cg = triton.next_power_of_2(cg)
+    budget = max(FINISH_TILE // (block_cg + per_row), 1)
+    block_rows = min(triton.next_power_of_2(rows), 1 << (budget.bit_length() - 1))  # tl.arange: 2**k
+    return max(block_rows, 2), block_cg
+
+
+def _launch_grid(n: int, hw: int, c: int, block_hw: int, min_programs: int) -> tuple[int, tuple[int, int, int]]:
+    """Rows per program and the grid (N, row chunks, channel blocks) of an element-wise kernel:
+    MAX_ROWS rows, halved while the grid has fewer than ``min_programs`` programs.  A function of
+    the shape alone, so a captured CUDA graph stays valid."""
+    c_blocks = triton.cdiv(c, BLOCK_C)
+    rows = MAX_ROWS
+    while rows > block_hw and n * triton.cdiv(hw, rows) * c_blocks < min_programs:
+        rows //= 2
+    rows = max(rows, block_hw)
+    return rows, (n, triton.cdiv(hw, rows), c_blocks)
+
+
+class _GroupNormNHWC(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        num_groups: int,
+        eps: float,
+        silu: bool,
+    ) -> torch.Tensor:
+        n, c, h, w_ = x.shape
+        hw = h * w_
+        g = num_groups
+        cg = c // g
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight_t = torch.ones(c, device=x.device, dtype=torch.float32) if weight is None else weight.contiguous()
+        bias_t = torch.zeros(c, device=x.device, dtype=torch.float32) if bias is None else bias.contiguous()
+        kind = _DTYPE_KIND[x.dtype]
+        rows, grid = _launch_grid(n, hw, c, REDUCE_BLOCK_HW, REDUCE_MIN_PROGRAMS)
+        n_chunks = grid[1]
+        chunk_mean = torch.empty((n, n_chunks, c), device=x.device, dtype=torch.float32)
+        chunk_m2 = torch.empty_like(chunk_mean)
+        _chunk_stats_kernel[grid](
+            x, chunk_mean, chunk_m2, hw, c, rows,
+            BLOCK_HW=REDUCE_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        mean = torch.empty((n, g), device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        block_k, block_cg = _finish_blocks(n_chunks, cg)
+        _group_stats_kernel[(n, g)](
+            chunk_mean, chunk_m2, mean, rstd, hw, c, cg, g, rows, n_chunks, float(hw * cg), float(eps),
+            BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=FINISH_WARPS,
+        )  # fmt: skip
+
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        rows, grid = _launch_grid(n, hw, c, APPLY_BLOCK_HW, APPLY_MIN_PROGRAMS)
+        _normalize_kernel[grid](
+            x, y, weight_t, bias_t, mean, rstd, hw, c, cg, g, rows,
+            SILU=silu, KIND=kind, BLOCK_HW=APPLY_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        )  # fmt: skip
+
+        ctx.save_for_backward(x, weight_t, bias_t, mean, rstd)
+        ctx.num_groups = g
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        x, weight_t, bias_t, mean, rstd = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        n, c, h, w_ = x.shape
+        hw = h * w_
+        g = ctx.num_groups
+        cg = c // g
+        kind = _DTYPE_KIND[x.dtype]
+        rows, grid = _launch_grid(n, hw, c, REDUCE_BLOCK_HW, REDUCE_MIN_PROGRAMS)
+        n_chunks = grid[1]
+        dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+        s1 = torch.empty((n, n_chunks, c), device=x.device, dtype=torch.float32)
+        s2 = torch.empty_like(s1)
+        _backward_sums_kernel[grid](
+            x, dy, weight_t, bias_t, mean, rstd, s1, s2, hw, c, cg, g, rows,
+            SILU=ctx.silu, KIND=kind, BLOCK_HW=REDUCE_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        coef_a = torch.empty((n, g), device=x.device, dtype=torch.float32)
+        coef_b = torch.empty_like(coef_a)
+        dweight = torch.empty(c, device=x.device, dtype=torch.float32)
+        dbias = torch.empty_like(dweight)
+        block_n = max(triton.next_power_of_2(n), 2)
+        block_r, block_cg = _finish_blocks(n * n_chunks, cg, per_row=block_n)
+        _backward_group_kernel[(g,)](
+            s1, s2, weight_t, coef_a, coef_b, dweight, dbias, n, c, cg, g, n_chunks, float(hw * cg),
+            BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_CG=block_cg, num_warps=FINISH_WARPS,
+        )  # fmt: skip
+        dweight = dweight.to(weight_t.dtype) if need_dw else None
+        dbias = dbias.to(bias_t.dtype) if need_db else None
+
+        dx = None
+        if need_dx:
+            dx = torch.empty_like(x, memory_format=torch.channels_last)
+            rows, grid = _launch_grid(n, hw, c, APPLY_BLOCK_HW, APPLY_MIN_PROGRAMS)
+            _backward_dx_kernel[grid](
+                x, dy, dx, weight_t, bias_t, mean, rstd, coef_a, coef_b, hw, c, cg, g, rows,
+                SILU=ctx.silu, KIND=kind, BLOCK_HW=APPLY_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+            )  # fmt: skip
+        return dx, dweight, dbias, None, None, None
+
+
+def group_norm_nhwc(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool = False,
+) -> torch.Tensor:
+    """GroupNorm (+ SiLU) of a channels-last 4-D ``x`` with the semantics of :func:`group_norm_reference`.
+
+    Autograd-capable; ``weight`` / ``bias`` may be None (ones / zeros, no gradient).  Returns a
+    channels-last tensor of ``x.dtype``.  Check :func:`fused_group_norm_available` first.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("group_norm_nhwc needs Triton, which failed to import")
+    if not fused_group_norm_available(x, num_groups):
+        raise ValueError(
+            "group_norm_nhwc needs a 4-D channels-last fp32/fp16/bf16 tensor with C divisible by "
+            f"num_groups on a CUDA device (or the Triton interpreter); got shape {tuple(x.shape)}, "
+            f"dtype {x.dtype}, device {x.device}, num_groups {num_groups}"
+        )
+    return _GroupNormNHWC.apply(x, weight, bias, num_groups, float(eps), bool(silu))
+
+
+def group_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool = False,
+) -> torch.Tensor:
+    """The semantics the fused kernel implements: ``GroupNorm32`` (fp32 statistics and affine, rounded
+    to ``x.dtype``), then, if ``silu``, SiLU on that rounded tensor (computed in fp32 by torch, rounded).
+    Half-precision parameters (the fp16 teacher's) are used at fp32, as torch's fp16 GroupNorm does."""
+    weight, bias = (None if p is None else p.float() for p in (weight, bias))  # .float() of fp32: the same tensor
+    y = F.group_norm(x.float(), num_groups, weight, bias, eps).to(x.dtype)
+    return F.silu(y) if silu else y
