@@ -104,8 +104,8 @@ def kernel_table(prof, top: int = 45) -> tuple[dict[str, float], list[tuple[str,
     totals: dict[str, float] = defaultdict(float)
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
-        if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
+        if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+            continue  # record_function ranges mirrored on the GPU timeline are not kernels
         seconds = event.device_time_total / 1e6 if hasattr(event, "device_time_total") else event.cuda_time_total / 1e6
         name = event.name
         kernels[name][0] += seconds
@@ -442,28 +442,40 @@ def optimizer(args, device: torch.device) -> None:
     release()
 
 
+def kernel_milliseconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Device time of ``fn``'s kernels per call (profiler), without the host's launch overhead, which
+    CUDA-graph replay removes in the iteration; wall milliseconds on the CPU."""
+    if device.type != "cuda":
+        return median_seconds(fn, device, repeats) * 1e3
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):  # Triton compiles, cuDNN picks its kernels
+        fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        sync(device)
+    totals, _ = kernel_table(prof)
+    return round(sum(totals.values()) / repeats * 1e3, 4)
+
+
 # -- GroupNorm at the student's shapes -----------------------------------------------------------
 
 def group_norm(args, device: torch.device) -> None:
     """GroupNorm32 + SiLU forward + backward, bf16 activations: torch's NCHW kernel under autocast's
     casts (with the NCHW↔NHWC transposes cuDNN would add around it, timed separately) against the
-    fused NHWC Triton kernel, at every (channels, size) of the full student with T frames."""
+    fused NHWC Triton kernel, at every (channels, size) of the full student with T frames: kernel
+    milliseconds per forward + backward."""
     from imix2mix.kernels.group_norm import fused_group_norm_available
     from imix2mix.seva.layers import GroupNorm32
 
     latent = args.latent
     shapes = [(320, latent), (640, latent // 2), (1280, latent // 4), (1280, latent // 8),
               (640, latent), (960, latent // 2), (1920, latent // 4), (2560, latent // 8)]
-    class NormSilu(torch.nn.Module):
-        def __init__(self, channels: int):
-            super().__init__()
-            self.norm = GroupNorm32(32, channels)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.norm(x, silu=True)
 
     for channels, size in shapes:
-        module = NormSilu(channels).to(device)
+        norm = GroupNorm32(32, channels).to(device)
         x = torch.randn(args.frames, channels, size, size, device=device, dtype=torch.bfloat16)
         gradient = torch.randn_like(x)
         results = {}
@@ -472,29 +484,8 @@ def group_norm(args, device: torch.device) -> None:
             grad = gradient.contiguous(memory_format=memory_format)
             if name == "nhwc_fused" and not fused_group_norm_available(source, 32):
                 continue
-            def once() -> None:
-                module(source).backward(grad)
-
-            run = once
-            if device.type == "cuda" and not args.eager:
-                # Replayed as a CUDA graph, as in the iteration: GPU time, not launch overhead.
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        once()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    once()
-                run = graph.replay
-
-            def fwd_bwd(times: int = 10):  # ten per timing, so the host's sync is not what is measured
-                for _ in range(times):
-                    run()
-
-            results[name] = median_seconds(fwd_bwd, device, args.repeats) * 1e3 / 10
-        transpose = median_seconds(lambda: x.contiguous(memory_format=torch.channels_last), device, args.repeats) * 1e3
+            results[name] = kernel_milliseconds(lambda: norm(source, silu=True).backward(grad), device, args.repeats)
+        transpose = kernel_milliseconds(lambda: x.contiguous(memory_format=torch.channels_last), device, args.repeats)
         log(f"group_norm_ms[C={channels},{size}x{size}]",
             {**{k: round(v, 3) for k, v in results.items()}, "one_layout_transpose": round(transpose, 3)})
 

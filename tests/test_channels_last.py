@@ -10,19 +10,14 @@ channels-last, the same weights.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
+from kernel_checks import run_child
 
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
 from imix2mix.seva.layers import GroupNorm32
 from imix2mix.teacher import InstructPix2PixTeacher
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # The interpreter runs each Triton program in Python: one program per sample and channel block here
@@ -34,13 +29,7 @@ kernels.REDUCE_MIN_PROGRAMS = kernels.APPLY_MIN_PROGRAMS = 1
 
 
 def _run_interpreted(code: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-c", FEW_PROGRAMS + textwrap.dedent(code)],
-        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(run_child(FEW_PROGRAMS + textwrap.dedent(code), interpret=True).strip().splitlines()[-1])
 
 
 STUDENT = """
@@ -158,3 +147,59 @@ def test_teacher_group_norms_become_group_norm32_with_the_same_function():
     assert all(p is parameters[n] for n, p in teacher.unet.named_parameters())
     assert any(type(m) is torch.nn.GroupNorm for m in teacher.vae.modules())  # the VAE is left alone
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+TRANSFORMER_BLOCK = """
+import json, torch
+import imix2mix.seva.layers as layers
+from imix2mix.seva.attention import TransformerBlock, TransformerBlockTimeMix
+
+fused_calls = 0
+kernel, available = layers.layer_norm_rows, layers.fused_layer_norm_available
+def counted(*args, **kwargs):
+    global fused_calls
+    fused_calls += 1
+    return kernel(*args, **kwargs)
+layers.layer_norm_rows = counted
+
+torch.manual_seed(0)
+report = {}
+for block in (TransformerBlock(64, 4, 16, 32), TransformerBlockTimeMix(64, 4, 16, 32)):
+    x = torch.randn(6, 40, 64).bfloat16()
+    context = torch.randn(6, 1, 32)
+    target = torch.randn(6, 40, 64)
+
+    def run(fused):
+        layers.fused_layer_norm_available = available if fused else (lambda x: False)
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x, context)
+        (out.float() * target).sum().backward()
+        return out.float().detach(), {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+
+    before = fused_calls
+    out_ref, grads_ref = run(False)
+    assert fused_calls == before
+    out_fused, grads_fused = run(True)
+    largest = max(float(g.norm()) for g in grads_ref.values())
+    report[type(block).__name__] = dict(
+        fused_calls=fused_calls - before,
+        norms=sum(isinstance(m, layers.LayerNorm32) for m in block.modules()),
+        output=float((out_fused - out_ref).norm() / out_ref.norm()),
+        worst_grad=max(float((grads_fused[n] - grads_ref[n]).norm()) / max(float(grads_ref[n].norm()), 1e-3 * largest) for n in grads_ref),
+        same_grad_names=sorted(grads_fused) == sorted(grads_ref),
+    )
+print(json.dumps(report))
+"""
+
+
+def test_transformer_blocks_with_fused_layer_norms_match_autocast_layer_norm():
+    """Under bf16 autocast the fused LayerNorm (bf16 out) computes what LayerNorm in fp32 followed by
+    the Linear's cast computes, gradients included."""
+    report = _run_interpreted(TRANSFORMER_BLOCK)
+    for name, entry in report.items():
+        assert entry["fused_calls"] == entry["norms"] >= 3, (name, entry)
+        assert entry["same_grad_names"]
+        # one bf16 rounding of a LayerNorm output may differ by an ulp, which the matmuls carry on
+        assert entry["output"] < 1e-2, (name, entry)
+        assert entry["worst_grad"] < 5e-2, (name, entry)

@@ -13,20 +13,15 @@ fall to about one half if that rounding were truncation.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from kernel_checks import check_low_precision, rel_to_max, run_child
 import torch
 import torch.nn.functional as F
 
 from imix2mix.kernels.group_norm import group_norm_reference
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CHILD_TIMEOUT_S = 240
 
 # One entry per kernel case: (name, dtype, N, C, G, H, W, silu, affine, knobs, shift).
 # knobs: module constants to override for the case, so that small shapes still take every path:
@@ -149,57 +144,13 @@ _NO_TRITON_CHILD = textwrap.dedent(
 )
 
 
-def _run_child(code: str, *args: str, interpret: bool) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, f"child failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def kernel_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import json
 
     out = tmp_path_factory.mktemp("kernels") / "results.pt"
-    _run_child(_KERNEL_CHILD, json.dumps(CASES), str(out), interpret=True)
+    run_child(_KERNEL_CHILD, json.dumps(CASES), str(out), interpret=True)
     return torch.load(out, weights_only=False)
-
-
-def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Steps between two bf16/fp16 tensors along the ordered floating-point line (sign-magnitude bits)."""
-
-    def ordered(t: torch.Tensor) -> torch.Tensor:
-        bits = t.view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-    return (ordered(a) - ordered(b)).abs()
-
-
-def _check_low_precision(k: torch.Tensor, r: torch.Tensor, max_ulps: int, atol: float, label: str) -> dict:
-    """Each element within ``max_ulps`` of the reference, or within ``atol`` where it is near zero
-    (there an fp32-level difference of the inputs can be many ulps of a tiny result)."""
-    assert k.dtype == r.dtype, label
-    ulps = _ulp_distance(k, r)
-    diff = (k.float() - r.float()).abs()
-    bad = (ulps > max_ulps) & (diff > atol)
-    assert not bad.any(), (
-        f"{label}: {int(bad.sum())} elements off by more than {max_ulps} ulp(s) and {atol:g}; "
-        f"max ulps {int(ulps.max())}, max abs {float(diff.max()):.3g}"
-    )
-    return {"max_ulps": int(ulps.max()), "max_abs": float(diff.max()), "exact": float((ulps == 0).float().mean())}
-
-
-def _rel_to_max(k: torch.Tensor, r: torch.Tensor) -> float:
-    return float((k.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -220,7 +171,7 @@ def test_forward_matches_reference(kernel_results: dict, case: tuple) -> None:
         # One ulp for the norm; with SiLU, a one-ulp flip of its input (from fp32-level differences
         # of the statistics) can come out as two ulps where silu(y) falls into a finer binade than y.
         max_ulps = 2 if silu else 1
-        stats = _check_low_precision(y_k, y_r, max_ulps=max_ulps, atol=1e-5, label=f"{name} forward")
+        stats = check_low_precision(y_k, y_r, max_ulps=max_ulps, atol=1e-5, label=f"{name} forward")
         # Round-to-nearest-even like torch: almost every element is bit-identical (truncation,
         # the interpreter's own fp32 -> bf16 cast, would leave about half of them one ulp low).
         assert stats["exact"] >= 0.98, stats
@@ -238,7 +189,7 @@ def test_backward_matches_reference(kernel_results: dict, case: tuple) -> None:
         torch.testing.assert_close(dx_k, dx_r, atol=1e-5 * scale, rtol=1e-5)
     else:
         # dx = rstd * (g*w - A - x_hat*B) cancels: near zero, allow an fp32-level absolute error.
-        stats = _check_low_precision(dx_k, dx_r, max_ulps=2, atol=2e-3 * scale, label=f"{name} dx")
+        stats = check_low_precision(dx_k, dx_r, max_ulps=2, atol=2e-3 * scale, label=f"{name} dx")
         # Nearly all bit-identical: skipping the bf16 rounding of the SiLU gradient (which the
         # reference's autograd does) leaves only about two thirds equal, each within two ulps.
         assert stats["exact"] >= 0.98, stats
@@ -250,7 +201,7 @@ def test_backward_matches_reference(kernel_results: dict, case: tuple) -> None:
             # bf16/fp16 mostly <= 1e-5, up to 3e-4 where a one-ulp flip of y changes a rounded SiLU
             # gradient by a few ulps.
             tol = (1e-4 if case[10] else 1e-5) if dtype == torch.float32 else 3e-3
-            assert _rel_to_max(k, r) <= tol, (name, key, _rel_to_max(k, r))
+            assert rel_to_max(k, r) <= tol, (name, key, rel_to_max(k, r))
     else:
         assert "dw_k" not in res and "db_k" not in res
     if "dx_k_nchw_dy" in res:
@@ -272,7 +223,7 @@ def test_availability(kernel_results: dict) -> None:
 def test_module_works_without_triton() -> None:
     import json
 
-    out = json.loads(_run_child(_NO_TRITON_CHILD, interpret=True).strip().splitlines()[-1])
+    out = json.loads(run_child(_NO_TRITON_CHILD, interpret=True).strip().splitlines()[-1])
     assert out == {
         "no_triton_available": False,
         "no_triton_raises": True,

@@ -20,31 +20,18 @@ Backward: per-column sums of g and g*x_hat (read x, dy) -> per-group coefficient
 -> dx (read x, dy, write dx).  Six launches in all, no host synchronisation, buffer shapes fixed by
 the input's shape: the whole forward + backward can be captured in a CUDA graph.
 
-Triton is imported behind a guard: this module imports (and :func:`fused_group_norm_available` says
-False) where Triton is missing.  On CPU the kernels run only under the Triton interpreter, which must
-be switched on (``TRITON_INTERPRET=1``) before this module is first imported, because Triton decides
-at decoration time whether a kernel is compiled or interpreted.
+Triton is optional and, on CPU, interpreted: see :mod:`imix2mix.kernels.triton_support`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is optional: CPU-only installs and macOS have none.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # noqa: BLE001 (a broken Triton install must not break importing the model code)
-    triton = None
-    tl = None
-    _HAS_TRITON = False
-
-# Whether the kernels below were built for the interpreter (fixed when they are decorated).
-_KERNELS_INTERPRETED = _HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+from imix2mix.kernels.triton_support import DTYPE_KIND as _DTYPE_KIND
+from imix2mix.kernels.triton_support import HAS_TRITON as _HAS_TRITON
+from imix2mix.kernels.triton_support import interpreter_on as _interpreter_on
+from imix2mix.kernels.triton_support import tl, triton
 
 # Tile and grid sizes, picked on an H100 (torch 2.11, Triton 3.6) over the SEVA shapes
 # (N = 5; C x HW = 320 x 5184 ... 2560 x 81), bf16, timing each kernel alone.
@@ -71,28 +58,11 @@ NUM_WARPS = 2
 FINISH_TILE = 2048
 FINISH_WARPS = 4
 
-# How a kernel rounds its fp32 results to the output dtype (a constexpr).
-_KIND_FP32, _KIND_FP16, _KIND_BF16 = 0, 1, 2
-_DTYPE_KIND = {torch.float32: _KIND_FP32, torch.float16: _KIND_FP16, torch.bfloat16: _KIND_BF16}
 
 
 if _HAS_TRITON:
 
-    @triton.jit
-    def _round_to_kind(v, KIND: tl.constexpr):
-        """fp32 ``v`` rounded to the output dtype (round to nearest even), returned as fp32."""
-        if KIND == 2:
-            # bf16 rounding by integer arithmetic: the Triton interpreter truncates on fp32 -> bf16
-            # casts, so doing it by hand gives torch's RTNE on CPU and GPU alike; the later cast to
-            # bf16 is then exact.  NaNs pass through untouched (the carry could turn them to inf).
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            bits = (bits >> 16) << 16
-            return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-        elif KIND == 1:
-            return v.to(tl.float16).to(tl.float32)
-        else:
-            return v
+    from imix2mix.kernels.triton_support import round_to_kind as _round_to_kind
 
     @triton.jit
     def _chunk_stats_kernel(
@@ -392,10 +362,6 @@ if _HAS_TRITON:
             dx = rs[None, :] * (g * w[None, :] - coef_a[None, :] - x_hat * coef_b[None, :])
             dx = _round_to_kind(dx, KIND)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-def _interpreter_on() -> bool:
-    return _KERNELS_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fused_group_norm_available(x: torch.Tensor, num_groups: int) -> bool:

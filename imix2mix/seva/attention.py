@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imix2mix.seva.layers import GroupNorm32
+from imix2mix.seva.layers import GroupNorm32, LayerNorm32
 
 
 class AttentionProcessor(Protocol):
@@ -120,9 +120,9 @@ class _AttentionLayers(nn.Module):
         self.attn1 = Attention(dim, heads, head_dim, dropout=dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, dropout=dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm32(dim)
+        self.norm2 = LayerNorm32(dim)
+        self.norm3 = LayerNorm32(dim)
 
     def _attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
@@ -151,7 +151,7 @@ class TransformerBlockTimeMix(_AttentionLayers):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         # Built before the shared layers: seeded random init (tiny preset) depends on construction order.
-        self.norm_in = nn.LayerNorm(dim)
+        self.norm_in = LayerNorm32(dim)
         self.ff_in = FeedForward(dim, dropout=dropout)
         self._add_attention_layers(dim, heads, head_dim, context_dim, dropout)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imix2mix.kernels.group_norm import fused_group_norm_available, group_norm_nhwc, group_norm_reference
+from imix2mix.kernels.layer_norm import fused_layer_norm_available, layer_norm_rows
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -26,6 +27,24 @@ class GroupNorm32(nn.GroupNorm):
         if not torch.compiler.is_compiling() and fused_group_norm_available(x, self.num_groups):
             return group_norm_nhwc(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu)
         return group_norm_reference(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm as autocast runs it (fp32 statistics and affine), whose output under CUDA autocast is
+    already rounded to the autocast dtype: in SEVA every consumer of a LayerNorm is a Linear, which
+    would round it to that dtype anyway.  Contiguous CUDA inputs take one fused Triton kernel per pass
+    (:mod:`imix2mix.kernels.layer_norm`) instead of casts around torch's fp32 kernel; elsewhere (CPU,
+    fp32, ``torch.compile``) it is ``nn.LayerNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling()
+            and fused_layer_norm_available(x)
+        ):
+            return layer_norm_rows(x, self.weight, self.bias, self.eps, torch.get_autocast_dtype(x.device.type))
+        return super().forward(x)
 
 
 def use_group_norm32(module: nn.Module) -> int:
