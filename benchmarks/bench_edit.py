@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
 import json
 import math
 import platform
@@ -159,13 +160,19 @@ def profile_steps(distillation, device: torch.device, path: Path, steps: int = 3
     from probe_speed import kernel_table  # the one kernel classification
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             distillation.step()
         _sync(device)
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=80))
+    # Which shapes the copies, casts and reductions run on (empty of operators under graph replay).
+    path.with_name(path.stem + "_by_shape.txt").write_text(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort_by, row_limit=120, max_name_column_width=40, max_shapes_column_width=100
+        )
+    )
     if device.type == "cuda":
         totals, top = kernel_table(prof)
         per_iteration = {
@@ -207,12 +214,33 @@ MODES: dict[str, list[str]] = {
     # Same numerics: the student's forward + backward replayed as CUDA graphs (the default).
     "graphed": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=true"],
     # The default before channels-last: NCHW convolutions around torch's GroupNorm.
+    # The default's kernels without graph replay: operator-level profiles (--profile-dir) see each op.
+    "eager_channels_last": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=false"],
     "graphed_nchw": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=true", "channels_last=false"],
     # Same numerics up to kernel fusion order: compiled kernels replayed as inductor's CUDA graphs.
     "compiled_graphed": ["optimizer=adamw_fused", "compile=true", "cuda_graphs=true"],
     # Changes numerics (bf16 AdamW moments); recomputes activations; frozen encoders leave the GPU.
     "lean": ["optimizer=adamw_bf16_states", "gradient_checkpointing=true", "offload_after_use=true", "compile=false"],
 }
+
+
+# Kernels that --disable-kernels can switch off: (module whose name the layers call, predicate).
+KERNEL_SWITCHES: dict[str, tuple[str, str]] = {
+    "geglu": ("imix2mix.seva.attention", "fused_geglu_available"),
+    "bias_grad": ("imix2mix.seva.layers", "fused_bias_grad_available"),
+    "layer_norm": ("imix2mix.seva.layers", "fused_layer_norm_available"),
+}
+
+
+def disable_kernels(switches: dict[str, tuple[str, str]]) -> list:
+    """Make the named kernels' predicates say no (the layers fall back to torch's ops); returns the
+    undo functions."""
+    undo = []
+    for module_name, predicate in switches.values():
+        module = importlib.import_module(module_name)
+        undo.append(lambda module=module, predicate=predicate, old=getattr(module, predicate): setattr(module, predicate, old))
+        setattr(module, predicate, lambda *args: False)
+    return undo
 
 
 def _parse_set(item: str) -> tuple[str, str]:
@@ -234,9 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-iterations", type=int, default=5)
     parser.add_argument("--reference-steps", type=int, default=100, help="teacher steps of the first reference edit (one-time cost)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result file")
+    parser.add_argument("--disable-kernels", default="", help=f"comma-separated, from: {', '.join(KERNEL_SWITCHES)}: "
+                        "run those layers on torch's ops instead of the Triton kernels (for before/after numbers)")
     parser.add_argument("--profile-dir", type=Path, default=None, help="write a torch.profiler table of the first configuration here")
     args = parser.parse_args(argv)
 
+    disable_kernels({k: KERNEL_SWITCHES[k] for k in args.disable_kernels.split(",") if k})
     device = torch.device(args.device)
     if device.type == "cuda":
         # Official numerics: bf16 autocast compute, fp32 master weights; TF32 for leftover fp32 matmuls.
@@ -268,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "preset": args.preset,
+            "disabled_kernels": [k for k in args.disable_kernels.split(",") if k],
             "default_schedule_iterations": DEFAULT_SCHEDULE_ITERATIONS,
             "one_time_seconds": {"model_build": build_seconds, "reference_edit": reference_edit_seconds},
             "reference_edit_steps": args.reference_steps,

@@ -21,17 +21,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_edit import synthetic_scene  # noqa: E402
+from benchmarks.bench_edit import KERNEL_SWITCHES, disable_kernels, synthetic_scene  # noqa: E402
 from imix2mix.distill import Edit  # noqa: E402
 from imix2mix.presets import build_editor  # noqa: E402
 
 
+# A configuration key (not an EditConfig field): run the layers on torch's ops, no Triton kernel.
+KERNELS_OFF = "torch_ops_only"
 CONFIGURATIONS = {
-    # The reference: eager, NCHW, torch's GroupNorm.
-    "eager": {"cuda_graphs": False, "channels_last": False},
-    "eager again": {"cuda_graphs": False, "channels_last": False},
-    "graphed": {"cuda_graphs": True, "channels_last": False},
-    # channels-last with the fused NHWC GroupNorm kernels
+    # The reference: eager, NCHW, torch's ops only (no Triton kernel: KERNELS_OFF).
+    "eager": {"cuda_graphs": False, "channels_last": False, KERNELS_OFF: True},
+    "eager again": {"cuda_graphs": False, "channels_last": False, KERNELS_OFF: True},
+    "graphed": {"cuda_graphs": True, "channels_last": False, KERNELS_OFF: True},
+    # eager with every Triton kernel (LayerNorm, GEGLU, bias gradients; GroupNorm needs channels-last)
+    "eager+kernels": {"cuda_graphs": False, "channels_last": False},
+    # channels-last with the fused NHWC GroupNorm kernels, and every other kernel (the default)
     "channels_last": {"cuda_graphs": False, "channels_last": True},
     "graphed+channels_last": {"cuda_graphs": True, "channels_last": True},
     # Last: compiling is in place and stays.
@@ -49,7 +53,9 @@ def main() -> None:
     scene = synthetic_scene(4, 576)
     results = {}
     for name in args.configs.split(","):
-        config = editor.default_config.overridden({"teacher_steps": 2, **CONFIGURATIONS[name]})
+        overrides = dict(CONFIGURATIONS[name])
+        restore = disable_kernels(KERNEL_SWITCHES) if overrides.pop(KERNELS_OFF, False) else []
+        config = editor.default_config.overridden({"teacher_steps": 2, **overrides})
         started = time.perf_counter()
         distillation = editor.prepare_distillation(scene, Edit("turn him into a knight"), config)
         torch.cuda.synchronize()
@@ -81,6 +87,8 @@ def main() -> None:
         del distillation  # its graphs and their memory go before the next capture
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        for undo in restore:
+            undo()
         steps = ", ".join(f"{x:.2f}" for x in step_seconds)
         print(f"{name}: setup {setup:.1f} s, first steps {steps} s, Euler step {advance_seconds:.1f} s, losses {losses}", flush=True)
     reference = "eager" if "eager" in results else next(iter(results))

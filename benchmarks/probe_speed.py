@@ -490,6 +490,61 @@ def group_norm(args, device: torch.device) -> None:
             {**{k: round(v, 3) for k, v in results.items()}, "one_layout_transpose": round(transpose, 3)})
 
 
+# -- the feed-forward's GEGLU gate and the linear layers' bias gradient at the student's shapes ----
+
+def feed_forward(args, device: torch.device) -> None:
+    """Kernel milliseconds, bf16, at each transformer level of the full student with T frames:
+    the GEGLU gate forward + backward (torch's ops on the halves vs the fused kernel), the bias
+    gradient's column sum (torch's ``sum(0)`` vs the Triton kernel), and a whole FeedForward forward +
+    backward under autocast with both kernels on and off."""
+    import imix2mix.seva.attention as attention
+    import imix2mix.seva.layers as layers
+    from imix2mix.kernels.geglu import geglu, geglu_reference
+    from imix2mix.kernels.linear import column_sum
+
+    levels = [(320, args.latent), (640, args.latent // 2), (1280, args.latent // 4)]
+    for channels, size in levels:
+        rows = args.frames * size * size
+        h = torch.randn(rows, 8 * channels, device=device, dtype=torch.bfloat16)
+        dout = torch.randn(rows, 4 * channels, device=device, dtype=torch.bfloat16)
+        gate = {}
+        for name, fn in (("torch", geglu_reference), ("fused", geglu)):
+            source = h.clone().requires_grad_(True)
+            gate[name] = kernel_milliseconds(lambda: fn(source).backward(dout), device, args.repeats)
+        narrow = torch.randn(rows, channels, device=device, dtype=torch.bfloat16)
+        sums = {
+            "torch": kernel_milliseconds(lambda: h.sum(0), device, args.repeats),
+            "fused": kernel_milliseconds(lambda: column_sum(h, torch.bfloat16), device, args.repeats),
+            "torch_C": kernel_milliseconds(lambda: narrow.sum(0), device, args.repeats),
+            "fused_C": kernel_milliseconds(lambda: column_sum(narrow, torch.bfloat16), device, args.repeats),
+        }
+        ff = attention.FeedForward(channels).to(device)
+        x = torch.randn(rows, channels, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn_like(x)
+
+        def ff_step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = ff(x)
+            out.backward(grad)
+
+        whole = {"fused": kernel_milliseconds(ff_step, device, args.repeats)}
+        restore = [_patch(attention, "fused_geglu_available", lambda h: False),
+                   _patch(layers, "fused_bias_grad_available", lambda x, b: False)]
+        whole["torch"] = kernel_milliseconds(ff_step, device, args.repeats)
+        for undo in restore:
+            undo()
+        bytes_gate = 3 * h.numel() * 2 + 2 * dout.numel() * 2  # fwd: h + out; bwd: h + dout + dh
+        log(f"feed_forward_ms[C={channels},rows={rows}]", {
+            "gate_fwd_bwd": {k: round(v, 3) for k, v in gate.items()},
+            "gate_floor_at_2.9TB/s": round(bytes_gate / 2.9e12 * 1e3, 3),
+            "bias_column_sum_8C_and_C": {k: round(v, 3) for k, v in sums.items()},
+            "sum_floor_at_2.9TB/s": round(h.numel() * 2 / 2.9e12 * 1e3, 3),
+            "feed_forward_fwd_bwd": {k: round(v, 3) for k, v in whole.items()},
+        })
+        del h, dout, x, grad, ff, narrow
+        release()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full", choices=["full", "tiny"])
@@ -511,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         log("gpu", torch.cuda.get_device_name(device))
         log("torch", torch.__version__)
-    parts = {"ceilings": ceilings, "student": student, "teacher": teacher, "optimizer": optimizer, "group_norm": group_norm}
+    parts = {"ceilings": ceilings, "student": student, "teacher": teacher, "optimizer": optimizer, "group_norm": group_norm,
+             "feed_forward": feed_forward}
     for part in args.parts.split(","):
         started = time.perf_counter()
         try:

@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionInstructPix2PixPipeline
+from diffusers.models.activations import GEGLU as DiffusersGEGLU
 
 from imix2mix.attention import CrossViewAttention, KeyViewState, set_cross_view_attention
 from imix2mix.errors import MissingWeightsError
 from imix2mix.hub import resolve_dir
-from imix2mix.seva.layers import use_group_norm32
+from imix2mix.seva.attention import GEGLU
+from imix2mix.seva.layers import replace_modules, use_group_norm32
 
 TEACHER_REPO = "timbrooks/instruct-pix2pix"
 
@@ -76,7 +78,9 @@ class InstructPix2PixTeacher:
         self._captured: _CapturedUnet | None = None  # for the current scene and attention mode
         self.attention_mode: CrossViewAttention = "none"
         set_cross_view_attention(self.unet, "none", self.key_view_state)
-        use_group_norm32(self.unet)  # the same function; the fused NHWC kernel once channels-last
+        # The same functions as diffusers' modules; fused Triton kernels on CUDA (GroupNorm once channels-last).
+        use_group_norm32(self.unet)
+        replace_modules(self.unet, DiffusersGEGLU, GEGLU.sharing_projection)
         self.memory_format = torch.contiguous_format
 
     # -- construction ---------------------------------------------------------------------------

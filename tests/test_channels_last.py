@@ -13,9 +13,11 @@ import json
 import textwrap
 
 import torch
+from diffusers.models.activations import GEGLU as DiffusersGEGLU
 from kernel_checks import run_child
 
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
+from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import GroupNorm32
 from imix2mix.teacher import InstructPix2PixTeacher
 
@@ -126,10 +128,11 @@ def test_tiny_teacher_channels_last_matches_nchw():
     assert report["diff"] < 1e-5, report
 
 
-def test_teacher_group_norms_become_group_norm32_with_the_same_function():
+def test_teacher_group_norms_and_geglus_become_ours_with_the_same_function():
     pipeline = build_random_teacher_pipeline(TeacherArchitecture.tiny(), seed=0)
     unet = pipeline.unet
     plain = sum(type(m) is torch.nn.GroupNorm for m in unet.modules())
+    diffusers_geglus = sum(type(m) is DiffusersGEGLU for m in unet.modules())
     parameters = dict(unet.named_parameters())
     g = torch.Generator().manual_seed(2)
     latents = torch.randn(3, 8, 12, 12, generator=g)
@@ -143,6 +146,9 @@ def test_teacher_group_norms_become_group_norm32_with_the_same_function():
     assert plain > 0
     assert sum(type(m) is GroupNorm32 for m in teacher.unet.modules()) == plain
     assert not any(type(m) is torch.nn.GroupNorm for m in teacher.unet.modules())
+    assert diffusers_geglus > 0
+    assert sum(type(m) is GEGLU for m in teacher.unet.modules()) == diffusers_geglus
+    assert not any(type(m) is DiffusersGEGLU for m in teacher.unet.modules())
     # the very same Parameter objects under the same names (the checkpoint's keys are unchanged)
     assert all(p is parameters[n] for n, p in teacher.unet.named_parameters())
     assert any(type(m) is torch.nn.GroupNorm for m in teacher.vae.modules())  # the VAE is left alone

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imix2mix.seva.layers import GroupNorm32, LayerNorm32
+from imix2mix.kernels.geglu import fused_geglu_available, geglu, geglu_reference
+from imix2mix.seva.layers import GroupNorm32, LayerNorm32, Linear
 
 
 class AttentionProcessor(Protocol):
@@ -80,7 +81,7 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(kv_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(kv_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
         self.processor: AttentionProcessor = SdpaAttnProcessor()
 
     def set_processor(self, processor: AttentionProcessor) -> None:
@@ -91,22 +92,38 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Linear to twice the width; the first half is gated by the exact (erf) GELU of the second half."""
+    """Linear to twice the width; the first half is gated by the exact (erf) GELU of the second half.
 
-    def __init__(self, dim_in: int, dim_out: int) -> None:
+    On CUDA the gate is one fused Triton kernel per pass (:mod:`imix2mix.kernels.geglu`, the same
+    function as torch's ops on the halves); under ``torch.compile`` the plain ops run and inductor
+    fuses them itself.  Also stands in for diffusers' ``GEGLU`` in the teacher (same ``proj``).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, 2 * dim_out)
+        self.proj = Linear(dim_in, 2 * dim_out, device=device)
+
+    @classmethod
+    def sharing_projection(cls, other: nn.Module) -> GEGLU:
+        """A GEGLU computing with ``other.proj`` (any module whose forward is this one's: diffusers')."""
+        proj: nn.Linear = other.proj
+        geglu_module = cls(proj.in_features, proj.out_features // 2, device="meta")
+        geglu_module.proj = proj
+        geglu_module.train(other.training)
+        return geglu_module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        h = self.proj(x)
+        if not torch.compiler.is_compiling() and fused_geglu_available(h):
+            return geglu(h)
+        return geglu_reference(h)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), Linear(inner, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -184,11 +201,11 @@ class MultiviewTransformer(nn.Module):
         self.name = name
         self.is_3d = is_3d
         self.norm = GroupNorm32(norm_num_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels)
+        self.proj_in = Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(channels, heads, head_dim, context_dim, dropout) for _ in range(depth)
         )
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = Linear(channels, channels)
         self.time_mix_blocks = nn.ModuleList(
             TransformerBlockTimeMix(channels, heads, head_dim, context_dim, dropout) for _ in range(depth)
         )

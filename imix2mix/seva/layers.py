@@ -4,6 +4,7 @@ modulation, up/down-sampling and the sinusoidal timestep embedding."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,8 @@ from torch import nn
 
 from imix2mix.kernels.group_norm import fused_group_norm_available, group_norm_nhwc, group_norm_reference
 from imix2mix.kernels.layer_norm import fused_layer_norm_available, layer_norm_rows
+from imix2mix.kernels.linear import fused_bias_grad_available
+from imix2mix.kernels.linear import linear as fused_bias_grad_linear
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -47,19 +50,44 @@ class LayerNorm32(nn.LayerNorm):
         return super().forward(x)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and function) whose bias gradient is summed by a Triton
+    column-sum kernel on CUDA (:mod:`imix2mix.kernels.linear`: torch's reduction was the slow part of
+    the student's linear layers' backward).  Under autocast it casts input, weight and bias to the
+    autocast dtype as autocast would; elsewhere (CPU, no bias, ``torch.compile``) it is ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or not fused_bias_grad_available(x, self.bias):
+            return super().forward(x)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            return fused_bias_grad_linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
+
+
+def replace_modules(module: nn.Module, source_type: type[nn.Module], build: Callable[[nn.Module], nn.Module]) -> int:
+    """Swap every submodule of exactly ``source_type`` inside ``module`` for ``build(submodule)``
+    (built to share the submodule's parameters).  Returns how many were swapped."""
+    swapped = 0
+    for name, child in list(module.named_modules()):
+        if type(child) is source_type:
+            module.set_submodule(name, build(child))
+            swapped += 1
+    return swapped
+
+
 def use_group_norm32(module: nn.Module) -> int:
     """Swap every plain ``nn.GroupNorm`` inside ``module`` for a :class:`GroupNorm32` sharing its
     parameters (the teacher's UNet: the same function where inputs already match the weights'
     dtype, and the fused NHWC kernel on channels-last CUDA inputs).  Returns how many were swapped."""
-    swapped = 0
-    for name, child in list(module.named_modules()):
-        if type(child) is nn.GroupNorm:
-            replacement = GroupNorm32(child.num_groups, child.num_channels, child.eps, child.affine, device="meta")
-            replacement.weight, replacement.bias = child.weight, child.bias
-            replacement.train(child.training)
-            module.set_submodule(name, replacement)
-            swapped += 1
-    return swapped
+
+    def build(child: nn.Module) -> GroupNorm32:
+        replacement = GroupNorm32(child.num_groups, child.num_channels, child.eps, child.affine, device="meta")
+        replacement.weight, replacement.bias = child.weight, child.bias
+        replacement.train(child.training)
+        return replacement
+
+    return replace_modules(module, nn.GroupNorm, build)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""The linear layer with a Triton bias-gradient sum against ``nn.Linear``, and the column sum alone.
+
+The kernels run under Triton's interpreter in a child process (see tests/test_kernels_layer_norm.py
+for why); it saves both implementations' outputs and gradients, and the comparisons live here.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from kernel_checks import run_child
+
+# (name, dtype, g shape, knobs): the small knobs give several row chunks and column slabs with
+# ragged last ones; 2560 columns is the student's widest bias (GEGLU's projection at 320 channels).
+SMALL = {"BLOCK_C": 16, "BLOCK_ROWS": 4, "MIN_CHUNK_ROWS": 8, "MIN_PROGRAMS": 64}
+SUMS = [
+    ("fp32_small_tiles", "float32", [203, 37], SMALL),
+    ("bf16_small_tiles", "bfloat16", [203, 40], SMALL),
+    ("bf16_2560", "bfloat16", [300, 2560], {}),
+    ("fp16_one_row", "float16", [1, 24], {}),
+]
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import imix2mix.kernels.linear as kl
+    from imix2mix.seva.layers import Linear
+
+    sums = json.loads(sys.argv[1])
+    out_path = sys.argv[2]
+    torch.manual_seed(0)
+    knobs_default = {k: getattr(kl, k) for k in ("BLOCK_C", "BLOCK_ROWS", "MIN_CHUNK_ROWS", "MIN_PROGRAMS")}
+    results = {}
+    for name, dtype, shape, knobs in sums:
+        for k, v in {**knobs_default, **knobs}.items():
+            setattr(kl, k, v)
+        # A common offset per column: an fp32 sum in the wrong order or precision would show.
+        g = (torch.randn(shape) + 3 * torch.randn(shape[1])).to(getattr(torch, dtype))
+        results[name] = {
+            "kernel": kl.column_sum(g, g.dtype),
+            "kernel_fp32": kl.column_sum(g, torch.float32),
+            "truth": g.double().sum(0),
+            "reference": g.sum(0),
+        }
+    for k, v in knobs_default.items():
+        setattr(kl, k, v)
+
+    calls = []
+    kernel = kl.column_sum
+    kl.column_sum = lambda g, dtype: calls.append(tuple(g.shape)) or kernel(g, dtype)
+    layer = Linear(48, 40)
+    plain = torch.nn.Linear(48, 40)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 17, 48)
+    target = torch.randn(3, 17, 40)
+    for autocast in (False, True):
+        grads = {}
+        for tag, module in (("k", layer), ("r", plain)):
+            module.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = module(xi)
+            (out.float() * target).sum().backward()
+            grads[tag] = {"out": out.detach(), "x": xi.grad, "weight": module.weight.grad, "bias": module.bias.grad}
+        results[f"module_autocast_{autocast}"] = grads
+    results["column_sum_calls"] = calls
+    results["no_bias_available"] = kl.fused_bias_grad_available(x, None)
+    torch.save(results, out_path)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("linear") / "results.pt"
+    run_child(_CHILD, json.dumps(SUMS), str(out), interpret=True)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("case", SUMS, ids=[c[0] for c in SUMS])
+def test_column_sum_is_an_fp32_sum_rounded_once(results: dict, case: tuple) -> None:
+    res = results[case[0]]
+    dtype = getattr(torch, case[1])
+    truth = res["truth"]
+    assert res["kernel"].dtype == dtype and res["kernel_fp32"].dtype == torch.float32
+    # fp32 accumulation: within fp32 rounding of the float64 sum, whatever the order.
+    torch.testing.assert_close(res["kernel_fp32"].double(), truth, rtol=1e-5, atol=1e-5 * float(truth.abs().max()))
+    # The low-precision result is that sum rounded once: within half an ulp of the exact sum, up to
+    # the fp32 error above; torch's own reduction lands in the same place.
+    rounded_truth = truth.to(dtype)
+    assert torch.equal(res["kernel"], res["kernel_fp32"].to(dtype))
+    assert float((res["kernel"].double() - rounded_truth.double()).abs().max()) <= float(
+        (rounded_truth.double() - truth).abs().max() * 2 + 1e-5 * truth.abs().max()
+    )
+    torch.testing.assert_close(res["kernel"].float(), res["reference"].float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_matches_nn_linear_forward_and_backward(results: dict, autocast: bool) -> None:
+    grads = results[f"module_autocast_{autocast}"]
+    for key in ("out", "x", "weight", "bias"):
+        k, r = grads["k"][key], grads["r"][key]
+        assert k.dtype == r.dtype and k.shape == r.shape, key
+        if autocast:
+            # The same bf16 products; the bias sum alone may round differently (one bf16 ulp).
+            torch.testing.assert_close(k.float(), r.float(), rtol=1e-2, atol=1e-2 * float(r.float().abs().max()))
+        else:
+            torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-5)
+    assert grads["k"]["weight"].dtype == torch.float32  # the cast back to the fp32 parameter, as autocast's
+
+
+def test_linear_sums_the_bias_gradient_with_the_kernel(results: dict) -> None:
+    # one column sum per backward pass, over the rows of the flattened gradient
+    assert results["column_sum_calls"] == [(51, 40), (51, 40)]
+    assert not results["no_bias_available"]
