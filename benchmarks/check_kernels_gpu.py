@@ -22,6 +22,7 @@ from kernel_checks import ulp_distance  # noqa: E402
 
 from imix2mix.kernels.geglu import geglu, geglu_reference  # noqa: E402
 from imix2mix.kernels.linear import column_sum  # noqa: E402
+from imix2mix.kernels.short_attention import short_attention, short_attention_reference  # noqa: E402
 from imix2mix.seva.layers import Linear  # noqa: E402
 
 
@@ -82,6 +83,21 @@ def main() -> None:
         }
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    for positions, channels, heads in ((5184, 320, 5), (1296, 640, 10), (324, 1280, 20)):
+        positions = max(positions // shrink, 3)
+        q, k, v = (torch.randn(positions, 5, channels, device=device).bfloat16() for _ in range(3))
+        do = torch.randn(positions, 5, channels, device=device).bfloat16()
+        res = {}
+        for tag, fn, dtype in (("kernel", short_attention, torch.bfloat16), ("sdpa_bf16", short_attention_reference, torch.bfloat16),
+                               ("truth", short_attention_reference, torch.float64 if device.type == "cpu" else torch.float32)):
+            ins = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+            out = fn(*ins, heads)
+            out.backward(do.to(dtype))
+            res[tag] = [out.detach()] + [t.grad for t in ins]
+        report[f"short_attention[{positions}x5x{channels},heads={heads}]"] = {
+            tag: [float((a.double() - b.double()).norm() / b.double().norm()) for a, b in zip(res[tag], res["truth"])]
+            for tag in ("kernel", "sdpa_bf16")
+        }
     for key, value in report.items():
         print(key, json.dumps(value))
 

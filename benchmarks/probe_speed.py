@@ -545,6 +545,31 @@ def feed_forward(args, device: torch.device) -> None:
         release()
 
 
+def short_attention(args, device: torch.device) -> None:
+    """The time-mix self-attention (T frames, SEVA's heads) at each level of the full student:
+    kernel milliseconds of forward + backward through SDPA (with the head transposes) vs the
+    short-sequence Triton kernel, bf16."""
+    import imix2mix.kernels.short_attention as kernels
+    from imix2mix.kernels.short_attention import short_attention as kernel
+    from imix2mix.kernels.short_attention import short_attention_reference
+
+    for channels, size, heads in ((320, args.latent, 5), (640, args.latent // 2, 10), (1280, args.latent // 4, 20)):
+        q, k, v = (torch.randn(size * size, args.frames, channels, device=device, dtype=torch.bfloat16) for _ in range(3))
+        do = torch.randn_like(q)
+        times = {}
+        default_block = kernels.BLOCK_B
+        for name, fn, block in (("sdpa", short_attention_reference, None), ("kernel", kernel, default_block),
+                                ("kernel_block_2", kernel, 2), ("kernel_block_8", kernel, 8)):
+            kernels.BLOCK_B = block or default_block
+            ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            times[name] = round(kernel_milliseconds(lambda: fn(*ins, heads).backward(do), device, args.repeats), 3)
+        kernels.BLOCK_B = default_block
+        floor = 8 * q.numel() * 2 / 2.9e12 * 1e3  # q, k, v, o, do read; o, dq, dk, dv written: at least 8 passes
+        log(f"short_attention_ms[C={channels},{size}x{size},T={args.frames}]", {**times, "floor_at_2.9TB/s": round(floor, 3)})
+        del q, k, v, do
+        release()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full", choices=["full", "tiny"])
@@ -567,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         log("gpu", torch.cuda.get_device_name(device))
         log("torch", torch.__version__)
     parts = {"ceilings": ceilings, "student": student, "teacher": teacher, "optimizer": optimizer, "group_norm": group_norm,
-             "feed_forward": feed_forward}
+             "feed_forward": feed_forward, "short_attention": short_attention}
     for part in args.parts.split(","):
         started = time.perf_counter()
         try:

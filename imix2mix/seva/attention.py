@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imix2mix.kernels.geglu import fused_geglu_available, geglu, geglu_reference
+from imix2mix.kernels.short_attention import MAX_LEN as SHORT_SEQUENCE_MAX_LEN
+from imix2mix.kernels.short_attention import short_attention, short_attention_available, short_attention_reference
 from imix2mix.seva.layers import GroupNorm32, LayerNorm32, Linear
 
 
@@ -35,6 +37,9 @@ class SdpaAttnProcessor:
     attention kernels are at their slowest there (the flash backward pass over one key took 24 ms of
     the student's iteration on an H100), and the projections of the time-mix blocks' context, one
     copy per spatial position, are computed once.
+
+    Self-attention over short sequences (the time-mix blocks' T views) takes the Triton kernel of
+    :mod:`imix2mix.kernels.short_attention` on CUDA: flash tiles of 64+ rows are mostly padding there.
     """
 
     def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -42,9 +47,14 @@ class SdpaAttnProcessor:
         if context is not None and context.shape[1] == 1:
             out = attn.to_out(attn.to_v(context))  # [context rows, 1, C]
             return _rows_per_query_batch(out, batch).expand(batch, q_len, out.shape[-1])
+        heads, head_dim = attn.heads, attn.head_dim
+        if context is None and q_len <= SHORT_SEQUENCE_MAX_LEN and not torch.compiler.is_compiling():
+            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+            if short_attention_available(q, k, v, heads):
+                return attn.to_out(short_attention(q, k, v, heads))
+            return attn.to_out(short_attention_reference(q, k, v, heads))
         context = x if context is None else _rows_per_query_batch(context, batch)
         kv_len = context.shape[1]
-        heads, head_dim = attn.heads, attn.head_dim
         q = attn.to_q(x).view(batch, q_len, heads, head_dim).transpose(1, 2)
         k = attn.to_k(context).view(batch, kv_len, heads, head_dim).transpose(1, 2)
         v = attn.to_v(context).view(batch, kv_len, heads, head_dim).transpose(1, 2)

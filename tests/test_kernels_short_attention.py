@@ -1,0 +1,134 @@
+"""The short-sequence attention kernel (Triton; SEVA's time-mix over the views) against attention in
+float64, forward and backward.
+
+The kernels run under Triton's interpreter in a child process (see tests/test_kernels_layer_norm.py
+for why), which saves the kernel's results, torch's SDPA in the same dtype and SDPA in float64 (the
+truth); the comparisons live here.  The kernel computes in fp32 and rounds only its outputs, so in
+half precision it must be about as close to the truth as torch's own half-precision attention.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from kernel_checks import run_child
+
+# (name, dtype, (B, L, heads, head_dim)): L = 5 is SEVA's T (4 views + 1 target at N = 4); B not a
+# multiple of BLOCK_B leaves a ragged last program; head_dim 40 is not a power of two (masked lanes).
+CASES = [
+    ("fp32_L5", "float32", [7, 5, 3, 16]),
+    ("bf16_L5_d64", "bfloat16", [9, 5, 2, 64]),
+    ("fp16_L3_d40", "float16", [5, 3, 4, 40]),
+    ("fp32_L1", "float32", [3, 1, 2, 8]),
+    ("fp32_L16_d128", "float32", [3, 16, 1, 128]),
+    ("bf16_L8_large_scores", "bfloat16", [6, 8, 2, 32]),
+]
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import imix2mix.kernels.short_attention as sa
+    import imix2mix.seva.attention as attention
+    from imix2mix.seva.attention import TransformerBlockTimeMix
+
+    cases = json.loads(sys.argv[1])
+    out_path = sys.argv[2]
+    torch.manual_seed(0)
+    results = {}
+    for name, dtype, (B, L, H, D) in cases:
+        dtype = getattr(torch, dtype)
+        spread = 6.0 if "large_scores" in name else 1.5  # large scores: a peaked softmax
+        q, k, v = [(torch.randn(B, L, H * D) * spread).to(dtype) for _ in range(3)]
+        do = torch.randn(B, L, H * D).to(dtype)
+        res = {}
+        for tag, fn, cast in (("k", sa.short_attention, dtype), ("torch", sa.short_attention_reference, dtype),
+                              ("truth", sa.short_attention_reference, torch.float64)):
+            ins = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
+            o = fn(*ins, H)
+            o.backward(do.to(cast))
+            res[tag] = [o.detach()] + [t.grad for t in ins]
+        results[name] = res
+
+    # SEVA's time-mix block (T = 5 views) under bf16 autocast takes the kernel for its self-attention
+    # and computes what it computes through SDPA, parameter gradients included.
+    calls = []
+    attention.short_attention = lambda q, k, v, heads: calls.append(tuple(q.shape)) or sa.short_attention(q, k, v, heads)
+    block = TransformerBlockTimeMix(64, 4, 16, 32)
+    x = torch.randn(12, 5, 64).bfloat16()
+    context = torch.randn(12, 1, 32)
+    target = torch.randn(12, 5, 64)
+    grads = {}
+    for tag, available in (("k", sa.short_attention_available), ("r", lambda *args: False)):
+        attention.short_attention_available = available
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x, context)
+        (out.float() * target).sum().backward()
+        grads[tag] = {"out": out.float().detach(), **{n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}}
+    results["time_mix_block"] = grads
+    results["time_mix_kernel_calls"] = calls
+
+    q = torch.randn(4, 5, 64)
+    results["available"] = {
+        "ok": sa.short_attention_available(q, q, q, 4),
+        "too_long": sa.short_attention_available(torch.randn(2, 17, 64), torch.randn(2, 17, 64), torch.randn(2, 17, 64), 4),
+        "head_dim_too_wide": sa.short_attention_available(torch.randn(2, 5, 256), torch.randn(2, 5, 256), torch.randn(2, 5, 256), 1),
+        "heads_do_not_divide": sa.short_attention_available(q, q, q, 3),
+        "non_contiguous": sa.short_attention_available(q.transpose(0, 1).contiguous().transpose(0, 1), q, q, 4),
+        "mixed_dtypes": sa.short_attention_available(q, q.bfloat16(), q, 4),
+    }
+    torch.save(results, out_path)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("short_attention") / "results.pt"
+    run_child(_CHILD, json.dumps(CASES), str(out), interpret=True)
+    return torch.load(out, weights_only=False)
+
+
+def _relative(a: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((a.double() - truth).norm() / truth.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_output_and_gradients_match_float64_attention(results: dict, case: tuple) -> None:
+    name, dtype = case[0], getattr(torch, case[1])
+    res = results[name]
+    for index, label in enumerate(("out", "dq", "dk", "dv")):
+        kernel, torch_same, truth = res["k"][index], res["torch"][index], res["truth"][index]
+        assert kernel.dtype == dtype and kernel.shape == truth.shape, label
+        assert torch.isfinite(kernel).all(), label
+        if case[2][1] == 1 and label in ("dq", "dk"):
+            # one key: the softmax is constant, so q and k get exactly zero gradient
+            assert torch.equal(kernel, torch.zeros_like(kernel)), label
+            continue
+        if dtype == torch.float32:
+            assert _relative(kernel, truth) < 2e-6, (name, label, _relative(kernel, truth))
+        else:
+            # fp32 inside, one rounding of each output: no further from the truth than torch's
+            # attention in the same dtype (plus a fraction of an ulp).
+            bound = 1.1 * _relative(torch_same, truth) + 2e-4
+            assert _relative(kernel, truth) < bound, (name, label, _relative(kernel, truth), bound)
+
+
+def test_time_mix_block_takes_the_kernel_with_the_same_result(results: dict) -> None:
+    assert results["time_mix_kernel_calls"] == [(12, 5, 64)]  # its self-attention, once
+    kernel, reference = results["time_mix_block"]["k"], results["time_mix_block"]["r"]
+    assert sorted(kernel) == sorted(reference) and len(kernel) > 10
+    largest = max(float(g.norm()) for g in reference.values())
+    for key in kernel:
+        diff = float((kernel[key] - reference[key]).norm()) / max(float(reference[key].norm()), 1e-3 * largest)
+        assert diff < 2e-2, (key, diff)  # bf16 activations: rounding-level differences only
+
+
+def test_availability(results: dict) -> None:
+    available = results["available"]
+    assert available["ok"]
+    assert not any(v for k, v in available.items() if k != "ok"), available
