@@ -229,6 +229,7 @@ KERNEL_SWITCHES: dict[str, tuple[str, str]] = {
     "geglu": ("imix2mix.seva.attention", "fused_geglu_available"),
     "bias_grad": ("imix2mix.seva.layers", "fused_bias_grad_available"),
     "layer_norm": ("imix2mix.seva.layers", "fused_layer_norm_available"),
+    "group_norm": ("imix2mix.seva.layers", "fused_group_norm_available"),
     "short_attention": ("imix2mix.seva.attention", "short_attention_available"),
 }
 

@@ -499,8 +499,10 @@ def feed_forward(args, device: torch.device) -> None:
     backward under autocast with both kernels on and off."""
     import imix2mix.seva.attention as attention
     import imix2mix.seva.layers as layers
+    import imix2mix.kernels.geglu as geglu_kernels
     from imix2mix.kernels.geglu import geglu, geglu_reference
     from imix2mix.kernels.linear import column_sum
+    from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
 
     levels = [(320, args.latent), (640, args.latent // 2), (1280, args.latent // 4)]
     for channels, size in levels:
@@ -511,6 +513,13 @@ def feed_forward(args, device: torch.device) -> None:
         for name, fn in (("torch", geglu_reference), ("fused", geglu)):
             source = h.clone().requires_grad_(True)
             gate[name] = kernel_milliseconds(lambda: fn(source).backward(dout), device, args.repeats)
+        # Tile shapes of the fused gate: (BLOCK_F, TILE, NUM_WARPS).
+        defaults = (geglu_kernels.BLOCK_F, geglu_kernels.TILE, geglu_kernels.NUM_WARPS)
+        for variant in ((512, 4096, 4), (128, 2048, 4), (1024, 8192, 8), (512, 8192, 8), (256, 4096, 4), (128, 1024, 4)):
+            geglu_kernels.BLOCK_F, geglu_kernels.TILE, geglu_kernels.NUM_WARPS = variant
+            source = h.clone().requires_grad_(True)
+            gate["fused" + str(variant)] = kernel_milliseconds(lambda: geglu(source).backward(dout), device, args.repeats)
+        geglu_kernels.BLOCK_F, geglu_kernels.TILE, geglu_kernels.NUM_WARPS = defaults
         narrow = torch.randn(rows, channels, device=device, dtype=torch.bfloat16)
         sums = {
             "torch": kernel_milliseconds(lambda: h.sum(0), device, args.repeats),
@@ -527,7 +536,8 @@ def feed_forward(args, device: torch.device) -> None:
                 out = ff(x)
             out.backward(grad)
 
-        whole = {"fused": kernel_milliseconds(ff_step, device, args.repeats)}
+        with triton_kernels_for_graph_capture():  # the layers take their kernels as in a graph capture
+            whole = {"fused": kernel_milliseconds(ff_step, device, args.repeats)}
         restore = [_patch(attention, "fused_geglu_available", lambda h: False),
                    _patch(layers, "fused_bias_grad_available", lambda x, b: False)]
         whole["torch"] = kernel_milliseconds(ff_step, device, args.repeats)
@@ -557,13 +567,15 @@ def short_attention(args, device: torch.device) -> None:
         q, k, v = (torch.randn(size * size, args.frames, channels, device=device, dtype=torch.bfloat16) for _ in range(3))
         do = torch.randn_like(q)
         times = {}
-        default_block = kernels.BLOCK_B
+        default_block, default_warps = kernels.BLOCK_B, kernels.NUM_WARPS
         for name, fn, block in (("sdpa", short_attention_reference, None), ("kernel", kernel, default_block),
-                                ("kernel_block_2", kernel, 2), ("kernel_block_8", kernel, 8)):
-            kernels.BLOCK_B = block or default_block
+                                ("kernel_block_4", kernel, 4), ("kernel_block_16", kernel, 16),
+                                ("kernel_block_16_8_warps", kernel, -16)):
+            kernels.BLOCK_B = abs(block or default_block)
+            kernels.NUM_WARPS = 8 if block is not None and block < 0 else default_warps
             ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
             times[name] = round(kernel_milliseconds(lambda: fn(*ins, heads).backward(do), device, args.repeats), 3)
-        kernels.BLOCK_B = default_block
+        kernels.BLOCK_B, kernels.NUM_WARPS = default_block, default_warps
         floor = 8 * q.numel() * 2 / 2.9e12 * 1e3  # q, k, v, o, do read; o, dq, dk, dv written: at least 8 passes
         log(f"short_attention_ms[C={channels},{size}x{size},T={args.frames}]", {**times, "floor_at_2.9TB/s": round(floor, 3)})
         del q, k, v, do

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from imix2mix.attention import CrossViewAttention
 from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError
+from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
 from imix2mix.metrics import ClipMetricsModel, SceneMetrics
 from imix2mix.preprocess import paste_back, prepare_views
 from imix2mix.schedules import (
@@ -403,7 +404,7 @@ class GraphedStudent(torch.nn.Module):
         )
         for parameter in network.parameters():  # an earlier scene's gradients: free their memory first
             parameter.grad = None
-        with autocast:
+        with autocast, triton_kernels_for_graph_capture():
             # allow_unused_input: q, k and norm2 of the single-token cross-attentions get no gradient
             self.graphed = torch.cuda.make_graphed_callables(
                 _StudentWithFrameCount(network, num_frames), sample, allow_unused_input=True

@@ -28,6 +28,7 @@ from diffusers.models.activations import GEGLU as DiffusersGEGLU
 from imix2mix.attention import CrossViewAttention, KeyViewState, set_cross_view_attention
 from imix2mix.errors import MissingWeightsError
 from imix2mix.hub import resolve_dir
+from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
 from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import replace_modules, use_group_norm32
 
@@ -269,13 +270,14 @@ class _CapturedUnet:
         self.input, self.timestep, self.text = model_input.clone(), timestep.clone(), text.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN/cuBLAS pick their kernels
-            for _ in range(2):
-                unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)[0]
+        with triton_kernels_for_graph_capture():
+            with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN/cuBLAS pick their kernels
+                for _ in range(2):
+                    unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)[0]
 
     def __call__(self, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         self.input.copy_(model_input)

@@ -31,6 +31,14 @@ def run_child(code: str, *args: str, interpret: bool) -> str:
     return proc.stdout
 
 
+def run_interpreted(code: str, *args: str, folder: Path) -> dict:
+    """Run ``code`` in Triton's interpreter with ``args`` and the path of a results file in ``folder``
+    as its last argument; the results it saved there with ``torch.save``."""
+    out = folder / "results.pt"
+    run_child(code, *args, str(out), interpret=True)
+    return torch.load(out, weights_only=False)
+
+
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Steps between two bf16/fp16 tensors along the ordered floating-point line (sign-magnitude bits)."""
 

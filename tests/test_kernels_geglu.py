@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 import torch
-from kernel_checks import check_low_precision, run_child
+from kernel_checks import check_low_precision, run_interpreted
 
 # (name, dtype, h shape, knobs): TILE = 64 with BLOCK_F = 16 gives several programs along both axes
 # with ragged last tiles; F = 1280 (the student's narrowest inner width) spans three column tiles.
@@ -106,9 +106,7 @@ _CHILD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def kernel_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("geglu") / "results.pt"
-    run_child(_CHILD, json.dumps(CASES), str(out), interpret=True)
-    return torch.load(out, weights_only=False)
+    return run_interpreted(_CHILD, json.dumps(CASES), folder=tmp_path_factory.mktemp("geglu"))
 
 
 def _assert_same(k: torch.Tensor, r: torch.Tensor, label: str) -> None:

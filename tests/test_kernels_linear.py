@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from kernel_checks import run_child
+from kernel_checks import run_interpreted
 
 # (name, dtype, g shape, knobs): the small knobs give several row chunks and column slabs with
 # ragged last ones; 2560 columns is the student's widest bias (GEGLU's projection at 320 channels).
@@ -76,9 +76,7 @@ _CHILD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("linear") / "results.pt"
-    run_child(_CHILD, json.dumps(SUMS), str(out), interpret=True)
-    return torch.load(out, weights_only=False)
+    return run_interpreted(_CHILD, json.dumps(SUMS), folder=tmp_path_factory.mktemp("linear"))
 
 
 @pytest.mark.parametrize("case", SUMS, ids=[c[0] for c in SUMS])

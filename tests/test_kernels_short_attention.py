@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from kernel_checks import run_child
+from kernel_checks import run_interpreted
 
 # (name, dtype, (B, L, heads, head_dim)): L = 5 is SEVA's T (4 views + 1 target at N = 4); B not a
 # multiple of BLOCK_B leaves a ragged last program; head_dim 40 is not a power of two (masked lanes).
@@ -88,9 +88,7 @@ _CHILD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("short_attention") / "results.pt"
-    run_child(_CHILD, json.dumps(CASES), str(out), interpret=True)
-    return torch.load(out, weights_only=False)
+    return run_interpreted(_CHILD, json.dumps(CASES), folder=tmp_path_factory.mktemp("short_attention"))
 
 
 def _relative(a: torch.Tensor, truth: torch.Tensor) -> float:

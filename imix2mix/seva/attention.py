@@ -11,6 +11,7 @@ from torch import nn
 from imix2mix.kernels.geglu import fused_geglu_available, geglu, geglu_reference
 from imix2mix.kernels.short_attention import MAX_LEN as SHORT_SEQUENCE_MAX_LEN
 from imix2mix.kernels.short_attention import short_attention, short_attention_available, short_attention_reference
+from imix2mix.kernels.triton_support import use_triton_kernels
 from imix2mix.seva.layers import GroupNorm32, LayerNorm32, Linear
 
 
@@ -48,7 +49,7 @@ class SdpaAttnProcessor:
             out = attn.to_out(attn.to_v(context))  # [context rows, 1, C]
             return _rows_per_query_batch(out, batch).expand(batch, q_len, out.shape[-1])
         heads, head_dim = attn.heads, attn.head_dim
-        if context is None and q_len <= SHORT_SEQUENCE_MAX_LEN and not torch.compiler.is_compiling():
+        if context is None and q_len <= SHORT_SEQUENCE_MAX_LEN and use_triton_kernels():
             q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
             if short_attention_available(q, k, v, heads):
                 return attn.to_out(short_attention(q, k, v, heads))
@@ -124,7 +125,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj(x)
-        if not torch.compiler.is_compiling() and fused_geglu_available(h):
+        if use_triton_kernels() and fused_geglu_available(h):
             return geglu(h)
         return geglu_reference(h)
 

@@ -14,6 +14,7 @@ from imix2mix.kernels.group_norm import fused_group_norm_available, group_norm_n
 from imix2mix.kernels.layer_norm import fused_layer_norm_available, layer_norm_rows
 from imix2mix.kernels.linear import fused_bias_grad_available
 from imix2mix.kernels.linear import linear as fused_bias_grad_linear
+from imix2mix.kernels.triton_support import use_triton_kernels
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -21,13 +22,14 @@ class GroupNorm32(nn.GroupNorm):
     keeps fp32 statistics), optionally followed by SiLU.
 
     Channels-last inputs on CUDA take one fused Triton kernel per pass
-    (:mod:`imix2mix.kernels.group_norm`): torch's GroupNorm has no NHWC kernel, so without it every
-    convolution around a norm would transpose its input and output.  Under ``torch.compile`` the
-    plain ops run and inductor fuses them itself.
+    (:mod:`imix2mix.kernels.group_norm`) where launches are replayed from CUDA graphs
+    (:func:`~imix2mix.kernels.triton_support.use_triton_kernels`): torch's GroupNorm has no NHWC
+    kernel, so without it every convolution around a norm would transpose its input and output.
+    Under ``torch.compile`` the plain ops run and inductor fuses them itself.
     """
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and fused_group_norm_available(x, self.num_groups):
+        if use_triton_kernels() and fused_group_norm_available(x, self.num_groups):
             return group_norm_nhwc(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu)
         return group_norm_reference(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu)
 
@@ -35,15 +37,15 @@ class GroupNorm32(nn.GroupNorm):
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm as autocast runs it (fp32 statistics and affine), whose output under CUDA autocast is
     already rounded to the autocast dtype: in SEVA every consumer of a LayerNorm is a Linear, which
-    would round it to that dtype anyway.  Contiguous CUDA inputs take one fused Triton kernel per pass
-    (:mod:`imix2mix.kernels.layer_norm`) instead of casts around torch's fp32 kernel; elsewhere (CPU,
-    fp32, ``torch.compile``) it is ``nn.LayerNorm``.
+    would round it to that dtype anyway.  Contiguous CUDA inputs in CUDA-graph captures take one fused
+    Triton kernel per pass (:mod:`imix2mix.kernels.layer_norm`) instead of casts around torch's fp32
+    kernel; elsewhere (eager, CPU, fp32, ``torch.compile``) it is ``nn.LayerNorm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             torch.is_autocast_enabled(x.device.type)
-            and not torch.compiler.is_compiling()
+            and use_triton_kernels()
             and fused_layer_norm_available(x)
         ):
             return layer_norm_rows(x, self.weight, self.bias, self.eps, torch.get_autocast_dtype(x.device.type))
@@ -52,12 +54,12 @@ class LayerNorm32(nn.LayerNorm):
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and function) whose bias gradient is summed by a Triton
-    column-sum kernel on CUDA (:mod:`imix2mix.kernels.linear`: torch's reduction was the slow part of
-    the student's linear layers' backward).  Under autocast it casts input, weight and bias to the
-    autocast dtype as autocast would; elsewhere (CPU, no bias, ``torch.compile``) it is ``nn.Linear``."""
+    column-sum kernel in CUDA-graph captures (:mod:`imix2mix.kernels.linear`).  Under autocast it
+    casts input, weight and bias to the autocast dtype as autocast would; elsewhere (eager, CPU, no
+    bias, ``torch.compile``) it is ``nn.Linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or not fused_bias_grad_available(x, self.bias):
+        if not (use_triton_kernels() and fused_bias_grad_available(x, self.bias)):
             return super().forward(x)
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
