@@ -383,10 +383,24 @@ def teacher(args, device: torch.device) -> None:
     model_input = torch.randn(batch, 8, size, size, device=device, dtype=dtype)
     timestep = torch.full((batch,), 500, device=device, dtype=torch.long)
     text = torch.randn(batch, 77, arch.unet["cross_attention_dim"], device=device, dtype=dtype)
-    for name, channels_last in (("as_now", False), ("channels_last", True)):
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
+    from imix2mix.teacher import InstructPix2PixTeacher
+
+    unet = InstructPix2PixTeacher(pipeline, device=device, dtype=dtype).unet  # our norms, GEGLUs, layouts
+    blocks = [m for m in unet.modules() if isinstance(m, Transformer2DModel)]
+    ours = [block.__dict__.pop("_get_output_for_continuous_inputs") for block in blocks]
+    # diffusers_output: diffusers' own block output (NHWC tokens copied to NCHW before proj_out)
+    for name, channels_last, diffusers_output in (("nchw", False, True), ("channels_last_diffusers_output", True, True),
+                                                  ("channels_last", True, False)):
+        for block, method in zip(blocks, ours):
+            block.__dict__.pop("_get_output_for_continuous_inputs", None)
+            if not diffusers_output:
+                block._get_output_for_continuous_inputs = method
         unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         x = model_input.contiguous(memory_format=torch.channels_last) if channels_last else model_input
-        with torch.inference_mode():
+        with torch.inference_mode(), triton_kernels_for_graph_capture():
             if device.type == "cuda" and not args.eager:
                 for _ in range(2):
                     unet(x, timestep, encoder_hidden_states=text, return_dict=False)

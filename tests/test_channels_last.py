@@ -209,3 +209,28 @@ def test_transformer_blocks_with_fused_layer_norms_match_autocast_layer_norm():
         # one bf16 rounding of a LayerNorm output may differ by an ulp, which the matmuls carry on
         assert entry["output"] < 1e-2, (name, entry)
         assert entry["worst_grad"] < 5e-2, (name, entry)
+
+
+def test_teacher_transformers_keep_channels_last_tokens_for_proj_out():
+    """The teacher's transformer blocks hand their NHWC tokens to the 1×1 ``proj_out`` without
+    diffusers' NCHW copy (and the convolution's copy back), computing the same output."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    teacher = InstructPix2PixTeacher(build_random_teacher_pipeline(TeacherArchitecture.tiny(), seed=0))
+    teacher.set_memory_format(torch.channels_last)
+    block = next(m for m in teacher.unet.modules() if isinstance(m, Transformer2DModel))
+    assert not block.use_linear_projection  # IP2P's (SD 1.5) blocks project with 1×1 convolutions
+    channels = block.proj_out.out_channels
+    g = torch.Generator().manual_seed(3)
+    residual = torch.randn(2, channels, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    tokens = torch.randn(2, 30, channels, generator=g)
+    seen = []
+    hook = block.proj_out.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.inference_mode():
+        ours = block._get_output_for_continuous_inputs(tokens, residual, 2, 6, 5, channels)
+        diffusers = Transformer2DModel._get_output_for_continuous_inputs(block, tokens, residual, 2, 6, 5, channels)
+        nchw = block._get_output_for_continuous_inputs(tokens, residual.contiguous(), 2, 6, 5, channels)
+    hook.remove()
+    assert seen == [True, False, False]  # ours: NHWC in; diffusers' path (and NCHW residuals): NCHW in
+    torch.testing.assert_close(ours, diffusers, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nchw, diffusers, rtol=0, atol=0)
