@@ -40,7 +40,9 @@ class SdpaAttnProcessor:
     copy per spatial position, are computed once.
 
     Self-attention over short sequences (the time-mix blocks' T views) takes the Triton kernel of
-    :mod:`imix2mix.kernels.short_attention` on CUDA: flash tiles of 64+ rows are mostly padding there.
+    :mod:`imix2mix.kernels.short_attention` inside CUDA-graph captures
+    (:func:`~imix2mix.kernels.triton_support.use_triton_kernels`): flash tiles of 64+ rows are mostly
+    padding there.
     """
 
     def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -105,9 +107,9 @@ class Attention(nn.Module):
 class GEGLU(nn.Module):
     """Linear to twice the width; the first half is gated by the exact (erf) GELU of the second half.
 
-    On CUDA the gate is one fused Triton kernel per pass (:mod:`imix2mix.kernels.geglu`, the same
-    function as torch's ops on the halves); under ``torch.compile`` the plain ops run and inductor
-    fuses them itself.  Also stands in for diffusers' ``GEGLU`` in the teacher (same ``proj``).
+    Inside CUDA-graph captures the gate is one fused Triton kernel per pass
+    (:mod:`imix2mix.kernels.geglu`, the same function as torch's ops on the halves); eagerly and under
+    ``torch.compile`` the plain ops run (inductor fuses them itself).  Also stands in for diffusers' ``GEGLU`` in the teacher (same ``proj``).
     """
 
     def __init__(self, dim_in: int, dim_out: int, device: torch.device | str | None = None) -> None:
