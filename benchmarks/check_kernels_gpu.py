@@ -1,4 +1,5 @@
-"""GPU check of the GEGLU and bias-gradient kernels against torch at the student's shapes.
+"""GPU check of the GEGLU, bias-gradient, short-attention and GroupNorm(+shift) kernels against torch
+at the student's shapes.
 
 The CPU tests run these kernels in Triton's interpreter; this runs the compiled kernels on CUDA:
 fresh random inputs, outputs poisoned with NaN beforehand where the kernel allocates them, and
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from kernel_checks import ulp_distance  # noqa: E402
 
 from imix2mix.kernels.geglu import geglu, geglu_reference  # noqa: E402
+from imix2mix.kernels.group_norm import group_norm_nhwc, group_norm_reference  # noqa: E402
 from imix2mix.kernels.linear import column_sum  # noqa: E402
 from imix2mix.kernels.short_attention import short_attention, short_attention_reference  # noqa: E402
 from imix2mix.seva.layers import Linear  # noqa: E402
@@ -97,6 +99,31 @@ def main() -> None:
         report[f"short_attention[{positions}x5x{channels},heads={heads}]"] = {
             tag: [float((a.double() - b.double()).norm() / b.double().norm()) for a, b in zip(res[tag], res["truth"])]
             for tag in ("kernel", "sdpa_bf16")
+        }
+    # The ResBlock's second norm: GroupNorm + SiLU of h + emb[:, :, None, None], the add inside the kernels.
+    size_shrink = 1 if device.type == "cuda" else 9  # 72 / 9 = 8: 8x8, 4x4, 2x2 in the interpreter
+    for channels, size in ((320, 72), (640, 36), (1280, 18)):
+        size = max(size // size_shrink, 2)
+        n, groups = 5, 32
+        x = (torch.randn(n, channels, size, size, device=device) * 2 + torch.randn(1, channels, 1, 1, device=device))
+        x = x.bfloat16().contiguous(memory_format=torch.channels_last)
+        emb = (torch.randn(n, channels, device=device) * 2).bfloat16()
+        weight = 1 + 0.1 * torch.randn(channels, device=device)
+        bias = 0.1 * torch.randn(channels, device=device)
+        dy = torch.randn(n, channels, size, size, device=device).bfloat16().contiguous(memory_format=torch.channels_last)
+        res = {}
+        for tag, fn in (("k", group_norm_nhwc), ("r", group_norm_reference)):
+            ins = [t.clone().requires_grad_(True) for t in (x, weight, bias, emb)]
+            out = fn(ins[0], ins[1], ins[2], groups, 1e-5, silu=True, shift=ins[3])
+            out.backward(dy)
+            res[tag] = [out.detach()] + [t.grad for t in ins]
+        (y_k, dx_k, dw_k, db_k, de_k), (y_r, dx_r, dw_r, db_r, de_r) = res["k"], res["r"]
+        report[f"group_norm_shift[{n}x{channels}x{size}x{size},bf16,silu]"] = {
+            "forward": low_precision_report(y_k, y_r),
+            "dx": low_precision_report(dx_k, dx_r),
+            "dshift": low_precision_report(de_k, de_r),
+            "dweight_rel_max": float((dw_k - dw_r).abs().max() / dw_r.abs().max()),
+            "dbias_rel_max": float((db_k - db_r).abs().max() / db_r.abs().max()),
         }
     for key, value in report.items():
         print(key, json.dumps(value))

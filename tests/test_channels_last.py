@@ -39,11 +39,12 @@ import json, torch
 import imix2mix.seva.layers as layers
 from imix2mix.seva import Seva, SevaConfig
 
-fused_calls = 0
+fused_calls = shifted_calls = 0
 kernel, available = layers.group_norm_nhwc, layers.fused_group_norm_available
 def counted(*args, **kwargs):
-    global fused_calls
+    global fused_calls, shifted_calls
     fused_calls += 1
+    shifted_calls += kwargs.get("shift") is not None
     return kernel(*args, **kwargs)
 layers.group_norm_nhwc = counted
 
@@ -72,9 +73,10 @@ for dtype in ("fp32",):  # bf16 rounding is the kernel tests' business; the inte
     layers.fused_group_norm_available = lambda x, groups: False  # the reference: torch's GroupNorm only
     out_ref, grads_ref = run(torch.contiguous_format, dtype)
     layers.fused_group_norm_available = available
-    before = fused_calls
+    before, shifted_before = fused_calls, shifted_calls
     out_cl, grads_cl = run(torch.channels_last, dtype)
     norms = sum(isinstance(m, layers.GroupNorm32) for m in network.modules())
+    res_blocks = sum(isinstance(m, layers.ResBlock) for m in network.modules())
     # Relative to the largest gradient: with one channel per group (tiny widths), the biases just before
     # a norm have a true gradient of zero, and their ~1e-6 of rounding noise is not a relative error.
     largest = max(float(g.norm()) for g in grads_ref.values())
@@ -85,6 +87,8 @@ for dtype in ("fp32",):  # bf16 rounding is the kernel tests' business; the inte
         same_grad_names=sorted(grads_cl) == sorted(grads_ref),
         fused_calls=fused_calls - before,
         norms=norms,
+        shifted_calls=shifted_calls - shifted_before,
+        res_blocks=res_blocks,
     )
 print(json.dumps(report))
 """
@@ -94,8 +98,10 @@ def test_tiny_student_channels_last_matches_nchw_forward_and_backward():
     report = _run_interpreted(STUDENT)
     for dtype, tolerance in (("fp32", 1e-5),):
         entry = report[dtype]
-        # every GroupNorm of the network took the fused kernel once in the forward pass
+        # every GroupNorm of the network took the fused kernel once in the forward pass, and each
+        # ResBlock's second norm with its timestep embedding added inside (the shift)
         assert entry["fused_calls"] == entry["norms"] > 20, entry
+        assert entry["shifted_calls"] == entry["res_blocks"] > 5, entry
         assert entry["same_grad_names"]
         assert entry["output"] < tolerance, (dtype, entry)
         assert entry["worst_grad"] < 10 * tolerance, (dtype, entry)

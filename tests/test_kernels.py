@@ -16,36 +16,49 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from kernel_checks import check_low_precision, rel_to_max, run_child
+from kernel_checks import check_low_precision, rel_to_max, run_child, ulp_distance
 import torch
 import torch.nn.functional as F
 
 from imix2mix.kernels.group_norm import group_norm_reference
 
 
-# One entry per kernel case: (name, dtype, N, C, G, H, W, silu, affine, knobs, shift).
+# One entry per kernel case: (name, dtype, N, C, G, H, W, silu, affine, knobs, mean, shift).
 # knobs: module constants to override for the case, so that small shapes still take every path:
 # *_MIN_PROGRAMS = 1 makes each program walk up to MAX_ROWS rows (several loop iterations, a ragged
 # last chunk) instead of one BLOCK_HW tile; FINISH_TILE = 8 makes the per-group kernels loop over
 # the row chunks in several steps (at 9 x 9, several chunks per sample: steps that straddle two).
-# shift: a mean common to all channels; 300 against a group variance of about 10 makes
+# mean: a mean common to all channels; 300 against a group variance of about 10 makes
 # E[x^2] - E[x]^2 cancel away four of fp32's seven digits.
+# shift: whether the norm also gets a per-(n, c) ``shift`` of x's dtype (the ResBlock's timestep
+# embedding), added before the norm; there the mean is carried by the shift, not by x, so that the
+# statistics' pivot (a sample of x) is only right if it has the shift added too.  With C = 96 the
+# second channel block is half masked off; at 17 x 17 with LONG_ROWS the second row chunk is ragged.
 LONG_ROWS = {"REDUCE_MIN_PROGRAMS": 1, "APPLY_MIN_PROGRAMS": 1}
 SHORT_FINISH = {"FINISH_TILE": 8}
 CASES = [
-    ("fp32_c64_g32_8x8", "float32", 2, 64, 32, 8, 8, False, True, {}, 0.0),
-    ("fp32_c96_g32_5x5_silu", "float32", 2, 96, 32, 5, 5, True, True, {}, 0.0),
-    ("fp32_c96_g32_17x17_silu_long", "float32", 2, 96, 32, 17, 17, True, True, LONG_ROWS, 0.0),
-    ("fp32_c160_g16_9x9_short_finish", "float32", 2, 160, 16, 9, 9, False, True, SHORT_FINISH, 0.0),
-    ("fp32_c64_g32_8x8_large_mean", "float32", 2, 64, 32, 8, 8, False, True, {}, 300.0),
-    ("fp32_n1_c32_g32_3x3_silu", "float32", 1, 32, 32, 3, 3, True, True, {}, 0.0),
-    ("bf16_c64_g32_8x8", "bfloat16", 2, 64, 32, 8, 8, False, True, {}, 0.0),
-    ("bf16_c96_g32_5x5_silu", "bfloat16", 2, 96, 32, 5, 5, True, True, {}, 0.0),
-    ("bf16_c160_g16_5x5_silu", "bfloat16", 2, 160, 16, 5, 5, True, True, {}, 0.0),
-    ("bf16_c96_g16_8x8_silu_noaffine", "bfloat16", 2, 96, 16, 8, 8, True, False, {}, 0.0),
-    ("bf16_c96_g32_17x17_silu_short_finish", "bfloat16", 2, 96, 32, 17, 17, True, True, SHORT_FINISH, 0.0),
-    ("bf16_c96_g32_17x17_long", "bfloat16", 2, 96, 32, 17, 17, False, True, LONG_ROWS, 0.0),
-    ("fp16_c64_g16_5x5_silu", "float16", 2, 64, 16, 5, 5, True, True, {}, 0.0),
+    ("fp32_c64_g32_8x8", "float32", 2, 64, 32, 8, 8, False, True, {}, 0.0, False),
+    ("fp32_c96_g32_5x5_silu", "float32", 2, 96, 32, 5, 5, True, True, {}, 0.0, False),
+    ("fp32_c96_g32_17x17_silu_long", "float32", 2, 96, 32, 17, 17, True, True, LONG_ROWS, 0.0, False),
+    ("fp32_c160_g16_9x9_short_finish", "float32", 2, 160, 16, 9, 9, False, True, SHORT_FINISH, 0.0, False),
+    ("fp32_c64_g32_8x8_large_mean", "float32", 2, 64, 32, 8, 8, False, True, {}, 300.0, False),
+    ("fp32_n1_c32_g32_3x3_silu", "float32", 1, 32, 32, 3, 3, True, True, {}, 0.0, False),
+    ("bf16_c64_g32_8x8", "bfloat16", 2, 64, 32, 8, 8, False, True, {}, 0.0, False),
+    ("bf16_c96_g32_5x5_silu", "bfloat16", 2, 96, 32, 5, 5, True, True, {}, 0.0, False),
+    ("bf16_c160_g16_5x5_silu", "bfloat16", 2, 160, 16, 5, 5, True, True, {}, 0.0, False),
+    ("bf16_c96_g16_8x8_silu_noaffine", "bfloat16", 2, 96, 16, 8, 8, True, False, {}, 0.0, False),
+    ("bf16_c96_g32_17x17_silu_short_finish", "bfloat16", 2, 96, 32, 17, 17, True, True, SHORT_FINISH, 0.0, False),
+    ("bf16_c96_g32_17x17_long", "bfloat16", 2, 96, 32, 17, 17, False, True, LONG_ROWS, 0.0, False),
+    ("fp16_c64_g16_5x5_silu", "float16", 2, 64, 16, 5, 5, True, True, {}, 0.0, False),
+    ("fp32_c96_g32_5x5_silu_shift", "float32", 2, 96, 32, 5, 5, True, True, {}, 0.0, True),
+    ("fp32_c96_g32_17x17_long_shift", "float32", 2, 96, 32, 17, 17, False, True, LONG_ROWS, 0.0, True),
+    ("fp32_c64_g32_8x8_large_mean_shift", "float32", 2, 64, 32, 8, 8, False, True, {}, 300.0, True),
+    ("bf16_c64_g32_8x8_shift", "bfloat16", 2, 64, 32, 8, 8, False, True, {}, 0.0, True),
+    ("bf16_c96_g32_17x17_silu_long_shift", "bfloat16", 2, 96, 32, 17, 17, True, True, LONG_ROWS, 0.0, True),
+    ("bf16_c160_g16_9x9_silu_short_finish_shift", "bfloat16", 2, 160, 16, 9, 9, True, True, SHORT_FINISH, 0.0, True),
+    ("bf16_c96_g16_8x8_silu_noaffine_shift", "bfloat16", 2, 96, 16, 8, 8, True, False, {}, 0.0, True),
+    ("fp16_c64_g16_5x5_silu_shift", "float16", 2, 64, 16, 5, 5, True, True, {}, 0.0, True),
+    ("fp16_c96_g16_17x17_long_shift", "float16", 2, 96, 16, 17, 17, False, True, LONG_ROWS, 0.0, True),
 ]
 
 _KERNEL_CHILD = textwrap.dedent(
@@ -61,16 +74,18 @@ _KERNEL_CHILD = textwrap.dedent(
         knob: getattr(gn, knob) for knob in ("REDUCE_MIN_PROGRAMS", "APPLY_MIN_PROGRAMS", "FINISH_TILE")
     }
     results = {}
-    for name, dtype, n, c, g, h, w, silu, affine, knobs, shift in cases:
+    for name, dtype, n, c, g, h, w, silu, affine, knobs, mean, shift in cases:
         dtype = getattr(torch, dtype)
         for knob, value in {**defaults, **knobs}.items():
             setattr(gn, knob, value)
         # Per-channel offsets and scales, so that the statistics differ within and between groups.
-        offset = torch.randn(1, c, 1, 1) * 3 + shift
+        offset = torch.randn(1, c, 1, 1) * 3 + (0.0 if shift else mean)
         x = (torch.randn(n, c, h, w) * (1 + torch.rand(1, c, 1, 1)) + offset).to(dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         weight = torch.randn(c) if affine else None
         bias = torch.randn(c) if affine else None
+        # Of x's size: x + shift needs rounding in bf16/fp16 almost everywhere.
+        x_shift = (torch.randn(n, c) * 2 + mean).to(dtype) if shift else None
         dy = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
         res = {"dtype": str(dtype)}
         for tag, fn in (("k", gn.group_norm_nhwc), ("r", gn.group_norm_reference)):
@@ -80,13 +95,16 @@ _KERNEL_CHILD = textwrap.dedent(
             xi = (x if tag == "k" else x.contiguous()).clone().requires_grad_(True)
             wi = weight.clone().requires_grad_(True) if affine else None
             bi = bias.clone().requires_grad_(True) if affine else None
-            y = fn(xi, wi, bi, g, 1e-5, silu)
+            si = x_shift.clone().requires_grad_(True) if shift else None
+            y = fn(xi, wi, bi, g, 1e-5, silu, si)
             y.backward(dy)
             res["y_" + tag] = y.detach()
             res["dx_" + tag] = xi.grad
             if affine:
                 res["dw_" + tag] = wi.grad
                 res["db_" + tag] = bi.grad
+            if shift:
+                res["dshift_" + tag] = si.grad
         res["y_channels_last"] = res["y_k"].is_contiguous(memory_format=torch.channels_last)
         res["dx_channels_last"] = res["dx_k"].is_contiguous(memory_format=torch.channels_last)
         # A dy that is not channels-last (NCHW-contiguous) must give the same dx.
@@ -94,6 +112,15 @@ _KERNEL_CHILD = textwrap.dedent(
             xi = x.clone().requires_grad_(True)
             gn.group_norm_nhwc(xi, weight, bias, g, 1e-5, silu).backward(dy.contiguous())
             res["dx_k_nchw_dy"] = xi.grad
+        # Gradients for one of x and shift only: the other's must not change (the dx kernel runs
+        # for the shift's gradient alone, into a scratch dx).
+        if name.startswith("bf16_c96_g32_17x17_silu_long_shift"):
+            si = x_shift.clone().requires_grad_(True)
+            gn.group_norm_nhwc(x, weight, bias, g, 1e-5, silu, si).backward(dy)
+            res["dshift_k_only"] = si.grad
+            xi = x.clone().requires_grad_(True)
+            gn.group_norm_nhwc(xi, weight, bias, g, 1e-5, silu, x_shift).backward(dy)
+            res["dx_k_only"] = xi.grad
         results[name] = res
 
     for knob, value in defaults.items():
@@ -112,6 +139,13 @@ _KERNEL_CHILD = textwrap.dedent(
         results["nchw_raises"] = False
     except ValueError:
         results["nchw_raises"] = True
+    results["bad_shift_raises"] = []
+    for bad in (torch.randn(2, 64).double(), torch.randn(2, 32), torch.randn(2, 64, 1, 1)):
+        try:
+            gn.group_norm_nhwc(cl, None, None, 32, 1e-5, shift=bad)
+            results["bad_shift_raises"].append(False)
+        except ValueError:
+            results["bad_shift_raises"].append(True)
     torch.save(results, out_path)
     """
 )
@@ -206,6 +240,26 @@ def test_backward_matches_reference(kernel_results: dict, case: tuple) -> None:
         assert "dw_k" not in res and "db_k" not in res
     if "dx_k_nchw_dy" in res:
         torch.testing.assert_close(res["dx_k_nchw_dy"], dx_k, atol=0, rtol=0)
+    if case[11]:
+        k, r = res["dshift_k"], res["dshift_r"]
+        assert k.dtype == dtype and k.shape == r.shape == (case[2], case[3])
+        # A sum over H*W of the rounded dx (fp32 partial sums per row chunk, summed, rounded once):
+        # the same terms as autograd's sum in another order.  In bf16/fp16 a one-ulp flip of the
+        # final rounding of the largest entry alone is 2**-8 of it, hence 1e-2.  Observed: <= 8e-7
+        # in fp32 (2.4e-5 with the large mean, like dweight); in bf16/fp16 <= 2e-4, mostly bit-identical.
+        tol = (1e-4 if case[10] else 1e-5) if dtype == torch.float32 else 1e-2
+        assert rel_to_max(k, r) <= tol, (name, "dshift", rel_to_max(k, r))
+        if dtype != torch.float32:
+            # Summing the same rounded terms in fp32 and rounding once leaves nearly all entries
+            # bit-identical (observed >= 0.99); partial sums of dx before its rounding would flip
+            # about a third of them by an ulp, which the tolerance above cannot see.
+            exact = float((ulp_distance(k, r) == 0).float().mean())
+            assert exact >= 0.95, (name, "dshift exact fraction", exact)
+    else:
+        assert "dshift_k" not in res
+    if "dshift_k_only" in res:
+        torch.testing.assert_close(res["dshift_k_only"], res["dshift_k"], atol=0, rtol=0)
+        torch.testing.assert_close(res["dx_k_only"], dx_k, atol=0, rtol=0)
 
 
 def test_availability(kernel_results: dict) -> None:
@@ -218,6 +272,8 @@ def test_availability(kernel_results: dict) -> None:
         "float64": False,
     }
     assert kernel_results["nchw_raises"]
+    # a shift of the wrong dtype, width or rank
+    assert kernel_results["bad_shift_raises"] == [True, True, True]
 
 
 def test_module_works_without_triton() -> None:
@@ -274,3 +330,18 @@ def test_reference_is_groupnorm32_semantics(silu: bool) -> None:
     # And it is not vacuous: toggling SiLU changes the result.
     other = group_norm_reference(x, gn.weight, gn.bias, groups, 1e-6, silu=not silu)
     assert not torch.equal(other, expected)
+
+
+def test_reference_shift_is_torchs_add_first() -> None:
+    """With ``shift``, the reference normalises ``x + shift[:, :, None, None]`` as torch adds it (in bf16,
+    rounded once), which is what the ResBlock computed before the add moved into the norm."""
+    torch.manual_seed(2)
+    c, groups = 64, 32
+    weight, bias = torch.randn(c), torch.randn(c)
+    x = (torch.randn(2, c, 5, 5) * 2 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    shift = (torch.randn(2, c) * 3).to(torch.bfloat16)
+    expected = group_norm_reference(x + shift[:, :, None, None], weight, bias, groups, 1e-5, silu=True)
+    got = group_norm_reference(x, weight, bias, groups, 1e-5, silu=True, shift=shift)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, group_norm_reference(x, weight, bias, groups, 1e-5, silu=True))

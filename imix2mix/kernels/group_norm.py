@@ -9,6 +9,12 @@ Semantics are those of :func:`group_norm_reference` (``GroupNorm32`` followed by
 fp32 statistics and affine, rounded to ``x.dtype``; SiLU applied to the *rounded* tensor and rounded
 again; gradients equal to that reference's autograd (``dx`` in ``x.dtype``, weight/bias grads fp32).
 
+Optional ``shift`` ([N, C], ``x.dtype``): the norm's input is ``x + shift[:, :, None, None]`` (torch's
+add: fp32, rounded to ``x.dtype``), formed in registers by every kernel that loads x (the ResBlock's
+timestep-embedding add, which would otherwise be one more pass over the activation through torch's
+slow channels-last broadcast, plus a reduction of its gradient over H, W in the backward).  Its
+gradient, the sum of dx over H, W, comes from per-chunk partial sums written by the dx kernel.
+
 Layout: a channels-last ``[N, C, H, W]`` tensor is, in memory, a row-major ``[N, HW, C]`` matrix.
 The element-wise kernels run on grids ``(N, row chunks, channel blocks)``; a program walks its rows
 in ``[BLOCK_HW, BLOCK_C]`` tiles, contiguous along C (coalesced).  Per-(n, group) reductions go
@@ -17,8 +23,9 @@ per-group kernel (channels per group need not be a power of two: each column loo
 
 Forward: chunk statistics (one read of x) -> group mean/rstd -> normalise (read x, write y).
 Backward: per-column sums of g and g*x_hat (read x, dy) -> per-group coefficients and dweight/dbias
--> dx (read x, dy, write dx).  Six launches in all, no host synchronisation, buffer shapes fixed by
-the input's shape: the whole forward + backward can be captured in a CUDA graph.
+-> dx (read x, dy, write dx; with a shift, also partial sums of dx per column).  Six launches in all
+(with a shift, a seventh: torch's sum of those partials), no host synchronisation, buffer shapes fixed
+by the input's shape: the whole forward + backward can be captured in a CUDA graph.
 
 Triton is optional and, on CPU, interpreted: see :mod:`imix2mix.kernels.triton_support`.
 """
@@ -67,11 +74,14 @@ if _HAS_TRITON:
     @triton.jit
     def _chunk_stats_kernel(
         x_ptr,
+        shift_ptr,
         cmean_ptr,
         cm2_ptr,
         HW,
         C,
         ROWS,
+        HAS_SHIFT: tl.constexpr,
+        KIND: tl.constexpr,
         BLOCK_HW: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
@@ -79,7 +89,8 @@ if _HAS_TRITON:
 
         One pass over x with sums shifted by the chunk's first row (a sample of the same column, so
         within a few standard deviations of its mean): the classic shifted-data variance, which does
-        not cancel like E[x^2] - E[x]^2 does for activations with a large mean.
+        not cancel like E[x^2] - E[x]^2 does for activations with a large mean.  With HAS_SHIFT, x
+        is ``round(x + shift[n])`` throughout, the first row's sample included.
         """
         n = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -88,7 +99,10 @@ if _HAS_TRITON:
         base = n.to(tl.int64) * HW * C
         row0 = chunk * ROWS
         row_end = tl.minimum(row0 + ROWS, HW)
-        shift = tl.load(x_ptr + base + row0 * C + cols, mask=col_mask, other=0.0).to(tl.float32)
+        pivot = tl.load(x_ptr + base + row0 * C + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_mask, other=0.0).to(tl.float32)
+            pivot = _round_to_kind(pivot + x_shift, KIND)
         acc_s = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
         acc_q = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
         for r in range(row0, row_end, BLOCK_HW):
@@ -96,14 +110,16 @@ if _HAS_TRITON:
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             offs = base + rows[:, None] * C + cols[None, :]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, x - shift[None, :], 0.0)
+            if HAS_SHIFT:
+                x = _round_to_kind(x + x_shift[None, :], KIND)
+            d = tl.where(mask, x - pivot[None, :], 0.0)
             acc_s += d
             acc_q += d * d
         count = (row_end - row0).to(tl.float32)
         s = tl.sum(acc_s, axis=0)
         q = tl.sum(acc_q, axis=0)
         out = (n * tl.num_programs(1) + chunk) * C + cols
-        tl.store(cmean_ptr + out, shift + s / count, mask=col_mask)
+        tl.store(cmean_ptr + out, pivot + s / count, mask=col_mask)
         tl.store(cm2_ptr + out, q - s * (s / count), mask=col_mask)
 
     @triton.jit
@@ -157,6 +173,7 @@ if _HAS_TRITON:
     @triton.jit
     def _normalize_kernel(
         x_ptr,
+        shift_ptr,
         y_ptr,
         w_ptr,
         b_ptr,
@@ -168,6 +185,7 @@ if _HAS_TRITON:
         G,
         ROWS,
         SILU: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
         KIND: tl.constexpr,
         BLOCK_HW: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -182,9 +200,11 @@ if _HAS_TRITON:
         rs = tl.load(rstd_ptr + grp, mask=col_mask, other=0.0)
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        # torch's GroupNorm kernels fold the affine into one scale/shift per (n, c) the same way.
+        if HAS_SHIFT:
+            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_mask, other=0.0).to(tl.float32)
+        # torch's GroupNorm kernels fold the affine into one scale/offset per (n, c) the same way.
         scale = rs * w
-        shift = b - mu * scale
+        offset = b - mu * scale
         row0 = chunk * ROWS
         row_end = tl.minimum(row0 + ROWS, HW)
         for r in range(row0, row_end, BLOCK_HW):
@@ -192,7 +212,9 @@ if _HAS_TRITON:
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             offs = base + rows[:, None] * C + cols[None, :]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y = _round_to_kind(x * scale[None, :] + shift[None, :], KIND)
+            if HAS_SHIFT:
+                x = _round_to_kind(x + x_shift[None, :], KIND)
+            y = _round_to_kind(x * scale[None, :] + offset[None, :], KIND)
             if SILU:
                 y = _round_to_kind(y * tl.sigmoid(y), KIND)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -200,6 +222,7 @@ if _HAS_TRITON:
     @triton.jit
     def _backward_sums_kernel(
         x_ptr,
+        shift_ptr,
         dy_ptr,
         w_ptr,
         b_ptr,
@@ -213,6 +236,7 @@ if _HAS_TRITON:
         G,
         ROWS,
         SILU: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
         KIND: tl.constexpr,
         BLOCK_HW: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -228,8 +252,10 @@ if _HAS_TRITON:
         rs = tl.load(rstd_ptr + grp, mask=col_mask, other=0.0)
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_mask, other=0.0).to(tl.float32)
         scale = rs * w
-        shift = b - mu * scale
+        offset = b - mu * scale
         acc1 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
         row0 = chunk * ROWS
@@ -239,11 +265,13 @@ if _HAS_TRITON:
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             offs = base + rows[:, None] * C + cols[None, :]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SHIFT:
+                x = _round_to_kind(x + x_shift[None, :], KIND)
             g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if SILU:
                 # Same expression as the forward, so y is bit-identical to what SiLU saw there; the
                 # SiLU backward of the reference runs on the rounded tensor and rounds its result.
-                y = _round_to_kind(x * scale[None, :] + shift[None, :], KIND)
+                y = _round_to_kind(x * scale[None, :] + offset[None, :], KIND)
                 s = tl.sigmoid(y)
                 g = _round_to_kind(g * s * (1.0 + y * (1.0 - s)), KIND)
             g = tl.where(mask, g, 0.0)
@@ -313,8 +341,10 @@ if _HAS_TRITON:
     @triton.jit
     def _backward_dx_kernel(
         x_ptr,
+        shift_ptr,
         dy_ptr,
         dx_ptr,
+        dshift_ptr,
         w_ptr,
         b_ptr,
         mean_ptr,
@@ -327,11 +357,15 @@ if _HAS_TRITON:
         G,
         ROWS,
         SILU: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
         KIND: tl.constexpr,
         BLOCK_HW: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        """dx = rstd * (g * w - A - x_hat * B), A and B being per-(n, group) means of g*w and g*w*x_hat."""
+        """dx = rstd * (g * w - A - x_hat * B), A and B being per-(n, group) means of g*w and g*w*x_hat.
+
+        With HAS_SHIFT, also the per-(n, chunk, column) sums of the rounded dx (the shift's gradient
+        is their sum over chunks: autograd's sum over H, W of dx as rounded to x.dtype)."""
         n = tl.program_id(0)
         chunk = tl.program_id(1)
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -344,8 +378,12 @@ if _HAS_TRITON:
         coef_b = tl.load(bcoef_ptr + grp, mask=col_mask, other=0.0)
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_mask, other=0.0).to(tl.float32)
         scale = rs * w
-        shift = b - mu * scale
+        offset = b - mu * scale
+        if HAS_SHIFT:
+            acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
         row0 = chunk * ROWS
         row_end = tl.minimum(row0 + ROWS, HW)
         for r in range(row0, row_end, BLOCK_HW):
@@ -353,15 +391,22 @@ if _HAS_TRITON:
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             offs = base + rows[:, None] * C + cols[None, :]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SHIFT:
+                x = _round_to_kind(x + x_shift[None, :], KIND)
             g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if SILU:
-                y = _round_to_kind(x * scale[None, :] + shift[None, :], KIND)
+                y = _round_to_kind(x * scale[None, :] + offset[None, :], KIND)
                 s = tl.sigmoid(y)
                 g = _round_to_kind(g * s * (1.0 + y * (1.0 - s)), KIND)
             x_hat = (x - mu[None, :]) * rs[None, :]
             dx = rs[None, :] * (g * w[None, :] - coef_a[None, :] - x_hat * coef_b[None, :])
             dx = _round_to_kind(dx, KIND)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if HAS_SHIFT:
+                acc += tl.where(mask, dx, 0.0)
+        if HAS_SHIFT:
+            out = (n * tl.num_programs(1) + chunk) * C + cols
+            tl.store(dshift_ptr + out, tl.sum(acc, axis=0), mask=col_mask)
 
 
 def fused_group_norm_available(x: torch.Tensor, num_groups: int) -> bool:
@@ -415,6 +460,7 @@ class _GroupNormNHWC(torch.autograd.Function):
         num_groups: int,
         eps: float,
         silu: bool,
+        shift: torch.Tensor | None,
     ) -> torch.Tensor:
         n, c, h, w_ = x.shape
         hw = h * w_
@@ -424,13 +470,17 @@ class _GroupNormNHWC(torch.autograd.Function):
         weight_t = torch.ones(c, device=x.device, dtype=torch.float32) if weight is None else weight.contiguous()
         bias_t = torch.zeros(c, device=x.device, dtype=torch.float32) if bias is None else bias.contiguous()
         kind = _DTYPE_KIND[x.dtype]
+        has_shift = shift is not None
+        if has_shift:
+            shift = shift.contiguous()
+        shift_arg = shift if has_shift else x  # an unread placeholder pointer without a shift
         rows, grid = _launch_grid(n, hw, c, REDUCE_BLOCK_HW, REDUCE_MIN_PROGRAMS)
         n_chunks = grid[1]
         chunk_mean = torch.empty((n, n_chunks, c), device=x.device, dtype=torch.float32)
         chunk_m2 = torch.empty_like(chunk_mean)
         _chunk_stats_kernel[grid](
-            x, chunk_mean, chunk_m2, hw, c, rows,
-            BLOCK_HW=REDUCE_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+            x, shift_arg, chunk_mean, chunk_m2, hw, c, rows,
+            HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=REDUCE_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
         )  # fmt: skip
         mean = torch.empty((n, g), device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
@@ -443,19 +493,23 @@ class _GroupNormNHWC(torch.autograd.Function):
         y = torch.empty_like(x, memory_format=torch.channels_last)
         rows, grid = _launch_grid(n, hw, c, APPLY_BLOCK_HW, APPLY_MIN_PROGRAMS)
         _normalize_kernel[grid](
-            x, y, weight_t, bias_t, mean, rstd, hw, c, cg, g, rows,
-            SILU=silu, KIND=kind, BLOCK_HW=APPLY_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+            x, shift_arg, y, weight_t, bias_t, mean, rstd, hw, c, cg, g, rows,
+            SILU=silu, HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=APPLY_BLOCK_HW, BLOCK_C=BLOCK_C,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
 
-        ctx.save_for_backward(x, weight_t, bias_t, mean, rstd)
+        ctx.save_for_backward(x, weight_t, bias_t, mean, rstd, shift)
         ctx.num_groups = g
         ctx.silu = silu
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
-        x, weight_t, bias_t, mean, rstd = ctx.saved_tensors
+        x, weight_t, bias_t, mean, rstd, shift = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        has_shift = shift is not None
+        need_dshift = has_shift and ctx.needs_input_grad[6]
+        shift_arg = shift if has_shift else x  # an unread placeholder pointer without a shift
         n, c, h, w_ = x.shape
         hw = h * w_
         g = ctx.num_groups
@@ -468,8 +522,9 @@ class _GroupNormNHWC(torch.autograd.Function):
         s1 = torch.empty((n, n_chunks, c), device=x.device, dtype=torch.float32)
         s2 = torch.empty_like(s1)
         _backward_sums_kernel[grid](
-            x, dy, weight_t, bias_t, mean, rstd, s1, s2, hw, c, cg, g, rows,
-            SILU=ctx.silu, KIND=kind, BLOCK_HW=REDUCE_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+            x, shift_arg, dy, weight_t, bias_t, mean, rstd, s1, s2, hw, c, cg, g, rows,
+            SILU=ctx.silu, HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=REDUCE_BLOCK_HW, BLOCK_C=BLOCK_C,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
         coef_a = torch.empty((n, g), device=x.device, dtype=torch.float32)
         coef_b = torch.empty_like(coef_a)
@@ -484,15 +539,22 @@ class _GroupNormNHWC(torch.autograd.Function):
         dweight = dweight.to(weight_t.dtype) if need_dw else None
         dbias = dbias.to(bias_t.dtype) if need_db else None
 
-        dx = None
-        if need_dx:
+        dx = dshift = None
+        if need_dx or need_dshift:  # the shift's gradient is summed from dx
             dx = torch.empty_like(x, memory_format=torch.channels_last)
             rows, grid = _launch_grid(n, hw, c, APPLY_BLOCK_HW, APPLY_MIN_PROGRAMS)
+            # Per-(n, row chunk, column) sums of dx; without a shift, an unwritten placeholder.
+            partial = torch.empty((n, grid[1], c), device=x.device, dtype=torch.float32) if has_shift else dx
             _backward_dx_kernel[grid](
-                x, dy, dx, weight_t, bias_t, mean, rstd, coef_a, coef_b, hw, c, cg, g, rows,
-                SILU=ctx.silu, KIND=kind, BLOCK_HW=APPLY_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+                x, shift_arg, dy, dx, partial, weight_t, bias_t, mean, rstd, coef_a, coef_b, hw, c, cg, g, rows,
+                SILU=ctx.silu, HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=APPLY_BLOCK_HW, BLOCK_C=BLOCK_C,
+                num_warps=NUM_WARPS,
             )  # fmt: skip
-        return dx, dweight, dbias, None, None, None
+            if need_dshift:
+                dshift = partial.sum(1).to(shift.dtype)
+            if not need_dx:
+                dx = None
+        return dx, dweight, dbias, None, None, None, dshift
 
 
 def group_norm_nhwc(
@@ -502,11 +564,14 @@ def group_norm_nhwc(
     num_groups: int,
     eps: float,
     silu: bool = False,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GroupNorm (+ SiLU) of a channels-last 4-D ``x`` with the semantics of :func:`group_norm_reference`.
+    """GroupNorm (+ SiLU) of a channels-last 4-D ``x`` (plus ``shift[:, :, None, None]``, if given)
+    with the semantics of :func:`group_norm_reference`.
 
-    Autograd-capable; ``weight`` / ``bias`` may be None (ones / zeros, no gradient).  Returns a
-    channels-last tensor of ``x.dtype``.  Check :func:`fused_group_norm_available` first.
+    Autograd-capable; ``weight`` / ``bias`` may be None (ones / zeros, no gradient); ``shift``, if
+    given, is ``[N, C]`` of ``x.dtype`` and gets its gradient.  Returns a channels-last tensor of
+    ``x.dtype``.  Check :func:`fused_group_norm_available` first.
     """
     if not _HAS_TRITON:
         raise RuntimeError("group_norm_nhwc needs Triton, which failed to import")
@@ -516,7 +581,14 @@ def group_norm_nhwc(
             f"num_groups on a CUDA device (or the Triton interpreter); got shape {tuple(x.shape)}, "
             f"dtype {x.dtype}, device {x.device}, num_groups {num_groups}"
         )
-    return _GroupNormNHWC.apply(x, weight, bias, num_groups, float(eps), bool(silu))
+    if shift is not None and (
+        tuple(shift.shape) != tuple(x.shape[:2]) or shift.dtype != x.dtype or shift.device != x.device
+    ):
+        raise ValueError(
+            f"group_norm_nhwc's shift must be [N, C] = {tuple(x.shape[:2])} of {x.dtype} on {x.device}; "
+            f"got shape {tuple(shift.shape)}, dtype {shift.dtype}, device {shift.device}"
+        )
+    return _GroupNormNHWC.apply(x, weight, bias, num_groups, float(eps), bool(silu), shift)
 
 
 def group_norm_reference(
@@ -526,10 +598,15 @@ def group_norm_reference(
     num_groups: int,
     eps: float,
     silu: bool = False,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The semantics the fused kernel implements: ``GroupNorm32`` (fp32 statistics and affine, rounded
-    to ``x.dtype``), then, if ``silu``, SiLU on that rounded tensor (computed in fp32 by torch, rounded).
-    Half-precision parameters (the fp16 teacher's) are used at fp32, as torch's fp16 GroupNorm does."""
+    """The semantics the fused kernel implements: if ``shift`` ([N, C], ``x.dtype``) is given, first
+    ``x + shift[:, :, None, None]`` (torch's add in ``x.dtype``); then ``GroupNorm32`` (fp32 statistics
+    and affine, rounded to ``x.dtype``), then, if ``silu``, SiLU on that rounded tensor (computed in fp32
+    by torch, rounded).  Half-precision parameters (the fp16 teacher's) are used at fp32, as torch's
+    fp16 GroupNorm does."""
+    if shift is not None:
+        x = x + shift[:, :, None, None]
     weight, bias = (None if p is None else p.float() for p in (weight, bias))  # .float() of fp32: the same tensor
     y = F.group_norm(x.float(), num_groups, weight, bias, eps).to(x.dtype)
     return F.silu(y) if silu else y
