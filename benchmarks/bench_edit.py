@@ -143,8 +143,8 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
     except torch.OutOfMemoryError as exc:
         result.error = f"out of memory: {str(exc).splitlines()[0]}"
     finally:
-        del distillation
-        editor.finish_distillation()
+        editor.finish_distillation(distillation)
+        distillation = None  # its graphs and optimizer state go before the next configuration
         _release(device)
     return result
 
@@ -207,12 +207,14 @@ def configurations(args) -> list[tuple[str, int, dict[str, Any]]]:
 # Every other bundle says whether it changes numerics.
 MODES: dict[str, list[str]] = {
     "official": ["optimizer=adamw", "compile=false", "cuda_graphs=false", "channels_last=false"],
-    # Same numerics: AdamW's update in one fused kernel.
-    "fused": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=false", "channels_last=false"],
+    # Same numerics: torch's fused AdamW (one kernel for the update), autocast's per-use weight casts.
+    "fused": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=false", "channels_last=false", "bf16_weight_copies=false"],
     # Same numerics up to kernel fusion order: torch.compile of the student and of the teacher's ε.
     "compiled": ["optimizer=adamw_fused", "compile=true", "cuda_graphs=false"],
     # Same numerics: the student's forward + backward replayed as CUDA graphs (the default).
     "graphed": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=true"],
+    # The default before bf16 weight copies: torch's fused AdamW, autocast casting weights at each use.
+    "graphed_torch_adamw": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=true", "bf16_weight_copies=false"],
     # The default before channels-last: NCHW convolutions around torch's GroupNorm.
     # The default's kernels without graph replay: operator-level profiles (--profile-dir) see each op.
     "eager_channels_last": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=false"],
@@ -231,6 +233,7 @@ KERNEL_SWITCHES: dict[str, tuple[str, str]] = {
     "layer_norm": ("imix2mix.seva.layers", "fused_layer_norm_available"),
     "group_norm": ("imix2mix.seva.layers", "fused_group_norm_available"),
     "short_attention": ("imix2mix.seva.attention", "short_attention_available"),
+    "adamw": ("imix2mix.distill", "fused_adamw_available"),  # bf16 weight copies, AdamWWithComputeCopies
 }
 
 

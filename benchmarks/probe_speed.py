@@ -10,7 +10,7 @@ Measures, at full size with random weights (T = 5 frames at 72² for the student
   attention, normalisation, elementwise, copies/casts);
 * the teacher's UNet pass (fp16, inference mode) as a CUDA graph, as now and channels-last;
 * the clip + optimizer phase: clip_grad_norm_ then fused AdamW, against the clip folded into the
-  fused AdamW's ``grad_scale``;
+  fused AdamW's ``grad_scale``, and against AdamWWithComputeCopies (bf16 gradients and copies);
 * GroupNorm + SiLU forward + backward at the student's shapes: torch's NCHW kernel against the fused
   NHWC Triton kernel (``--parts group_norm``).
 
@@ -452,7 +452,42 @@ def optimizer(args, device: torch.device) -> None:
     variants = (("clip_then_fused_step", clip_then_step), ("norm_then_fused_step_with_grad_scale", folded))
     for name, fn in variants[: 2 if fused else 1]:
         log(f"optimizer_s[{name}]", round(median_seconds(fn, device, args.repeats), 5))
+        log(f"optimizer_kernel_ms[{name}]", kernel_milliseconds(fn, device, args.repeats))
     del opt, network, params
+    release()
+
+    # AdamWWithComputeCopies (the default): bf16 gradients of the matrix weights, their bf16 copies
+    # written by the update, the clip folded in.  CUDA only: interpreted, one step of the tiny
+    # student takes two minutes.
+    from imix2mix.distill import matrix_parameters
+    from imix2mix.kernels.adamw import fused_adamw_available
+    from imix2mix.optim import AdamWWithComputeCopies
+
+    if device.type != "cuda" or not fused_adamw_available(device):
+        return
+    with device:
+        network = Seva(config)
+    copies = matrix_parameters(network)
+    ours = AdamWWithComputeCopies(network.parameters(), lr=1e-5, weight_decay=0.01, compute_copies=copies)
+    for p in network.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    log("optimizer_s[compute_copies_clip_and_step]", round(median_seconds(lambda: ours.clip_and_step(0.5), device, args.repeats), 5))
+    log("optimizer_kernel_ms[compute_copies_clip_and_step]", kernel_milliseconds(lambda: ours.clip_and_step(0.5), device, args.repeats))
+    log("optimizer_copied_parameters", sum(p.numel() for p in copies))
+    # Chunk and block sizes of the update kernel (elements per program, per loop step; warps).
+    import imix2mix.kernels.adamw as kernels
+
+    chosen = (kernels.CHUNK, kernels.BLOCK, kernels.NUM_WARPS)
+    for sizes in [chosen, (8192, 1024, 4), (16384, 2048, 8), (65536, 1024, 4), (32768, 2048, 8), (32768, 512, 4), (32768, 1024, 8)]:
+        kernels.CHUNK, kernels.BLOCK, kernels.NUM_WARPS = sizes
+        ours.release()
+        ours = AdamWWithComputeCopies(network.parameters(), lr=1e-5, weight_decay=0.01, compute_copies=copies)
+        for p in network.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        log(f"optimizer_kernel_ms[compute_copies chunk={sizes[0]} block={sizes[1]} warps={sizes[2]}]",
+            kernel_milliseconds(lambda: ours.clip_and_step(0.5), device, args.repeats))
+    kernels.CHUNK, kernels.BLOCK, kernels.NUM_WARPS = chosen
+    del ours, network, copies
     release()
 
 

@@ -39,8 +39,10 @@ import torch.nn.functional as F
 from imix2mix.attention import CrossViewAttention
 from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError
+from imix2mix.kernels.adamw import fused_adamw_available
 from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
 from imix2mix.metrics import ClipMetricsModel, SceneMetrics
+from imix2mix.optim import AdamWLowPrecisionStates, AdamWWithComputeCopies
 from imix2mix.preprocess import paste_back, prepare_views
 from imix2mix.schedules import (
     LearningRateSchedule,
@@ -71,8 +73,11 @@ StudentPrecision = Literal["bf16_autocast", "fp32"]
 
 # Knobs that change how a run is observed or where tensors live, never its result: not hashed.
 # cuda_graphs replays the very kernels eager runs (docs/benchmarks.md: graphed vs eager = eager vs eager);
-# channels_last computes the same functions, differing only in reduction order (as eager vs eager).
-_UNHASHED_FIELDS = frozenset({"log_every", "time_phases", "offload_after_use", "cuda_graphs", "channels_last"})
+# channels_last and bf16_weight_copies compute the same functions, differing only in reduction order
+# (as eager vs eager).
+_UNHASHED_FIELDS = frozenset(
+    {"log_every", "time_phases", "offload_after_use", "cuda_graphs", "channels_last", "bf16_weight_copies"}
+)
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,11 @@ class EditConfig:
     # transposes around each convolution, no fp32 copies of activations around each norm.  Same
     # numerics up to reduction order.
     channels_last: bool = True
+    # With adamw_fused and bf16 autocast on CUDA: the student's Linear and Conv weights keep a bf16
+    # copy between iterations, written by the optimizer's update (AdamWWithComputeCopies, imix2mix/optim.py),
+    # instead of autocast casting them at each use and widening their gradients to fp32.  Same numerics
+    # (fp32 master weights and moments, the same update) up to the clip norm's summation order.
+    bf16_weight_copies: bool = True
     offload_after_use: bool = False  # move CLIP-H and the text encoder off the GPU once used
     log_every: int = 10
     time_phases: bool = False  # per-phase timings (synchronises the device around each phase)
@@ -519,7 +529,8 @@ class Distillation:
         self.trainable = [p for p in self.network.parameters() if p.requires_grad]
         if self.alignment is not None:
             self.trainable += list(self.alignment.parameters())
-        self.optimizer = _make_optimizer(self.trainable, config)
+        compute_copies = matrix_parameters(self.network) if self.uses_weight_copies(config, device) else []
+        self.optimizer = _make_optimizer(self.trainable, config, compute_copies)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if device.type == "cuda" and config.student_precision == "bf16_autocast"
@@ -552,6 +563,16 @@ class Distillation:
         (``cudaErrorStreamCaptureIsolation``, torch 2.11, docs/benchmarks.md); inductor's cudagraph
         trees capture inside the compiled functions."""
         return config.compile and config.cuda_graphs and device.type == "cuda"
+
+    @staticmethod
+    def uses_weight_copies(config: EditConfig, device: torch.device) -> bool:
+        """Whether the student computes from persistent bf16 weight copies (``bf16_weight_copies``):
+        for the default fused AdamW under bf16 autocast, on CUDA with Triton."""
+        return (
+            config.bf16_weight_copies and config.optimizer == "adamw_fused"
+            and config.student_precision == "bf16_autocast" and fused_adamw_available(device)
+            and device.type == "cuda"
+        )
 
     @staticmethod
     def graphs_teacher(config: EditConfig) -> bool:
@@ -625,11 +646,14 @@ class Distillation:
             loss = sds_surrogate_loss(aligned, guided, noise, config.sds_weight)
             loss.backward()
         with self.timer.phase("clip_and_optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
             lr = self.lr_schedule(self.iteration)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.optimizer.step()
+            if isinstance(self.optimizer, AdamWWithComputeCopies):
+                grad_norm = self.optimizer.clip_and_step(config.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
+                self.optimizer.step()
         self.last_estimate = estimate.detach()
         self.iteration += 1
         self.updates_done_at_tau += 1
@@ -667,18 +691,29 @@ class Distillation:
                 break
         return self.last_estimate, log
 
+    def close(self) -> None:
+        """Give the student its fp32 weights back (the trained values), ending bf16 weight copies."""
+        if isinstance(self.optimizer, AdamWWithComputeCopies) and not self.optimizer.released:
+            self.optimizer.release()
 
-def _make_optimizer(params: list[torch.nn.Parameter], config: EditConfig) -> torch.optim.Optimizer:
+
+def matrix_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights and biases of ``module``'s Linear and Conv layers: the parameters autocast rounds
+    to its dtype at every use (norms and embeddings compute in fp32)."""
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return [p for m in module.modules() if isinstance(m, layers) for p in m.parameters(recurse=False)]
+
+
+def _make_optimizer(
+    params: list[torch.nn.Parameter], config: EditConfig, compute_copies: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    hyper = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
     if config.optimizer == "adamw_bf16_states":
-        from imix2mix.optim import AdamWLowPrecisionStates
-
-        return AdamWLowPrecisionStates(
-            params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
-        )
+        return AdamWLowPrecisionStates(params, **hyper)
+    if compute_copies:
+        return AdamWWithComputeCopies(params, **hyper, compute_copies=compute_copies, compute_dtype=torch.bfloat16)
     variant = {"adamw": {}, "adamw_fused": {"fused": True}, "adamw_foreach": {"foreach": True}}[config.optimizer]
-    return torch.optim.AdamW(
-        params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay, **variant
-    )
+    return torch.optim.AdamW(params, **hyper, **variant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,7 +768,12 @@ class Editor:
     # -- student reset --------------------------------------------------------------------------
     @torch.no_grad()
     def reset_student(self) -> None:
-        """Copy the pristine weights back in place (no checkpoint read, no reallocation)."""
+        """Copy the pristine weights back in place (no checkpoint read; no reallocation unless an
+        unfinished run left bf16 weight copies in the parameters)."""
+        for name, parameter in self.student.named_parameters():
+            if parameter.dtype != self._pristine[name].dtype:
+                parameter.grad = None
+                parameter.data = torch.empty_like(parameter, dtype=self._pristine[name].dtype)
         for name, value in self.student.state_dict().items():
             value.copy_(self._pristine[name], non_blocking=True)
         self.student.requires_grad_(True)
@@ -771,7 +811,7 @@ class Editor:
                     with _timed(timings, "distill"):
                         estimate, log = distillation.run(progress)
                 finally:
-                    self.finish_distillation()
+                    self.finish_distillation(distillation)
                 timings.update({f"phase_{k}": v for k, v in distillation.timer.totals.items()})
             with _timed(timings, "decode"):
                 edited = self._decode(estimate, config, distillation)
@@ -806,10 +846,12 @@ class Editor:
         _, conditioning = self._reference_and_conditioning(inputs)
         return self._start_distillation(inputs, conditioning)
 
-    def finish_distillation(self) -> None:
+    def finish_distillation(self, distillation: Distillation | None = None) -> None:
         """Back to the between-scenes state: plain teacher attention (the reference edit of the next
-        scene must not use RCVAttn)."""
+        scene must not use RCVAttn) and, given the run, the student's fp32 weights back."""
         self.teacher.set_cross_view_attention("none")
+        if distillation is not None:
+            distillation.close()
 
     def preview(self, scene, edit: Edit, config: EditConfig | None = None) -> tuple[int, np.ndarray]:
         """Only the teacher's edit of the reference view: (reference index, edited image)."""

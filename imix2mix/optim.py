@@ -1,4 +1,11 @@
-"""AdamW whose moment estimates are stored in a low-precision dtype (the lean mode's optimizer).
+"""imix2mix's two AdamW variants beside torch's.
+
+:class:`AdamWWithComputeCopies` (the default on CUDA): torch's AdamW update on fp32 master weights,
+whose chosen parameters compute from bf16 copies written by the update itself.  Same numerics as
+torch's fused AdamW under bf16 autocast.
+
+:class:`AdamWLowPrecisionStates` (the lean mode's): AdamW whose moment estimates are stored in a
+low-precision dtype.
 
 Same update rule as ``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments), but
 ``exp_avg`` and ``exp_avg_sq`` live in ``state_dtype`` (bfloat16 by default): half the optimizer
@@ -15,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+from imix2mix.kernels.adamw import ALIGNMENT_BYTES, ChunkPlan, adamw_update, is_dense, square_sums
 
 
 class AdamWLowPrecisionStates(torch.optim.Optimizer):
@@ -78,3 +87,142 @@ class AdamWLowPrecisionStates(torch.optim.Optimizer):
                 torch._foreach_add_(denominator, eps)
                 torch._foreach_addcdiv_(chunk, exp_avg, denominator, value=-lr / bias1)
         return loss
+
+
+# torch.nn.utils.clip_grad_norm_'s guard against a zero norm.
+CLIP_EPS = 1e-6
+
+
+class AdamWWithComputeCopies(torch.optim.Optimizer):
+    """torch's AdamW (decoupled weight decay, bias-corrected moments, fp32 master weights and
+    moments) with gradient-norm clipping folded in, where the parameters in ``compute_copies`` hold a
+    ``compute_dtype`` copy of their master weight between steps.
+
+    Under autocast a matrix weight is rounded to bf16 at every use and its gradient, computed in bf16,
+    is widened to fp32; here the module computes with the persistent copy (autocast leaves it alone)
+    and its gradient stays bf16.  Rounding the master once per step to the copy is what autocast's
+    per-use cast computed, and widening a bf16 gradient is exact, so the forward, the backward and the
+    update are those of torch's fused AdamW under autocast; only the clip norm's summation order and
+    fused multiply-adds in the update differ (docs/benchmarks.md).  The update is one Triton pass per
+    kind of tensor (:mod:`imix2mix.kernels.adamw`): CUDA, or CPU under Triton's interpreter.
+
+    Lifecycle: construction swaps each copied parameter's ``.data`` for its copy (the same Parameter
+    objects, so modules and captured CUDA graphs see them) and keeps the fp32 tensor as the master;
+    :meth:`release` puts the masters back.  Parameters without a gradient in a step are skipped, as
+    torch's optimizers do.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        compute_copies: Iterable[torch.nn.Parameter] = (),
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        copied = {id(p) for p in compute_copies}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype != torch.float32:
+                    raise ValueError(f"AdamWWithComputeCopies: parameters must be fp32 masters (got {p.dtype}, shape {tuple(p.shape)})")
+                p.grad = None
+                if not is_dense(p) or p.data_ptr() % ALIGNMENT_BYTES:
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)  # the kernel's layout needs
+                state = self.state[p]
+                state.update(step=0, master=p.data)  # moments at the first step, as torch's AdamW
+                if id(p) in copied:
+                    state["copy"] = p.data.to(compute_dtype)  # the same strides (preserve_format)
+                    p.data = state["copy"]
+        # Launch plans, keyed by (group, gradient dtype, copied?, the tensors); a plan's gradient
+        # addresses are refreshed when the gradients move (they stay put under CUDA graphs).
+        self._plans: dict[tuple, tuple[ChunkPlan, tuple[int, ...]]] = {}
+        self.released = False
+
+    def _plan(self, key: tuple, params: list[torch.nn.Parameter]) -> ChunkPlan:
+        states = [self.state[p] for p in params]
+        for state in states:
+            # Allocated lazily: the student's CUDA-graph capture runs between construction and the
+            # first step, and the memory its warm-up passes freed is then reused here, as by torch's AdamW.
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(state["master"])
+                state["exp_avg_sq"] = torch.zeros_like(state["master"])
+        for p, state in zip(params, states):  # a gradient the kernel cannot read in place: copy it once
+            grad, master = p.grad, state["master"]
+            if grad.stride() != master.stride() or grad.data_ptr() % ALIGNMENT_BYTES:
+                p.grad = torch.empty_like(master, dtype=grad.dtype).copy_(grad)
+        grads = [p.grad for p in params]
+        addresses = tuple(g.data_ptr() for g in grads)
+        cached = self._plans.get(key)
+        if cached is None:
+            copies = [s["copy"] for s in states] if "copy" in states[0] else None
+            plan = ChunkPlan.build(
+                grads, [s["master"] for s in states], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], copies
+            )
+        else:
+            plan, previous = cached
+            if previous != addresses:
+                plan.set_grad_addresses(grads)
+        self._plans[key] = (plan, addresses)
+        return plan
+
+    @torch.no_grad()
+    def clip_and_step(self, max_norm: float | None) -> torch.Tensor:
+        """Clip the gradients' total 2-norm to ``max_norm`` (None: no clipping) and take one AdamW
+        step, without a host sync.  Returns the norm before clipping (a device scalar), as
+        ``torch.nn.utils.clip_grad_norm_`` does."""
+        if self.released:
+            raise RuntimeError("AdamWWithComputeCopies: step after release()")
+        launches = []
+        for number, group in enumerate(self.param_groups):
+            kinds: dict[tuple, list[torch.nn.Parameter]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self.state[p]
+                    kinds.setdefault((number, p.grad.dtype, "copy" in state, state["step"]), []).append(p)
+            for (*kind, step), params in kinds.items():
+                launches.append((group, step, params, self._plan((*kind, tuple(id(p) for p in params)), params)))
+        if not launches:
+            return torch.zeros((), device=self._device())
+        norm = torch.cat([square_sums(plan) for *_, plan in launches]).sum().sqrt()
+        if max_norm is None:
+            clip = torch.ones((), dtype=torch.float32, device=norm.device)
+        else:
+            clip = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+        for group, step, params, plan in launches:
+            beta1, beta2 = group["betas"]
+            adamw_update(
+                plan, clip, lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], step=step + 1,
+            )
+            for p in params:
+                self.state[p]["step"] = step + 1
+        return norm
+
+    def step(self, closure=None):  # type: ignore[override]
+        """``torch.optim.Optimizer.step``: one unclipped step (:meth:`clip_and_step` clips too)."""
+        loss = closure() if closure is not None else None
+        self.clip_and_step(None)
+        return loss
+
+    def _device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Give the copied parameters their fp32 masters back (the trained values); the copies and
+        the moments go with this optimizer."""
+        for state_p, state in self.state.items():
+            if "copy" in state:
+                state_p.grad = None
+                state_p.data = state["master"]
+        self.released = True
+
+    def master(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The fp32 master weight behind ``p``."""
+        return self.state[p]["master"]

@@ -1,0 +1,255 @@
+"""AdamW over fp32 master weights in one Triton pass that also writes the low-precision copies the
+model computes with; and, before it, the gradients' squared norm for clipping (no host sync).
+
+Why this exists: under bf16 autocast every matrix weight of the student is cast fp32 → bf16 at each
+use, and each of its gradients bf16 → fp32 on the way back.  On SEVA (1.26 B parameters) that is
+about 2,000 cast kernels and 15 GB of memory traffic per iteration, before torch's fused AdamW reads
+the fp32 gradients again.  Keeping the bf16 copy between iterations, written by the optimizer's own
+pass, removes both casts; the gradients stay in bf16, the values autocast computed before widening
+them (exactly) to fp32.  The update is torch's fused AdamW's, in fp32, on fp32 master weights and
+moments: ``p ← p − lr·wd·p``, ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
+``p ← p − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε)``, with ``g`` the gradient times the clip coefficient;
+square root and divisions IEEE-rounded as in torch's CUDA kernel.
+
+Layout: each tensor is cut into chunks of ``CHUNK`` elements of its storage.  The master, its moments,
+its copy and its gradient are dense with the same strides, so storage element ``i`` is the same
+parameter entry in all five.  A chunk table gives each program its tensor and chunk; the tensors'
+addresses sit in an int64 table (:class:`ChunkPlan`), so one launch covers every tensor of a kind.
+Full chunks load without masks; addresses are 16-byte aligned (checked on the host) and rounded so
+in the kernel, which lets Triton use vector loads.  Shapes depend on the parameters alone.
+
+Triton is optional and, on CPU, interpreted: see :mod:`imix2mix.kernels.triton_support`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from imix2mix.kernels.triton_support import DTYPE_KIND as _DTYPE_KIND
+from imix2mix.kernels.triton_support import HAS_TRITON as _HAS_TRITON
+from imix2mix.kernels.triton_support import interpreter_on as _interpreter_on
+from imix2mix.kernels.triton_support import tl, triton
+
+# Elements per program and per loop step: 1.26 B parameters make about 40k programs; a step is 8
+# fp32 per thread at 4 warps (two 16-byte loads per tensor).  Not tuned.
+CHUNK = 32768
+BLOCK = 1024
+NUM_WARPS = 4
+ALIGNMENT_BYTES = 16
+NO_COPY = -1  # the copy kind of tensors that have no low-precision copy (they compute in fp32)
+
+# Rows of ChunkPlan.addresses.
+GRAD, MASTER, EXP_AVG, EXP_AVG_SQ, COPY = range(5)
+
+if _HAS_TRITON:
+
+    from imix2mix.kernels.triton_support import round_to_kind as _round_to_kind
+
+    @triton.jit
+    def _pointer(address, KIND: tl.constexpr):
+        """A 16-byte-aligned address as a typed pointer; the rounding (a no-op: the host checked the
+        alignment) tells Triton's alignment analysis so."""
+        address = (address // 16) * 16
+        if KIND == 2:
+            return address.to(tl.pointer_type(tl.bfloat16))
+        elif KIND == 1:
+            return address.to(tl.pointer_type(tl.float16))
+        else:
+            return address.to(tl.pointer_type(tl.float32))
+
+    @triton.jit
+    def _square_sum_kernel(
+        chunk_tensor_ptr, chunk_index_ptr, numel_ptr, grad_address_ptr, partial_ptr,
+        GRAD_KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        tensor = tl.load(chunk_tensor_ptr + program)
+        start = tl.load(chunk_index_ptr + program).to(tl.int64) * CHUNK
+        numel = tl.load(numel_ptr + tensor)
+        grad = _pointer(tl.load(grad_address_ptr + tensor), GRAD_KIND)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        if start + CHUNK <= numel:
+            for offset in range(0, CHUNK, BLOCK):
+                g = tl.load(grad + start + offset + tl.arange(0, BLOCK)).to(tl.float32)
+                acc += g * g
+        else:
+            for offset in range(0, CHUNK, BLOCK):
+                index = start + offset + tl.arange(0, BLOCK)
+                g = tl.load(grad + index, mask=index < numel, other=0.0).to(tl.float32)
+                acc += g * g
+        tl.store(partial_ptr + program, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _adamw_block(
+        grad, master, exp_avg, exp_avg_sq, copy, index, mask, clip,
+        lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+        COPY_KIND: tl.constexpr,
+    ):
+        g = tl.load(grad + index, mask=mask).to(tl.float32) * clip
+        p = tl.load(master + index, mask=mask)
+        m = tl.load(exp_avg + index, mask=mask)
+        v = tl.load(exp_avg_sq + index, mask=mask)
+        p = p - lr * weight_decay * p
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        denominator = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+        p = p - tl.div_rn(step_size * m, denominator)
+        tl.store(master + index, p, mask=mask)
+        tl.store(exp_avg + index, m, mask=mask)
+        tl.store(exp_avg_sq + index, v, mask=mask)
+        if COPY_KIND >= 0:
+            tl.store(copy + index, _round_to_kind(p, COPY_KIND), mask=mask)  # exact: already rounded
+
+    @triton.jit
+    def _adamw_kernel(
+        chunk_tensor_ptr, chunk_index_ptr, numel_ptr, address_ptr, num_tensors, clip_ptr,
+        lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+        GRAD_KIND: tl.constexpr, COPY_KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        tensor = tl.load(chunk_tensor_ptr + program)
+        start = tl.load(chunk_index_ptr + program).to(tl.int64) * CHUNK
+        numel = tl.load(numel_ptr + tensor)
+        grad = _pointer(tl.load(address_ptr + tensor), GRAD_KIND)
+        master = _pointer(tl.load(address_ptr + num_tensors + tensor), 0)
+        exp_avg = _pointer(tl.load(address_ptr + 2 * num_tensors + tensor), 0)
+        exp_avg_sq = _pointer(tl.load(address_ptr + 3 * num_tensors + tensor), 0)
+        copy = _pointer(tl.load(address_ptr + 4 * num_tensors + tensor), COPY_KIND)
+        clip = tl.load(clip_ptr)
+        if start + CHUNK <= numel:
+            for offset in range(0, CHUNK, BLOCK):
+                _adamw_block(
+                    grad, master, exp_avg, exp_avg_sq, copy, start + offset + tl.arange(0, BLOCK), None, clip,
+                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, COPY_KIND,
+                )
+        else:
+            for offset in range(0, CHUNK, BLOCK):
+                index = start + offset + tl.arange(0, BLOCK)
+                _adamw_block(
+                    grad, master, exp_avg, exp_avg_sq, copy, index, index < numel, clip,
+                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, COPY_KIND,
+                )
+
+
+def fused_adamw_available(device: torch.device) -> bool:
+    """Whether :func:`square_sums` and :func:`adamw_update` can run on ``device``: Triton, and CUDA
+    (or the interpreter on CPU)."""
+    return _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _interpreter_on()))
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its storage span without gaps or overlaps (any dim order)."""
+    return torch.empty_like(t).stride() == t.stride()
+
+
+@dataclass
+class ChunkPlan:
+    """One launch's worth of tensors of one kind (gradient dtype, copy dtype): which tensor and chunk
+    each program handles, the tensors' sizes and their five addresses (rows GRAD … COPY; 0 where a
+    tensor has no copy)."""
+
+    chunk_tensor: torch.Tensor  # [chunks] int32
+    chunk_index: torch.Tensor  # [chunks] int32, the chunk's number within its tensor
+    numel: torch.Tensor  # [tensors] int64
+    addresses: torch.Tensor  # [5, tensors] int64
+    grad_kind: int
+    copy_kind: int
+    partial: torch.Tensor  # [chunks] fp32, the gradient's squared sums per chunk
+
+    @staticmethod
+    def build(
+        grads: list[torch.Tensor],
+        masters: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        copies: list[torch.Tensor] | None,
+    ) -> "ChunkPlan":
+        """Check that the tensors line up (same shape and strides, dense, aligned, the right dtypes)
+        and lay out their chunks.  ``copies`` None: the tensors compute in fp32."""
+        if not grads:
+            raise ValueError("ChunkPlan needs at least one tensor")
+        device = masters[0].device
+        grad_dtype = grads[0].dtype
+        copy_dtype = copies[0].dtype if copies else None
+        columns = list(zip(grads, masters, exp_avgs, exp_avg_sqs, copies or [None] * len(grads)))
+        for number, (grad, *states, copy) in enumerate(columns):
+            tensors = [grad, *states] + ([copy] if copy is not None else [])
+            problems = []
+            if any(t.shape != grad.shape or t.stride() != grad.stride() or t.device != device for t in tensors):
+                problems.append("shapes, strides or devices differ")
+            if not is_dense(grad):
+                problems.append("not dense")
+            if any(t.data_ptr() % ALIGNMENT_BYTES for t in tensors):
+                problems.append(f"not {ALIGNMENT_BYTES}-byte aligned")
+            if grad.dtype != grad_dtype or (copy is not None and copy.dtype != copy_dtype):
+                problems.append("dtypes differ from the first tensor's")
+            if any(t.dtype != torch.float32 for t in states):
+                problems.append("master weights and moments must be fp32")
+            if problems:
+                raise ValueError(f"ChunkPlan: tensor {number} of shape {tuple(grad.shape)}: {'; '.join(problems)}")
+        numel = [g.numel() for g in grads]
+        chunks_per_tensor = [triton.cdiv(n, CHUNK) if _HAS_TRITON else -(-n // CHUNK) for n in numel]
+        chunk_tensor = torch.repeat_interleave(torch.arange(len(grads), dtype=torch.int32), torch.tensor(chunks_per_tensor))
+        chunk_index = torch.cat([torch.arange(c, dtype=torch.int32) for c in chunks_per_tensor])
+        addresses = [[t.data_ptr() for t in row] for row in (grads, masters, exp_avgs, exp_avg_sqs)]
+        addresses.append([c.data_ptr() for c in copies] if copies else [0] * len(grads))
+        return ChunkPlan(
+            chunk_tensor=chunk_tensor.to(device),
+            chunk_index=chunk_index.to(device),
+            numel=torch.tensor(numel, dtype=torch.int64, device=device),
+            addresses=torch.tensor(addresses, dtype=torch.int64, device=device),
+            grad_kind=_DTYPE_KIND[grad_dtype],
+            copy_kind=NO_COPY if copy_dtype is None else _DTYPE_KIND[copy_dtype],
+            partial=torch.empty(len(chunk_tensor), dtype=torch.float32, device=device),
+        )
+
+    @property
+    def num_tensors(self) -> int:
+        return self.numel.numel()
+
+    def set_grad_addresses(self, grads: list[torch.Tensor]) -> None:
+        """Point the plan at new gradient tensors (same shapes, strides and dtype as built with)."""
+        addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+        if self.addresses.is_cuda:
+            addresses = addresses.pin_memory()  # an asynchronous copy: no host sync in the loop
+        self.addresses[GRAD].copy_(addresses, non_blocking=True)
+
+
+def square_sums(plan: ChunkPlan) -> torch.Tensor:
+    """The gradients' squared sums per chunk (fp32; ``plan.partial``, overwritten)."""
+    if not len(plan.partial):
+        return plan.partial
+    _square_sum_kernel[(len(plan.partial),)](
+        plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses[GRAD], plan.partial,
+        GRAD_KIND=plan.grad_kind, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    return plan.partial
+
+
+def adamw_update(
+    plan: ChunkPlan,
+    clip: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+) -> None:
+    """One AdamW step of every tensor in ``plan`` (all at step number ``step`` ≥ 1), the gradients
+    first multiplied by ``clip`` (a one-element fp32 tensor on the device, so that clipping needs no
+    host sync); writes masters, moments and copies in place."""
+    if step < 1:
+        raise ValueError(f"adamw_update: step must be ≥ 1 (got {step})")
+    if not len(plan.partial):
+        return
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    _adamw_kernel[(len(plan.partial),)](
+        plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses, plan.num_tensors, clip,
+        lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5,
+        GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
