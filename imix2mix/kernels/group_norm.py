@@ -72,6 +72,55 @@ if _HAS_TRITON:
     from imix2mix.kernels.triton_support import round_to_kind as _round_to_kind
 
     @triton.jit
+    def _program_tile(HW, C, ROWS, BLOCK_C: tl.constexpr):
+        """This program's sample n, row chunk, columns (with their mask), the sample's offset in
+        memory and the chunk's rows [row0, row_end), on an (N, row chunks, channel blocks) grid."""
+        n = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        row0 = chunk * ROWS
+        return n, chunk, cols, cols < C, n.to(tl.int64) * HW * C, row0, tl.minimum(row0 + ROWS, HW)
+
+    @triton.jit
+    def _load_shift(shift_ptr, n, C, cols, col_mask, HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Sample n's row of the shift (fp32); zeros, never added, without one."""
+        x_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_SHIFT:
+            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_mask, other=0.0).to(tl.float32)
+        return x_shift
+
+    @triton.jit
+    def _load_input(x_ptr, offs, mask, x_shift, HAS_SHIFT: tl.constexpr, KIND: tl.constexpr):
+        """The norm's input at ``offs`` in fp32: x, plus the shift rounded as torch's add rounds it."""
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            x = _round_to_kind(x + x_shift[None, :], KIND)
+        return x
+
+    @triton.jit
+    def _column_affine(n, cols, col_mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, CG, G):
+        """Per column of sample n: its group's index, mean and rstd, the weight, and the affine folded
+        into one scale and offset (as torch's GroupNorm kernels fold it)."""
+        grp = n * G + cols // CG
+        mu = tl.load(mean_ptr + grp, mask=col_mask, other=0.0)
+        rs = tl.load(rstd_ptr + grp, mask=col_mask, other=0.0)
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        scale = rs * w
+        return grp, mu, rs, w, scale, b - mu * scale
+
+    @triton.jit
+    def _through_silu(g, x, scale, offset, SILU: tl.constexpr, KIND: tl.constexpr):
+        """The gradient g of the output taken back through the SiLU, if any: the forward's expression
+        for y, so y is bit-identical to what SiLU saw there; the reference's SiLU backward runs on
+        the rounded tensor and rounds its result."""
+        if SILU:
+            y = _round_to_kind(x * scale[None, :] + offset[None, :], KIND)
+            s = tl.sigmoid(y)
+            g = _round_to_kind(g * s * (1.0 + y * (1.0 - s)), KIND)
+        return g
+
+    @triton.jit
     def _chunk_stats_kernel(
         x_ptr,
         shift_ptr,
@@ -92,16 +141,10 @@ if _HAS_TRITON:
         not cancel like E[x^2] - E[x]^2 does for activations with a large mean.  With HAS_SHIFT, x
         is ``round(x + shift[n])`` throughout, the first row's sample included.
         """
-        n = tl.program_id(0)
-        chunk = tl.program_id(1)
-        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        base = n.to(tl.int64) * HW * C
-        row0 = chunk * ROWS
-        row_end = tl.minimum(row0 + ROWS, HW)
+        n, chunk, cols, col_mask, base, row0, row_end = _program_tile(HW, C, ROWS, BLOCK_C)
+        x_shift = _load_shift(shift_ptr, n, C, cols, col_mask, HAS_SHIFT, BLOCK_C)
         pivot = tl.load(x_ptr + base + row0 * C + cols, mask=col_mask, other=0.0).to(tl.float32)
         if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_mask, other=0.0).to(tl.float32)
             pivot = _round_to_kind(pivot + x_shift, KIND)
         acc_s = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
         acc_q = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
@@ -109,9 +152,7 @@ if _HAS_TRITON:
             rows = r + tl.arange(0, BLOCK_HW)
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             offs = base + rows[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SHIFT:
-                x = _round_to_kind(x + x_shift[None, :], KIND)
+            x = _load_input(x_ptr, offs, mask, x_shift, HAS_SHIFT, KIND)
             d = tl.where(mask, x - pivot[None, :], 0.0)
             acc_s += d
             acc_q += d * d
@@ -190,30 +231,14 @@ if _HAS_TRITON:
         BLOCK_HW: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        n = tl.program_id(0)
-        chunk = tl.program_id(1)
-        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        base = n.to(tl.int64) * HW * C
-        grp = n * G + cols // CG
-        mu = tl.load(mean_ptr + grp, mask=col_mask, other=0.0)
-        rs = tl.load(rstd_ptr + grp, mask=col_mask, other=0.0)
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_mask, other=0.0).to(tl.float32)
-        # torch's GroupNorm kernels fold the affine into one scale/offset per (n, c) the same way.
-        scale = rs * w
-        offset = b - mu * scale
-        row0 = chunk * ROWS
-        row_end = tl.minimum(row0 + ROWS, HW)
+        n, chunk, cols, col_mask, base, row0, row_end = _program_tile(HW, C, ROWS, BLOCK_C)
+        grp, mu, rs, w, scale, offset = _column_affine(n, cols, col_mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, CG, G)
+        x_shift = _load_shift(shift_ptr, n, C, cols, col_mask, HAS_SHIFT, BLOCK_C)
         for r in range(row0, row_end, BLOCK_HW):
             rows = r + tl.arange(0, BLOCK_HW)
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             offs = base + rows[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SHIFT:
-                x = _round_to_kind(x + x_shift[None, :], KIND)
+            x = _load_input(x_ptr, offs, mask, x_shift, HAS_SHIFT, KIND)
             y = _round_to_kind(x * scale[None, :] + offset[None, :], KIND)
             if SILU:
                 y = _round_to_kind(y * tl.sigmoid(y), KIND)
@@ -242,44 +267,22 @@ if _HAS_TRITON:
         BLOCK_C: tl.constexpr,
     ):
         """Per-column partial sums of g and g * x_hat, g being the gradient w.r.t. the norm's output."""
-        n = tl.program_id(0)
-        chunk = tl.program_id(1)
-        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        base = n.to(tl.int64) * HW * C
-        grp = n * G + cols // CG
-        mu = tl.load(mean_ptr + grp, mask=col_mask, other=0.0)
-        rs = tl.load(rstd_ptr + grp, mask=col_mask, other=0.0)
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_mask, other=0.0).to(tl.float32)
-        scale = rs * w
-        offset = b - mu * scale
+        n, chunk, cols, col_mask, base, row0, row_end = _program_tile(HW, C, ROWS, BLOCK_C)
+        grp, mu, rs, w, scale, offset = _column_affine(n, cols, col_mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, CG, G)
+        x_shift = _load_shift(shift_ptr, n, C, cols, col_mask, HAS_SHIFT, BLOCK_C)
         acc1 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
-        row0 = chunk * ROWS
-        row_end = tl.minimum(row0 + ROWS, HW)
         for r in range(row0, row_end, BLOCK_HW):
             rows = r + tl.arange(0, BLOCK_HW)
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             offs = base + rows[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SHIFT:
-                x = _round_to_kind(x + x_shift[None, :], KIND)
+            x = _load_input(x_ptr, offs, mask, x_shift, HAS_SHIFT, KIND)
             g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if SILU:
-                # Same expression as the forward, so y is bit-identical to what SiLU saw there; the
-                # SiLU backward of the reference runs on the rounded tensor and rounds its result.
-                y = _round_to_kind(x * scale[None, :] + offset[None, :], KIND)
-                s = tl.sigmoid(y)
-                g = _round_to_kind(g * s * (1.0 + y * (1.0 - s)), KIND)
-            g = tl.where(mask, g, 0.0)
+            g = tl.where(mask, _through_silu(g, x, scale, offset, SILU, KIND), 0.0)
             x_hat = (x - mu[None, :]) * rs[None, :]
             acc1 += g
             acc2 += g * x_hat
-        n_chunks = tl.num_programs(1)
-        out = (n * n_chunks + chunk) * C + cols
+        out = (n * tl.num_programs(1) + chunk) * C + cols
         tl.store(s1_ptr + out, tl.sum(acc1, axis=0), mask=col_mask)
         tl.store(s2_ptr + out, tl.sum(acc2, axis=0), mask=col_mask)
 
@@ -366,38 +369,19 @@ if _HAS_TRITON:
 
         With HAS_SHIFT, also the per-(n, chunk, column) sums of the rounded dx (the shift's gradient
         is their sum over chunks: autograd's sum over H, W of dx as rounded to x.dtype)."""
-        n = tl.program_id(0)
-        chunk = tl.program_id(1)
-        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        base = n.to(tl.int64) * HW * C
-        grp = n * G + cols // CG
-        mu = tl.load(mean_ptr + grp, mask=col_mask, other=0.0)
-        rs = tl.load(rstd_ptr + grp, mask=col_mask, other=0.0)
+        n, chunk, cols, col_mask, base, row0, row_end = _program_tile(HW, C, ROWS, BLOCK_C)
+        grp, mu, rs, w, scale, offset = _column_affine(n, cols, col_mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, CG, G)
+        x_shift = _load_shift(shift_ptr, n, C, cols, col_mask, HAS_SHIFT, BLOCK_C)
         coef_a = tl.load(a_ptr + grp, mask=col_mask, other=0.0)
         coef_b = tl.load(bcoef_ptr + grp, mask=col_mask, other=0.0)
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_mask, other=0.0).to(tl.float32)
-        scale = rs * w
-        offset = b - mu * scale
         if HAS_SHIFT:
             acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
-        row0 = chunk * ROWS
-        row_end = tl.minimum(row0 + ROWS, HW)
         for r in range(row0, row_end, BLOCK_HW):
             rows = r + tl.arange(0, BLOCK_HW)
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             offs = base + rows[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SHIFT:
-                x = _round_to_kind(x + x_shift[None, :], KIND)
-            g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if SILU:
-                y = _round_to_kind(x * scale[None, :] + offset[None, :], KIND)
-                s = tl.sigmoid(y)
-                g = _round_to_kind(g * s * (1.0 + y * (1.0 - s)), KIND)
+            x = _load_input(x_ptr, offs, mask, x_shift, HAS_SHIFT, KIND)
+            g = _through_silu(tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32), x, scale, offset, SILU, KIND)
             x_hat = (x - mu[None, :]) * rs[None, :]
             dx = rs[None, :] * (g * w[None, :] - coef_a[None, :] - x_hat * coef_b[None, :])
             dx = _round_to_kind(dx, KIND)
