@@ -26,6 +26,13 @@ import torch
 from imix2mix.kernels.adamw import ALIGNMENT_BYTES, ChunkPlan, adamw_update, is_dense, square_sums
 
 
+def adamw_defaults(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict:
+    """The param-group defaults of an AdamW, checked as torch's AdamW checks them."""
+    if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"invalid AdamW hyper-parameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
+    return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
 class AdamWLowPrecisionStates(torch.optim.Optimizer):
     def __init__(
         self,
@@ -37,9 +44,7 @@ class AdamWLowPrecisionStates(torch.optim.Optimizer):
         state_dtype: torch.dtype = torch.bfloat16,
         chunk_numel: int = 64 * 2**20,
     ):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"invalid AdamW hyper-parameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay))
         self.state_dtype = state_dtype
         self.chunk_numel = chunk_numel
 
@@ -123,9 +128,7 @@ class AdamWWithComputeCopies(torch.optim.Optimizer):
         compute_copies: Iterable[torch.nn.Parameter] = (),
         compute_dtype: torch.dtype = torch.bfloat16,
     ):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"invalid AdamW hyper-parameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay))
         copied = {id(p) for p in compute_copies}
         for group in self.param_groups:
             for p in group["params"]:

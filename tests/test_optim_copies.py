@@ -179,3 +179,12 @@ def test_reset_student_undoes_leftover_copies(tiny_editor):
     name = next(n for n, p in student.named_parameters() if p is parameter)
     assert parameter.dtype == torch.float32
     assert torch.equal(parameter.detach(), tiny_editor._pristine[name])
+
+
+@pytest.mark.parametrize("bad", [{"lr": -1e-4}, {"eps": -1.0}, {"weight_decay": -0.1}, {"betas": (0.9, 1.0)}])
+def test_both_adamw_variants_reject_invalid_hyper_parameters(bad):
+    from imix2mix.optim import AdamWLowPrecisionStates, AdamWWithComputeCopies
+
+    for optimizer in (AdamWLowPrecisionStates, AdamWWithComputeCopies):
+        with pytest.raises(ValueError, match="invalid AdamW hyper-parameters"):
+            optimizer([torch.nn.Parameter(torch.zeros(4))], **bad)
