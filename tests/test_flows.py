@@ -39,7 +39,7 @@ SHARED_EDITS = {"edits": [{"instruction": "make it snowy", "target_caption": "a 
 
 @pytest.fixture(scope="module", autouse=True)
 def services(tmp_root: Path) -> Iterator[None]:
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=None):  # None: the setting conftest raises
         started = connect_ray(RaySettings(temp_dir=tmp_root / "ray-flows", num_cpus=2))
         yield
         if started:

@@ -22,3 +22,25 @@ def test_an_inductor_cache_chosen_by_the_user_wins(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     settings = PipelineSettings(output_root=tmp_path / "out", cache_dir=tmp_path / "cache")
     assert worker_env_vars(settings, None)["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_the_collection_command_gives_a_temporary_prefect_server_time_to_start() -> None:
+    from imix2mix.commands.pipeline import EPHEMERAL_SERVER_STARTUP_SECONDS, allow_slow_ephemeral_server
+
+    environ: dict[str, str] = {}
+    allow_slow_ephemeral_server(environ)
+    assert environ == {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(EPHEMERAL_SERVER_STARTUP_SECONDS)}
+    assert EPHEMERAL_SERVER_STARTUP_SECONDS > 20  # Prefect's own default
+    mine = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "45"}
+    allow_slow_ephemeral_server(mine)
+    assert mine == {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "45"}
+
+
+def test_the_command_line_imports_no_prefect_before_the_timeout_is_set() -> None:
+    """The setting is read when Prefect is imported, so building the CLI must not import it."""
+    import subprocess
+    import sys
+
+    code = "import sys, imix2mix.cli as c; c.build_parser(); print('prefect' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

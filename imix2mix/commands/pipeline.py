@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 from imix2mix.commands import parse_settings
+
+EPHEMERAL_SERVER_STARTUP_SECONDS = 120
+
+
+def allow_slow_ephemeral_server(environ: MutableMapping[str, str]) -> None:
+    """Give Prefect's temporary local API server (used without PREFECT_API_URL) 120 s to start instead
+    of Prefect's 20: on a busy 2-core machine its start has taken longer.  A user's own setting wins.
+    Call before Prefect is imported: it reads its settings then."""
+    environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_SERVER_STARTUP_SECONDS))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,6 +82,7 @@ def run_collection(args: argparse.Namespace) -> int:
     overrides = parse_settings(args.settings)
     if args.plan:
         return _print_plan(args, overrides)
+    allow_slow_ephemeral_server(os.environ)
     from flows.edit_collection import edit_collection
 
     summary = edit_collection(
