@@ -6,15 +6,6 @@ torch's fused AdamW under bf16 autocast.
 
 :class:`AdamWLowPrecisionStates` (the lean mode's): AdamW whose moment estimates are stored in a
 low-precision dtype.
-
-Same update rule as ``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments), but
-``exp_avg`` and ``exp_avg_sq`` live in ``state_dtype`` (bfloat16 by default): half the optimizer
-memory of fp32 AdamW (2.5 GB instead of 10 GB for SEVA's 1.26 B parameters).  **This changes the
-numerics**: each moment update is computed in fp32 and rounded to bf16 (8 bits of mantissa), so the
-moments carry about 3 significant digits.  Parameters stay fp32.
-
-The update runs over chunks of parameters with ``torch._foreach_*`` kernels, so the fp32 working
-copies of the moments exist for one chunk at a time, never for the whole model.
 """
 
 from __future__ import annotations
@@ -34,6 +25,16 @@ def adamw_defaults(lr: float, betas: tuple[float, float], eps: float, weight_dec
 
 
 class AdamWLowPrecisionStates(torch.optim.Optimizer):
+    """Same update rule as ``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments), but
+    ``exp_avg`` and ``exp_avg_sq`` live in ``state_dtype`` (bfloat16 by default): half the optimizer
+    memory of fp32 AdamW (2.5 GB instead of 10 GB for SEVA's 1.26 B parameters).  **This changes the
+    numerics**: each moment update is computed in fp32 and rounded to bf16 (8 bits of mantissa), so the
+    moments carry about 3 significant digits.  Parameters stay fp32.
+
+    The update runs over chunks of parameters with ``torch._foreach_*`` kernels, so the fp32 working
+    copies of the moments exist for one chunk at a time, never for the whole model.
+    """
+
     def __init__(
         self,
         params: Iterable[torch.nn.Parameter],

@@ -20,8 +20,9 @@ EPHEMERAL_SERVER_STARTUP_SECONDS = 120
 
 
 def allow_slow_ephemeral_server(environ: MutableMapping[str, str]) -> None:
-    """Give Prefect's temporary local API server (used without PREFECT_API_URL) 120 s to start instead
-    of Prefect's 20: on a busy 2-core machine its start has taken longer.  A user's own setting wins.
+    """Give Prefect's temporary local API server (used without PREFECT_API_URL)
+    ``EPHEMERAL_SERVER_STARTUP_SECONDS`` to start instead of Prefect's 20 s: on a busy 2-core machine
+    its start has taken longer.  A user's own setting wins.
     Call before Prefect is imported: it reads its settings then."""
     environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_SERVER_STARTUP_SECONDS))
 
