@@ -88,6 +88,10 @@ def _f(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _cfg(value: float | None) -> str:
+    return "default" if value is None else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class TableRow:
     variant: Variant
@@ -237,7 +241,7 @@ def build_report(plan: SuitePlan, out: Path) -> str:
     for (scene_name, edit_id), rows in by_edit.items():
         edit = rows[0].edit
         lines += ["", f"### {scene_name} · {edit.instruction} (`{edit_id}`)", "",
-                  f"Target caption: {edit.target_caption or '–'}; s_T {_f(edit.text_cfg)}, s_I {_f(edit.image_cfg)}"
+                  f"Target caption: {edit.target_caption or '–'}; s_T {_cfg(edit.text_cfg)}, s_I {_cfg(edit.image_cfg)}"
                   + ("; in the ablation subset" if edit.ablation else ""), "",
                   "| Variant | " + " | ".join(heading for _, heading in METRICS) + " | no edit | output |",
                   "|---|" + "---|" * len(METRICS) + "---|---|"]

@@ -265,13 +265,14 @@ def scene_problem(suite: Suite, scene: SuiteScene, data_root: Path) -> str | Non
     folder = scene.folder(data_root)
     if not folder.is_dir():
         hint = f": {scene.download}" if scene.download else ""
-        return f"scene '{scene.name}': folder {folder} not found{hint}"
+        where = scene.path if Path(scene.path).is_absolute() else f"{scene.path} (under the data folder)"
+        return f"scene '{scene.name}': folder {where} not found{hint}"
     try:
         count = len(scene_photos(folder))
     except SceneError as exc:
         return f"scene '{scene.name}': {exc}"
     if count != suite.views:
-        return f"scene '{scene.name}': {folder} has {count} photos, the suite evaluates N = {suite.views}"
+        return f"scene '{scene.name}': {scene.path} has {count} photos, the suite evaluates N = {suite.views}"
     return None
 
 
