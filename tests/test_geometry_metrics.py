@@ -142,3 +142,35 @@ def test_no_edit_detector_flags_identity_but_not_real_changes(synthetic):
     assert not edit_change(tiny, originals).no_edit
     weak = edit_change(tiny, originals, clip_dir=0.01)
     assert weak.no_edit and "CLIP Dir." in weak.reason
+
+
+def test_run_evaluation_lands_in_the_runs_and_pairs_manifests(synthetic, tmp_path):
+    from conftest import EXAMPLES
+
+    from imix2mix.collection import EditSpec, PlannedRun, list_scenes
+    from imix2mix.distill import EditConfig
+    from imix2mix.evaluation import RunEvaluation
+    from imix2mix.manifests import PAIRS, RUNS, ManifestStore, pair_rows, run_row
+    from imix2mix.metrics import SceneMetrics
+
+    scene, originals, repainted, _ = synthetic
+    evaluation = RunEvaluation(change=edit_change(repainted, originals, clip_dir=0.3),
+                               epipolar=scene_epipolar_consistency(scene, repainted, originals, CROP))
+    face = next(ref for ref in list_scenes(EXAMPLES) if ref.scene_id == "face")
+    config = EditConfig()
+    run = PlannedRun(scene=face, edit=EditSpec("make it snowy"), config=config, config_hash=config.config_hash(),
+                     output_dir=tmp_path / "face" / "x")
+    metrics = SceneMetrics(0.2, 0.3, 0.4, views=(), pair_consistency=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+    store = ManifestStore(tmp_path)
+    store.upsert_many({RUNS.name: [run_row(run, run_id="r1", status="succeeded", preset="tiny", started_at=None,
+                                           metrics=metrics, evaluation=evaluation)],
+                       PAIRS.name: pair_rows(run, run_id="r1", evaluation=evaluation, metrics=metrics)})
+    (row,) = store.read_rows(RUNS)
+    assert row["epipolar_score"] == evaluation.epipolar.score and row["no_edit"] is False
+    assert row["changed_fraction"] == evaluation.change.changed_fraction
+    assert row["epipolar_source_fraction"] == evaluation.epipolar.source.consistent_fraction
+    pairs = store.read_rows(PAIRS)
+    assert len(pairs) == 12 and [p["views"] for p in pairs] == ["edited"] * 6 + ["source"] * 6
+    assert [p["clip_cons"] for p in pairs[:6]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] and pairs[6]["clip_cons"] is None
+    assert [(p["view_i"], p["view_j"]) for p in pairs[:6]] == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert all(p["matches"] >= MIN_MATCHES and p["status"] == "consistent" for p in pairs)
