@@ -33,7 +33,6 @@ import os
 import posixpath
 import re
 import shutil
-import tempfile
 import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -46,7 +45,7 @@ import yaml
 
 from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError, SceneError
-from imix2mix.files import atomic_write_text
+from imix2mix.files import atomic_write_text, temporary_folder
 from imix2mix.images import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -300,8 +299,7 @@ def fetch_scene(scene: SceneRef, cache_dir: str | os.PathLike[str]) -> Path:
     destination = Path(cache_dir) / "inputs" / key / scene.scene_id
     if destination.is_dir():
         return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{scene.scene_id}-", dir=destination.parent))
+    staging = temporary_folder(destination.parent, f".{scene.scene_id}-")
     try:
         for info in _scene_files(scene):
             relative = posixpath.relpath(info["name"], scene.path)

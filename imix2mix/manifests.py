@@ -13,7 +13,6 @@ import fcntl
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imix2mix.errors import ImixError
+from imix2mix.files import temporary_file, temporary_folder
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    descriptor, temporary = temporary_file(path.parent, path.name)
     os.close(descriptor)
     try:
         pq.write_table(table, temporary, compression="zstd")
@@ -295,8 +295,7 @@ def new_run_id() -> str:
 
 def staging_dir(final_dir: Path) -> Path:
     """A fresh empty folder beside ``final_dir`` to write a run's outputs into before publishing."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.staging-", dir=final_dir.parent))
+    return temporary_folder(final_dir.parent, f".{final_dir.name}.staging-")
 
 
 def publish_dir(staging: Path, final_dir: Path) -> None:
