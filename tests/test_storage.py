@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from imix2mix.files import atomic_write_bytes
-from imix2mix.manifests import ManifestStore, staging_dir
+from imix2mix.manifests import ManifestStore
+from imix2mix.storage import staging_dir
 
 
 @pytest.fixture
