@@ -3,16 +3,36 @@ claims, and output roots on a real S3-compatible server (OpenStack Swift's s3api
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+from conftest import EXAMPLES, REPO_ROOT, SCENES
 
+from imix2mix.collection import (
+    CLAIM_STALE_SECONDS,
+    CollectionPlan,
+    claim_runs,
+    collection_edit_document,
+    list_scenes,
+    plan_collection,
+    release_run,
+)
+from imix2mix.distill import EditConfig
 from imix2mix.files import atomic_write_bytes
 from imix2mix.manifests import ManifestStore
-from imix2mix.storage import staging_dir
+from imix2mix.storage import StorageError, check_output_root, staging_dir
+
+FACE = SCENES / "face"
 
 
 @pytest.fixture
@@ -37,3 +57,139 @@ def test_outputs_follow_the_users_umask(tmp_path: Path, umask_022: None) -> None
     assert _mode(tmp_path / "manifests" / "scenes.parquet") == 0o644
     os.umask(0o027)
     assert _mode(atomic_write_bytes(tmp_path / "other.bin", b"x")) == 0o640
+
+
+# --------------------------------------------------------------------------------------------------
+# The output root is checked up front
+# --------------------------------------------------------------------------------------------------
+
+
+def test_check_output_root_creates_a_missing_root_and_refuses_a_file_or_a_full_disk(tmp_path: Path) -> None:
+    root = check_output_root(tmp_path / "new" / "out")
+    assert (tmp_path / "new" / "out").is_dir() and root.uri == str(tmp_path / "new" / "out")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StorageError, match=f"{tmp_path / 'file'}: is a file, not a folder"):
+        check_output_root(tmp_path / "file" / "out")
+    with pytest.raises(StorageError, match=f"{tmp_path / 'file'}: is a file, not a folder"):
+        check_output_root(tmp_path / "file")
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(StorageError, match=f"{tmp_path}: only .* MiB free; a run needs about"):
+        check_output_root(tmp_path, needed_bytes=free + 2**40)
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None, mount: str | None = None) -> subprocess.CompletedProcess:
+    """``imix2mix ARGS`` in a child process; with ``mount``, after that shell mount command in a private mount
+    namespace (``unshare -m``: root only, nothing outside the child sees the mount)."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    command = [sys.executable, "-m", "imix2mix.cli", *args]
+    if mount is not None:
+        command = ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", *command]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environment, timeout=600)
+
+
+def _mounts_unavailable() -> str | None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return "needs root and unshare(1) to mount a read-only folder / a small tmpfs in a private namespace"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True,
+                           text=True)
+    return f"cannot mount in a private namespace here: {probe.stderr.strip()}" if probe.returncode else None
+
+
+def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error") or "Traceback" in line]
+
+
+def test_a_bad_output_root_is_one_line_before_models_or_prefect_start(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    bad = str(tmp_path / "file" / "out")
+    # --weights-dir names nothing: had the models started loading, the error would be about the weights.
+    edit = _cli(["edit", str(FACE), "-i", "x", "--device", "cpu", "--weights-dir", str(tmp_path / "none"), "--out", bad])
+    assert edit.returncode == 2 and _error_lines(edit) == [
+        f"error: {tmp_path / 'file'}: is a file, not a folder; the output root {bad} cannot be created there"]
+    prefect_home = tmp_path / "prefect-home"
+    collection = _cli(["collection", str(EXAMPLES), "--preset", "tiny", "--out", bad],
+                      env={"PREFECT_HOME": str(prefect_home)})
+    assert collection.returncode == 2 and len(_error_lines(collection)) == 1, collection.stderr
+    assert "is a file, not a folder" in collection.stderr
+    assert not prefect_home.exists()  # Prefect never started
+
+
+def test_a_read_only_or_full_output_root_is_one_line(tmp_path: Path) -> None:
+    reason = _mounts_unavailable()
+    if reason:
+        pytest.skip(reason)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    args = ["edit", str(FACE), "-i", "x", "--device", "cpu", "--weights-dir", str(tmp_path / "none")]
+    result = _cli([*args, "--out", str(read_only / "out")], mount=f"mount --bind -o ro {read_only} {read_only}")
+    assert result.returncode == 2 and _error_lines(result) == [
+        f"error: output root {read_only / 'out'}: the file system is read-only (cannot write there)"], result.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    result = _cli([*args, "--out", str(full)], mount=f"mount -t tmpfs -o size=4m tmpfs {full}")
+    assert result.returncode == 2 and len(_error_lines(result)) == 1, result.stderr
+    assert f"error: {full}: only 4 MiB free; a run needs about 512 MiB" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifests keep their history
+# --------------------------------------------------------------------------------------------------
+
+
+def _run(run_id: str, **extra) -> dict:
+    return {"run_id": run_id, "scene_id": "face", "edit_id": "e", "instruction": "x", "config_hash": "c",
+            "preset": "tiny", "status": "succeeded", "output_dir": f"face/x-{run_id}", **extra}
+
+
+def _view(run_id: str) -> dict:
+    return {"run_id": run_id, "scene_id": "face", "edit_id": "e", "view_index": 0, "output_path": f"face/x-{run_id}/v.png"}
+
+
+def test_a_truncated_manifest_falls_back_to_its_previous_generation(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    store = ManifestStore(tmp_path)
+    store.upsert_many({"runs": [_run("r1")], "views": [_view("r1")]})
+    store.upsert_many({"runs": [_run("r2")], "views": [_view("r2")]})
+    current = store.path("runs")
+    current.write_bytes(current.read_bytes()[: len(current.read_bytes()) // 2])  # truncated, as by a full disk
+    assert [row["run_id"] for row in store.read_rows("runs")] == ["r1"]  # the generation before the last write
+    assert "reading its previous generation" in caplog.text
+    assert [row["run_id"] for row in store.read_rows("views")] == ["r1"]  # no view of a run the table lacks
+    store.upsert("runs", [_run("r3")])
+    assert sorted(row["run_id"] for row in store.read_rows("runs")) == ["r1", "r3"]
+    assert len(list(store.folder.glob("runs.corrupt-*.parquet"))) == 1  # the truncated file is kept aside
+    store.upsert("views", [_view("r3")])
+    assert sorted(row["run_id"] for row in pq.read_table(store.path("views")).to_pylist()) == ["r1", "r3"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Claims: two batches on one output root
+# --------------------------------------------------------------------------------------------------
+
+
+def _plan(output_root) -> CollectionPlan:
+    scenes = list_scenes(EXAMPLES)
+    edits = collection_edit_document({"edits": ["make it snowy"]})
+    return plan_collection(scenes, edits, EditConfig(), preset="tiny", output_root=output_root, succeeded={})
+
+
+def test_a_second_batch_skips_what_a_live_batch_claimed_and_takes_over_stale_claims(tmp_path: Path) -> None:
+    first = claim_runs(_plan(tmp_path))
+    assert len(first.to_run) == len(first.runs) == 4 and all(run.claimed_by is None for run in first.runs)
+    claims = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*.claim"))
+    assert claims == sorted(run.claim for run in first.runs)
+    second = claim_runs(_plan(tmp_path))  # the first batch (this process) still holds them
+    assert second.to_run == [] and all(run.claimed_by["pid"] == os.getpid() for run in second.runs)
+    # A claim of a process that has exited on this host is stale.
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {"host": socket.gethostname(), "pid": int(finished.stdout), "at": time.time()}
+    # and so is one of another host older than the limit
+    old = {"host": "elsewhere", "pid": 1, "at": time.time() - CLAIM_STALE_SECONDS - 60}
+    for run, owner in zip(first.runs, (dead, old, dead, old)):
+        (tmp_path / run.claim).write_text(json.dumps(owner))
+    third = claim_runs(_plan(tmp_path))
+    assert len(third.to_run) == 4
+    assert all(json.loads((tmp_path / run.claim).read_text())["pid"] == os.getpid() for run in third.runs)
+    for run in third.runs:
+        release_run(run)
+    assert not list(tmp_path.rglob("*.claim"))
