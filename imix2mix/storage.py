@@ -74,9 +74,13 @@ def describe_storage_error(where: str, exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.EROFS:
         return f"{where}: the file system is read-only"
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if is_url(where):
+    unreachable = isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)) or any(
+        word in cls.__name__ for cls in type(exc).__mro__ for word in ("Connect", "Timeout"))
+    if is_url(where) and unreachable:
         return (f"{where}: cannot reach the storage ({type(exc).__name__}: {detail}); check the endpoint "
-                "(AWS_ENDPOINT_URL) and the network")
+                "(AWS_ENDPOINT_URL or the storage options) and the network")
+    if is_url(where):
+        return f"{where}: the storage refused the request ({type(exc).__name__}: {detail})"
     return f"{where}: {type(exc).__name__}: {detail}"
 
 
@@ -186,7 +190,7 @@ class OutputRoot:
         if not self.is_local:
             self.fs.invalidate_cache()
         found = self._call(pattern, lambda: self.fs.glob(self.fs_path(pattern)))
-        return sorted(posixpath.relpath(self.fs.strip_protocol(path), self.path) for path in found)
+        return sorted(posixpath.relpath(self.fs._strip_protocol(path), self.path) for path in found)
 
     def create_exclusive(self, relative: str, data: bytes) -> bool:
         """Create the file with ``data`` only if it does not exist; True when this call created it."""
@@ -257,7 +261,8 @@ class OutputRoot:
                     self.remove(stale)
             self.write_bytes(f"{relative}/{COMPLETE_MARKER}", json.dumps({"files": files}).encode())  # 3. done
         finally:
-            self._call(prefix, lambda: self.fs.rm(self.fs_path(prefix), recursive=True))
+            for file in files:  # one DELETE each: several S3 clones refuse the bulk delete of newer clients
+                self.remove(f"{prefix}/{file}")
 
     def is_published(self, relative: str) -> bool:
         """True when ``relative`` holds a complete run folder."""

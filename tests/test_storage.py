@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -17,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import EXAMPLES, REPO_ROOT, SCENES
+from swift_s3 import SwiftS3, make_bucket, swift_fixture
 
 from imix2mix.collection import (
     CLAIM_STALE_SECONDS,
@@ -30,7 +32,7 @@ from imix2mix.collection import (
 from imix2mix.distill import EditConfig
 from imix2mix.files import atomic_write_bytes
 from imix2mix.manifests import ManifestStore
-from imix2mix.storage import StorageError, check_output_root, staging_dir
+from imix2mix.storage import OutputRoot, StorageError, check_output_root, open_output_root, staging_dir
 
 FACE = SCENES / "face"
 
@@ -193,3 +195,94 @@ def test_a_second_batch_skips_what_a_live_batch_claimed_and_takes_over_stale_cla
     for run in third.runs:
         release_run(run)
     assert not list(tmp_path.rglob("*.claim"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Output roots on a real S3-compatible server (OpenStack Swift + s3api on 127.0.0.1)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swift(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwiftS3]:
+    yield from swift_fixture(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bucket(swift: SwiftS3) -> str:
+    return make_bucket(swift, "imix2mix-tests")
+
+
+def _s3_root(swift: SwiftS3, url: str) -> OutputRoot:
+    return open_output_root(url, **swift.storage_options, skip_instance_cache=True)
+
+
+def test_run_folders_publish_on_s3_with_a_completion_marker(swift: SwiftS3, bucket: str, tmp_path: Path) -> None:
+    root = check_output_root(_s3_root(swift, f"{bucket}/publish"))
+    assert root.uri == f"{bucket}/publish" and not root.is_local
+    first = root.staging("face/edit-1")
+    (first / "view_00.png").write_bytes(b"one")
+    (first / "old.png").write_bytes(b"old")
+    root.publish(first, "face/edit-1")
+    root.discard(first)
+    assert root.is_published("face/edit-1") and root.read_bytes("face/edit-1/view_00.png") == b"one"
+    second = root.staging("face/edit-1")
+    (second / "view_00.png").write_bytes(b"two")
+    root.publish(second, "face/edit-1")
+    root.discard(second)
+    assert root.glob("face/**") == ["face/edit-1", "face/edit-1/_COMPLETE", "face/edit-1/view_00.png"]
+    assert root.read_bytes("face/edit-1/view_00.png") == b"two"  # no staging prefix, no file of the old run left
+    assert not root.is_published("face/edit-2")
+    # Swift's s3api has no conditional PUT: exclusive creation falls back to check, write, read back.
+    assert root.create_exclusive("face/.edit-1.claim", b"me") and not root.create_exclusive("face/.edit-1.claim", b"you")
+
+
+def test_manifests_and_claims_on_s3(swift: SwiftS3, bucket: str, caplog: pytest.LogCaptureFixture) -> None:
+    root = _s3_root(swift, f"{bucket}/manifests-test")
+    store = ManifestStore(root)
+    store.upsert_many({"runs": [_run("r1")], "views": [_view("r1")]})
+    store.upsert_many({"runs": [_run("r2")], "views": [_view("r2")]})
+    assert sorted(row["run_id"] for row in store.read_rows("runs")) == ["r1", "r2"]
+    data = root.read_bytes("manifests/runs.parquet")
+    root.write_bytes("manifests/runs.parquet", data[: len(data) // 2])
+    assert [row["run_id"] for row in store.read_rows("runs")] == ["r1"]
+    assert [row["run_id"] for row in store.read_rows("views")] == ["r1"]
+    store.upsert("runs", [_run("r3")])
+    assert sorted(row["run_id"] for row in store.read_rows("runs")) == ["r1", "r3"]
+    assert len(root.glob("manifests/runs.corrupt-*.parquet")) == 1
+    assert not root.exists("manifests/.lock")  # the lock object is released after each write
+    first = claim_runs(_plan(root))
+    assert len(first.to_run) == 4 and len(root.glob("*/.*.claim")) == 4
+    assert claim_runs(_plan(root)).to_run == []
+    for run in first.runs:
+        release_run(run)
+    assert root.glob("*/.*.claim") == []
+
+
+def test_cli_edit_publishes_to_s3_with_aws_environment_variables(swift: SwiftS3, bucket: str) -> None:
+    result = _cli(["edit", str(FACE), "-i", "make it snowy", "--preset", "tiny", "--device", "cpu", "--no-metrics",
+                   "--set", "distill_dt=999", "--set", "k_initial=2", "--set", "k=1", "--set", "warmup_steps=1",
+                   "--out", f"{bucket}/cli"], env=swift.environment())
+    assert result.returncode == 0, result.stderr
+    folder_url = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(rf"{bucket}/cli/face/make-it-snowy-[0-9a-f]{{12}}", folder_url), folder_url
+    root = _s3_root(swift, f"{bucket}/cli")
+    folder = folder_url.removeprefix(f"{bucket}/cli/")
+    files = {path.removeprefix(folder + "/") for path in root.glob(f"{folder}/*")}
+    assert {"run.json", "transforms.json", "_COMPLETE", "view_00_full.png", "contact_sheet.png"} <= files
+    cameras = json.loads(root.read_bytes(f"{folder}/transforms.json"))
+    assert [frame["file_path"] for frame in cameras["frames"]] == [f"view_{i:02d}_full.png" for i in range(4)]
+    assert [path for path in root.glob("face/*") if "staging" in path] == []
+
+
+def test_wrong_credentials_or_an_unreachable_endpoint_is_one_line(swift: SwiftS3, bucket: str) -> None:
+    wrong = _cli(["collection", str(EXAMPLES), "--preset", "tiny", "--out", f"{bucket}/x"],
+                 env={**swift.environment(), "AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert wrong.returncode == 2 and len(_error_lines(wrong)) == 1, wrong.stderr
+    assert f"error: {bucket}/x: access denied" in wrong.stderr and "check the credentials" in wrong.stderr
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    unreachable = _cli(["edit", str(FACE), "-i", "x", "--out", f"{bucket}/x"],
+                       env={**swift.environment(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}", "AWS_MAX_ATTEMPTS": "1"})
+    assert unreachable.returncode == 2 and len(_error_lines(unreachable)) == 1, unreachable.stderr
+    assert f"error: {bucket}/x: cannot reach the storage" in unreachable.stderr and "AWS_ENDPOINT_URL" in unreachable.stderr
