@@ -16,8 +16,9 @@ from prefect.futures import as_completed
 from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from imix2mix.collection import CollectionPlan, SceneProblem, list_scenes, open_root
+from imix2mix.collection import CollectionPlan, SceneProblem, claim_note, list_scenes, open_root
 from imix2mix.presets import WeightSources
+from imix2mix.storage import check_output_root
 from tasks.distill import edit_run, start_workers
 from tasks.manifest import record_failures, record_skipped
 from tasks.metrics import artifact_key, publish_summary
@@ -31,7 +32,7 @@ def pipeline_settings(output_root: str, preset: str, config_overrides: dict[str,
                       cache_dir: str | None, weights_dir: str | None) -> PipelineSettings:
     """The flows' parameters as one typed settings object (paths made absolute)."""
     return PipelineSettings(
-        output_root=Path(output_root).expanduser().resolve(), preset=preset, device=device, workers=workers,
+        output_root=check_output_root(output_root), preset=preset, device=device, workers=workers,
         concurrency=concurrency, ray_address=ray_address,
         cache_dir=(default_cache_dir() if cache_dir is None else Path(cache_dir)).expanduser().resolve(),
         weights=None if weights_dir is None else WeightSources.local(Path(weights_dir).expanduser().resolve()),
@@ -70,10 +71,14 @@ def _skip_done_runs(plan: CollectionPlan, settings: PipelineSettings, flow_run_i
     rows = []
     for run in skipped:
         previous = run.previous_run or {}
-        logger.info("skipping %s: already succeeded with config %s on these photos (content %s, run %s)",
-                    run.label, run.config_hash[:12], (run.scene_content_hash or "")[:12], previous.get("run_id"))
+        if run.claimed_by is not None:
+            logger.info("skipping %s: %s", run.label, claim_note(run.claimed_by))
+        else:
+            logger.info("skipping %s: already succeeded with config %s on these photos (content %s, run %s)",
+                        run.label, run.config_hash[:12], (run.scene_content_hash or "")[:12], previous.get("run_id"))
+        note = "already done with this config" if run.claimed_by is None else claim_note(run.claimed_by)
         rows.append(_summary_row(run, "skipped", clip_dir=previous.get("clip_dir"),
-                                 clip_cons=previous.get("clip_cons"), note="already done with this config",
+                                 clip_cons=previous.get("clip_cons"), note=note,
                                  no_edit=previous.get("no_edit")))
     return rows
 
