@@ -17,7 +17,7 @@ from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from imix2mix.collection import CollectionPlan, SceneProblem, list_scenes, open_root
-from imix2mix.presets import WeightSources
+from imix2mix.config import WeightSources
 from tasks.distill import edit_run, start_workers
 from tasks.manifest import record_failures, record_skipped
 from tasks.metrics import artifact_key, publish_summary

@@ -41,17 +41,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _setup(args: argparse.Namespace, *, metrics: bool):
     import torch
 
+    from imix2mix.config import default_config
     from imix2mix.presets import WeightSources, build_editor
     from imix2mix.scene import load_scene
 
+    # A bad --set is refused before anything is read or built.
+    config = default_config(args.preset).overridden(parse_settings(args.settings))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is available")
-    settings = parse_settings(args.settings)
     scene = load_scene(args.scene)
     weights = WeightSources.local(args.weights_dir) if args.weights_dir else None
     editor = build_editor(args.preset, device=device, weights=weights, random_weights=args.random_weights, metrics=metrics)
-    config = editor.default_config.overridden(settings)
     if editor.random_weights:
         print("note: random weights: this run exercises the pipeline; its images are not real edits", file=sys.stderr)
     return scene, editor, config

@@ -79,8 +79,17 @@ def _print_runs(rows: list[dict[str, Any]]) -> None:
         print(f"{row['status']:<10} {row['scene']} · {row['edit'] or '-'}{metrics}{note}")
 
 
-def run_collection(args: argparse.Namespace) -> int:
+def _checked_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """``--set`` values, refused when bad (e.g. ``lr=nan``) before Prefect and Ray start (torch-free)."""
+    from imix2mix.config import default_config
+
     overrides = parse_settings(args.settings)
+    default_config(args.preset).overridden(overrides)
+    return overrides
+
+
+def run_collection(args: argparse.Namespace) -> int:
+    overrides = _checked_overrides(args)
     if args.plan:
         return _print_plan(args, overrides)
     allow_slow_ephemeral_server(os.environ)
@@ -100,7 +109,7 @@ def run_collection(args: argparse.Namespace) -> int:
 def _print_plan(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from imix2mix.collection import collection_edit_document, list_scenes, open_root, plan_collection
     from imix2mix.manifests import ManifestStore, succeeded_runs
-    from imix2mix.presets import default_config
+    from imix2mix.config import default_config
 
     output_root = Path(args.out).expanduser().resolve()
     plan = plan_collection(
