@@ -142,7 +142,7 @@ def edit_collection(
     root: str,
     edits: EditsParameter = None,
     output_root: str = "outputs",
-    preset: str = "tiny",
+    preset: str = "full",
     config_overrides: dict[str, Any] | None = None,
     ray_address: str | None = None,
     concurrency: int | None = None,
@@ -154,7 +154,9 @@ def edit_collection(
     """Edit every scene folder under ``root`` (a local folder or fsspec URL).
 
     ``edits``: collection-wide edits (a path/URL to an edits file, or the document itself), added to
-    each scene's own ``edits.yaml``.  ``config_overrides``: EditConfig settings for every run.
+    each scene's own ``edits.yaml``.  ``preset``: ``full`` (the official weights) or ``tiny`` (small
+    random-weight models: the pipeline runs, the images are noise).  ``config_overrides``: EditConfig
+    settings for every run.
     ``workers``: EditWorker actors (default: one per GPU, or one on CPU); ``concurrency``: runs in
     flight (default: ``workers``).  ``ray_address``: an existing Ray cluster (default ``RAY_ADDRESS``,
     else a local one).  ``cache_dir``: fetched inputs, SfM poses, Ray session files

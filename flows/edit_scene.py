@@ -21,7 +21,7 @@ def edit_scene(
     root: str,
     edits: EditsParameter = None,
     output_root: str = "outputs",
-    preset: str = "tiny",
+    preset: str = "full",
     config_overrides: dict[str, Any] | None = None,
     ray_address: str | None = None,
     device: str = "auto",

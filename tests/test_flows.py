@@ -219,7 +219,7 @@ def test_a_corrupt_scene_fails_alone_with_its_reason(tmp_path: Path) -> None:
 
 def test_edit_scene_fetches_a_remote_scene_and_refuses_paths_outside_the_root(tmp_path: Path) -> None:
     root = upload_scene(EXAMPLES / "face", f"/bucket-{tmp_path.name}")
-    summary = edit_scene(scene_uri=f"{root}/face", root=root, output_root=str(tmp_path / "out"),
+    summary = edit_scene(scene_uri=f"{root}/face", root=root, output_root=str(tmp_path / "out"), preset="tiny",
                          config_overrides=SHORT, cache_dir=str(tmp_path / "cache"))
     assert statuses(summary) == {("face", "Give him a Venetian mask"): "succeeded"}
     assert list((tmp_path / "cache" / "inputs").glob("*/face/images/frame_00001.jpg"))
