@@ -27,6 +27,13 @@ def allow_slow_ephemeral_server(environ: MutableMapping[str, str]) -> None:
     environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_SERVER_STARTUP_SECONDS))
 
 
+def quiet_temporary_server(environ: MutableMapping[str, str]) -> None:
+    """Prefect's telemetry off unless the user chose otherwise: the temporary server's heartbeat writes to
+    its SQLite database while the flow run does, and printed a ``database is locked`` traceback on
+    every run (offline it also fails to send).  Call before Prefect is imported."""
+    environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     collection = subparsers.add_parser(
         "collection",
@@ -93,13 +100,19 @@ def run_collection(args: argparse.Namespace) -> int:
     if args.plan:
         return _print_plan(args, overrides)
     allow_slow_ephemeral_server(os.environ)
+    quiet_temporary_server(os.environ)
     from flows.edit_collection import edit_collection
 
-    summary = edit_collection(
+    state = edit_collection(
         root=args.root, edits=args.edits, output_root=args.out, preset=args.preset, config_overrides=overrides,
         ray_address=args.ray_address, concurrency=args.concurrency, device=args.device, workers=args.workers,
-        cache_dir=args.cache, weights_dir=args.weights_dir,
+        cache_dir=args.cache, weights_dir=args.weights_dir, return_state=True,
     )
+    # A batch with failed edits ends in a Failed state that still carries the summary; a flow that could
+    # not run at all carries its exception (an ImixError is printed as one line by the CLI).
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):
+        raise summary
     _print_runs(summary["runs"])
     print(f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped; "
           f"outputs and manifests in {summary['output_root']}")
