@@ -221,6 +221,8 @@ def _scene_files(scene: SceneRef) -> list[dict[str, Any]]:
     for path, info in sorted(fs.find(scene.path, detail=True, withdirs=False).items()):
         if not scene.root.contains(path):
             raise SceneError(scene.uri, f"{path} points outside the collection root; refusing to read it")
+        if info.get("type") == "directory" or (scene.root.is_local and os.path.isdir(path)):
+            continue  # a symlinked folder (fsspec lists it as a file): its files count under their real path
         files.append({**info, "name": path})
     return files
 
@@ -242,16 +244,17 @@ def listing_fingerprint(scene: SceneRef) -> str:
     return digest.hexdigest()
 
 
-def folder_content_hash(scene: SceneRef, exclude: Collection[str] = ()) -> str:
+def folder_content_hash(scene: SceneRef, exclude: Collection[str] = (), include: Collection[str] | None = None) -> str:
     """sha256 over the relative names and bytes of every file in the scene folder, except those whose
-    path relative to the folder is in ``exclude``.  Files resolving outside the root are refused
-    (:class:`SceneError`).  The storage watcher and the planner both use this one function.
+    path relative to the folder is in ``exclude`` (or, given ``include``, only those in it).  Files
+    resolving outside the root are refused (:class:`SceneError`).  The storage watcher and the planner
+    both use this one function.
     """
     fs = scene.root.fs
     digest = hashlib.sha256(b"imix2mix-folder-v1")
     for info in _scene_files(scene):
         relative = posixpath.relpath(info["name"], scene.path)
-        if relative in exclude:
+        if relative in exclude or (include is not None and relative not in include):
             continue
         digest.update(relative.encode("utf-8") + b"\0")
         with fs.open(info["name"], "rb") as handle:
@@ -287,6 +290,11 @@ def scene_content_hash(scene: SceneRef, cache_dir: str | os.PathLike[str] | None
     if listing_fingerprint(scene) == listing:
         atomic_write_text(cached, value)
     return value
+
+
+def edit_files_hash(scene: SceneRef) -> str:
+    """:func:`folder_content_hash` of the scene's edit files alone (what to edit, not what is edited)."""
+    return folder_content_hash(scene, include=EDIT_FILE_NAMES)
 
 
 def fetch_scene(scene: SceneRef, cache_dir: str | os.PathLike[str]) -> Path:
