@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -76,6 +77,7 @@ def connect_ray(settings: RaySettings) -> bool:
         temp_dir = None
     if temp_dir is not None:
         temp_dir.mkdir(parents=True, exist_ok=True)
+    use_own_auth_token(os.environ)
     logger.info("starting a local Ray cluster (session files in %s)", temp_dir or "Ray's default folder")
     ray.init(
         num_cpus=settings.num_cpus,
@@ -87,6 +89,21 @@ def connect_ray(settings: RaySettings) -> bool:
         log_to_driver=False,
     )
     return True
+
+
+def use_own_auth_token(environ: MutableMapping[str, str]) -> None:
+    """A local throw-away cluster gets token authentication with a fresh token of its own, passed to its
+    processes in the environment.  Left to Ray, it prints a notice on every start and writes the token to
+    ``~/.ray/auth_token`` (world-readable).  A user's own ``RAY_AUTH_MODE`` / token wins."""
+    if "RAY_AUTH_MODE" in environ:
+        return
+    environ["RAY_AUTH_MODE"] = "token"
+    environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    # Ray read its settings when it was imported; it refreshes them the same way when it turns token
+    # authentication on itself (ray/_private/authentication/authentication_token_setup.py).
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def cluster_gpus() -> int:
@@ -134,6 +151,9 @@ class EditWorker:
     """
 
     def __init__(self, spec: WorkerSpec, name: str):
+        from imix2mix.logs import quiet_third_party_notices
+
+        quiet_third_party_notices()
         import torch
 
         from imix2mix.presets import build_editor

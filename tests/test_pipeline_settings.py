@@ -58,3 +58,15 @@ def test_the_collection_command_refuses_a_bad_setting_before_starting_anything(
     err = capsys.readouterr().err
     assert setting.split("=")[0] in err and "EditConfig" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_temporary_prefect_server_runs_without_telemetry_unless_the_user_says_so() -> None:
+    """Its heartbeat printed a 'database is locked' traceback on every collection run."""
+    from imix2mix.commands.pipeline import quiet_temporary_server
+
+    environ: dict[str, str] = {}
+    quiet_temporary_server(environ)
+    assert environ == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    mine = {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
+    quiet_temporary_server(mine)
+    assert mine == {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
