@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from imix2mix.collection import CollectionPlan, SceneProblem, list_scenes, open_root
 from imix2mix.config import WeightSources, default_config
+from tasks.crashes import crash_detection
 from tasks.distill import edit_run, start_workers
 from tasks.manifest import record_failures, record_skipped
 from tasks.metrics import artifact_key, publish_summary
@@ -147,10 +148,16 @@ def execute_plan(plan: CollectionPlan, settings: PipelineSettings) -> dict[str, 
     """Run a plan inside a flow: record skips, edit the rest on the actor pool, publish a summary.
 
     Returns the summary; when any (scene, edit) failed, a Failed state that carries it (the flow run
-    ends Failed, with the failures in its message).
+    ends Failed, with the failures in its message).  Earlier flow runs whose process was killed are
+    marked Crashed first (:mod:`tasks.crashes`).
     """
-    logger = get_run_logger()
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
+    with crash_detection(settings.cache_dir, flow_run_id):
+        return _execute(plan, settings, flow_run_id)
+
+
+def _execute(plan: CollectionPlan, settings: PipelineSettings, flow_run_id: str | None) -> dict[str, Any] | State:
+    logger = get_run_logger()
     for problem in plan.problems:
         logger.error("scene %s cannot be planned: %s", problem.scene.scene_id, problem.error)
     logger.info("%d run(s) to do, %d skipped as already done, %d scene problem(s)", len(plan.to_run),

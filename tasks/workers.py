@@ -124,6 +124,11 @@ class WorkerSpec:
     weights: Any = None  # imix2mix.presets.WeightSources, or None for the preset's defaults
     random_weights: bool = False
     torch_threads: int | None = 1  # small CPU boxes thrash with more threads per actor
+    gpus: int | None = None  # Ray GPUs reserved per actor; default 1 on cuda (one actor per GPU), 0 on cpu
+
+    @property
+    def gpus_per_actor(self) -> int:
+        return self.gpus if self.gpus is not None else int(self.device.startswith("cuda"))
 
     @property
     def key(self) -> str:
@@ -167,7 +172,10 @@ class EditWorker:
 
     @ray.method(concurrency_group="status")
     def ready(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": os.getpid(), "device": str(self.editor.device)}
+        """Who this actor is and what Ray gave it (its GPU ids; CUDA_VISIBLE_DEVICES is set to them)."""
+        return {"name": self.name, "pid": os.getpid(), "device": str(self.editor.device),
+                "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def edit(self, scene: Any, edit: Any, config: Any) -> EditOutcome:
         self._progress = None
@@ -247,17 +255,17 @@ class EditWorkerPool:
         self.start_timeout_s = start_timeout_s
         self.detached = detached
         self._slots: list[_Slot] = []
+        self.worker_info: dict[str, dict[str, Any]] = {}  # actor name → ready() at start
         self._idle: queue.Queue[_Slot] = queue.Queue()
         self._started = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _options(self, name: str) -> dict[str, Any]:
-        gpu = self.spec.device.startswith("cuda")
         return {
             "name": name,
             "namespace": RAY_NAMESPACE,
             "get_if_exists": True,  # another pool (or flow run) may have made it: share it
-            "num_gpus": 1 if gpu else 0,
+            "num_gpus": self.spec.gpus_per_actor,
             "num_cpus": 1,
             "max_restarts": 0,  # the pool replaces dead actors itself, so it knows to retry the scene
             **({"lifetime": "detached"} if self.detached else {}),
@@ -292,8 +300,11 @@ class EditWorkerPool:
             except RayActorError as exc:
                 raise (_start_failure(exc) or exc) from None
             slots = [_Slot(index, name, actor) for index, (name, actor) in enumerate(zip(names, actors))]
+            self.worker_info = {}
             for slot, info in zip(slots, infos):
-                logger.info("edit worker %s ready (pid %s, %s)", slot.name, info["pid"], info["device"])
+                logger.info("edit worker %s ready (pid %s, %s%s)", slot.name, info["pid"], info["device"],
+                            f", GPU {','.join(info['gpu_ids'])}" if info["gpu_ids"] else "")
+                self.worker_info[slot.name] = info
                 self._slots.append(slot)
                 self._idle.put(slot)
         return self

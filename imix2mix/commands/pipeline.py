@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imix2mix.commands import parse_settings
+from imix2mix.orphans import start_watchdog
 
 EPHEMERAL_SERVER_STARTUP_SECONDS = 120
 
@@ -101,6 +102,9 @@ def run_collection(args: argparse.Namespace) -> int:
         return _print_plan(args, overrides)
     allow_slow_ephemeral_server(os.environ)
     quiet_temporary_server(os.environ)
+    # The temporary Prefect server and the local Ray are this process's children: if it is killed,
+    # the watchdog stops them.
+    start_watchdog()
     from flows.edit_collection import edit_collection
 
     state = edit_collection(
