@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -55,6 +56,8 @@ EDIT_FILE_NAMES = ("edits.yaml", "edits.yml", "edits.json")
 READY_MARKER = "_READY"  # the storage watcher's "upload complete" marker (imix2mix.watching)
 # Files of a scene folder that are not its inputs: what to edit (each edit has its own identity) and the marker.
 NOT_SCENE_INPUTS = (READY_MARKER, *EDIT_FILE_NAMES)
+# How the caller's overrides (``--set``, the flows' ``config_overrides``) are named in error messages.
+BASE_OVERRIDES_SOURCE = "config_overrides (--set)"
 # Folders under a root that are never scenes: hidden ones, our own bookkeeping (``_cache``) and outputs.
 _NOT_A_SCENE = re.compile(r"^[._]")
 
@@ -218,6 +221,8 @@ def _scene_files(scene: SceneRef) -> list[dict[str, Any]]:
     for path, info in sorted(fs.find(scene.path, detail=True, withdirs=False).items()):
         if not scene.root.contains(path):
             raise SceneError(scene.uri, f"{path} points outside the collection root; refusing to read it")
+        if info.get("type") == "directory" or (scene.root.is_local and os.path.isdir(path)):
+            continue  # a symlinked folder (fsspec lists it as a file): its files count under their real path
         files.append({**info, "name": path})
     return files
 
@@ -239,16 +244,17 @@ def listing_fingerprint(scene: SceneRef) -> str:
     return digest.hexdigest()
 
 
-def folder_content_hash(scene: SceneRef, exclude: Collection[str] = ()) -> str:
+def folder_content_hash(scene: SceneRef, exclude: Collection[str] = (), include: Collection[str] | None = None) -> str:
     """sha256 over the relative names and bytes of every file in the scene folder, except those whose
-    path relative to the folder is in ``exclude``.  Files resolving outside the root are refused
-    (:class:`SceneError`).  The storage watcher and the planner both use this one function.
+    path relative to the folder is in ``exclude`` (or, given ``include``, only those in it).  Files
+    resolving outside the root are refused (:class:`SceneError`).  The storage watcher and the planner
+    both use this one function.
     """
     fs = scene.root.fs
     digest = hashlib.sha256(b"imix2mix-folder-v1")
     for info in _scene_files(scene):
         relative = posixpath.relpath(info["name"], scene.path)
-        if relative in exclude:
+        if relative in exclude or (include is not None and relative not in include):
             continue
         digest.update(relative.encode("utf-8") + b"\0")
         with fs.open(info["name"], "rb") as handle:
@@ -284,6 +290,11 @@ def scene_content_hash(scene: SceneRef, cache_dir: str | os.PathLike[str] | None
     if listing_fingerprint(scene) == listing:
         atomic_write_text(cached, value)
     return value
+
+
+def edit_files_hash(scene: SceneRef) -> str:
+    """:func:`folder_content_hash` of the scene's edit files alone (what to edit, not what is edited)."""
+    return folder_content_hash(scene, include=EDIT_FILE_NAMES)
 
 
 def fetch_scene(scene: SceneRef, cache_dir: str | os.PathLike[str]) -> Path:
@@ -397,8 +408,8 @@ def _optional_text(value: Any, where: str, source: str) -> str | None:
 def _optional_scale(value: Any, where: str, source: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _fail(source, f"{where} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise _fail(source, f"{where} must be a positive finite number, got {value!r}")
     return float(value)
 
 
@@ -531,6 +542,18 @@ class SceneEdit:
 
     edit: EditSpec
     config_overrides: Mapping[str, Any] = field(hash=False)
+    # Where the overrides came from, general to specific: (what names it, its overrides), so a bad
+    # value is reported with the file (or parameter) that set it.
+    override_sources: tuple[tuple[str, Mapping[str, Any]], ...] = field(default=(), hash=False, compare=False)
+
+    def explain(self, base_config: Any, error: ConfigError) -> str:
+        """``error`` (from applying the merged overrides) prefixed with the first source that is wrong alone."""
+        for source, overrides in self.override_sources:
+            try:
+                base_config.overridden(dict(overrides))
+            except ConfigError as own:
+                return f"{source}: {own}"
+        return str(error)
 
 
 def edits_for_scene(
@@ -546,20 +569,24 @@ def edits_for_scene(
     :class:`ConfigError` naming the scene's edit file when it is invalid.
     """
     scene_document = scene_edit_document(scene)
-    shared = {
-        **(base_overrides or {}),
-        **(collection_edits.config if collection_edits else {}),
-        **(scene_document.config if scene_document else {}),
-    }
+    sources = [(BASE_OVERRIDES_SOURCE, base_overrides or {})]
+    sources += [(f"{document.source}, config", document.config) for document in (collection_edits, scene_document)
+                if document is not None]
+    shared = {key: value for _, overrides in sources for key, value in overrides.items()}
+
+    def scene_edit(edit: EditSpec, document: EditDocument) -> SceneEdit:
+        own = (f"{document.source}, edit {edit.instruction!r}, config", edit.config)
+        return SceneEdit(edit, {**shared, **edit.config}, tuple(sources) + (own,))
+
     planned: dict[str, SceneEdit] = {}
     if collection_edits is not None:
         scene_caption = scene_document.source_caption if scene_document else None
         for edit in collection_edits.edits:
             if edit.source_caption is None and scene_caption is not None:
                 edit = replace(edit, source_caption=scene_caption)
-            planned[edit.edit_id] = SceneEdit(edit, {**shared, **edit.config})
+            planned[edit.edit_id] = scene_edit(edit, collection_edits)
     for edit in scene_document.edits if scene_document else ():
-        planned[edit.edit_id] = SceneEdit(edit, {**shared, **edit.config})  # the scene's own spec wins
+        planned[edit.edit_id] = scene_edit(edit, scene_document)  # the scene's own spec wins
     return list(planned.values())
 
 
@@ -747,7 +774,8 @@ def plan_collection(
                 try:
                     config = base_config.overridden(dict(item.config_overrides)).for_edit(item.edit.to_edit())
                 except ConfigError as exc:
-                    raise ConfigError(f"{scene.uri}, edit {item.edit.instruction!r}: {exc}") from exc
+                    raise ConfigError(f"scene {scene.scene_id}, edit {item.edit.instruction!r}: "
+                                      f"{item.explain(base_config, exc)}") from exc
                 config_hash = config.config_hash()
                 previous = succeeded.get((scene.scene_id, item.edit.edit_id, config_hash))
                 if previous is not None and (

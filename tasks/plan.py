@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from imix2mix.collection import CollectionPlan, SceneRef, claim_runs, collection_edit_document, plan_collection
 from imix2mix.manifests import ManifestError, ManifestStore, succeeded_runs
-from imix2mix.presets import default_config
+from imix2mix.config import default_config
 from tasks.settings import PipelineSettings
 
 # Collection-wide edits as a flow parameter: a path/URL to an edits file, or the document itself.

@@ -25,7 +25,7 @@ class PipelineSettings:
     """Where outputs and caches go, which models to load, and how Ray is reached."""
 
     output_root: OutputRoot  # a local folder or an fsspec URL (imix2mix.storage)
-    preset: str = "tiny"
+    preset: str = "full"
     device: str = "auto"  # auto (GPU when the Ray cluster has one) | cuda | cpu
     workers: int | None = None  # EditWorker actors; default one per GPU, or 1 on CPU
     concurrency: int | None = None  # (scene, edit) runs in flight; default = workers

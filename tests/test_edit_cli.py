@@ -148,6 +148,15 @@ def test_cli_reports_bad_settings(tmp_path, capsys):
     assert main(["edit", str(FACE), "-i", "x", "--preset", "tiny", "--set", "k", "--out", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("setting", ["lr=nan", "text_cfg=inf", "seed=-1"])
+def test_cli_refuses_a_bad_setting_before_reading_the_scene(tmp_path, capsys, setting):
+    missing = tmp_path / "no-such-scene"
+    code = main(["edit", str(missing), "-i", "x", "--preset", "tiny", "--device", "cpu", "--set", setting])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert setting.split("=")[0] in err and "no-such-scene" not in err
+
+
 def test_edit_result_and_progress(tiny_result, scene):
     result, events = tiny_result
     assert len(result.views) == 4 and all(v.shape == (96, 96, 3) and v.dtype == np.uint8 for v in result.views)
