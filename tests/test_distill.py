@@ -16,7 +16,7 @@ from imix2mix.edits import Edit
 from imix2mix.modes.distill import Distillation, LearnedAlignment, sds_surrogate_loss
 from imix2mix.randomness import RunRandomness
 from imix2mix.students import SevaStudent
-from imix2mix.config import MethodConfig
+from imix2mix.config import MethodConfig, TeacherConfig
 from imix2mix.errors import ConfigError
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
 from imix2mix.schedules import LearningRateSchedule, StudentSchedule, TauMatchedTimesteps, TruncatedNormalTimesteps, UniformTimesteps
@@ -110,9 +110,11 @@ def test_non_finite_and_out_of_range_settings_are_refused_when_parsed(overrides,
 
 def test_a_config_built_directly_refuses_non_finite_numbers():
     with pytest.raises(ConfigError, match="lr must be a finite number"):
-        EditConfig(lr=float("inf"))
+        EditConfig(method=MethodConfig(lr=float("inf")))
     with pytest.raises(ConfigError, match="betas must be a finite number"):
-        EditConfig(betas=(0.9, float("nan")))
+        EditConfig(method=MethodConfig(betas=(0.9, float("nan"))))
+    with pytest.raises(ConfigError, match="text_cfg must be a finite number"):
+        EditConfig(teacher=TeacherConfig(text_cfg=float("nan")))
 
 
 def test_config_hash_is_stable_and_tracks_results_only():

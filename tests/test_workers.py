@@ -26,7 +26,9 @@ SHORT = {"distill_dt": 999, "k_initial": 6, "k": 1, "warmup_steps": 1, "teacher_
 @pytest.fixture(scope="module")
 def pool(tmp_root: Path) -> Iterator[EditWorkerPool]:
     # Two logical GPUs: Ray's placement of GPU actors is tested on a CPU box (they run the tiny Editor on CPU).
-    started = connect_ray(RaySettings(temp_dir=tmp_root / "ray-workers", num_cpus=2, num_gpus=2))
+    # Three logical CPUs: this pool's actor and the two GPU actors each reserve one, and all three live at
+    # once in the GPU test (with two, its second actor would wait for a CPU forever).
+    started = connect_ray(RaySettings(temp_dir=tmp_root / "ray-workers", num_cpus=3, num_gpus=2))
     worker_pool = EditWorkerPool(WorkerSpec(preset="tiny", device="cpu"), size=1, max_attempts=2,
                                  poll_seconds=0.2).start()
     yield worker_pool
