@@ -234,7 +234,7 @@ def test_run_follows_the_schedule(models, pristine):
     assert taus == [999] * 3 + [674] * 2 + [349] * 2 + [25] * 2
     assert [e.iteration for e in events] == list(range(1, 10)) and events[-1].total == 9
     assert all(e.loss is not None for e in events) and len(log) == 9
-    assert [e.lr for e in events][:3] == pytest.approx([1e-9, 1e-9 + (1e-4 - 1e-9) / 2, 1e-4])
+    assert [e.lr for e in events][:3] == pytest.approx([1e-9, 1e-4, 1e-4])  # W = 2: the peak at step W − 1
     for event in events:
         assert event.tau <= event.t <= 949 or (event.tau >= 950 and event.t == 950)
     assert estimate.shape == (4, 4, 8, 8)
