@@ -12,7 +12,10 @@ Reading order (METHOD.md §1):
 
 Reproducibility: one seed fixes the reference choice, the initial noise and every t, κ and ε draw
 through the run's own generators (:class:`RunRandomness`); global RNG state is never used.  The same
-seed on the same CPU gives identical images.  On CUDA, results are repeatable only up to
+seed on the same CPU gives identical images.  :class:`RecordedRandomness` replays recorded draws
+instead (a run of the official code, or an earlier run), and a :class:`Distillation` observer sees
+each iteration's tensors (:class:`IterationRecord`, :class:`EulerRecord`): together the seam the loop
+parity test (tests/test_loop_parity.py) compares the loop with the official one through.  On CUDA, results are repeatable only up to
 nondeterministic kernels (atomics in convolution/attention backward passes, bf16/fp16 reductions):
 reruns agree closely but not bit for bit.
 """
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 from imix2mix.attention import CrossViewAttention
 from imix2mix.edits import Edit
-from imix2mix.errors import ConfigError
+from imix2mix.errors import ConfigError, ImixError, NonFiniteError
 from imix2mix.kernels.adamw import fused_adamw_available
 from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
 from imix2mix.metrics import ClipMetricsModel, SceneMetrics
@@ -47,6 +50,7 @@ from imix2mix.preprocess import paste_back, prepare_views
 from imix2mix.schedules import (
     LearningRateSchedule,
     StudentSchedule,
+    TeacherTimestepSampler,
     TeacherTimestepSchedule,
     make_teacher_timestep_sampler,
 )
@@ -55,7 +59,7 @@ from imix2mix.seva.autoencoder import SevaAutoencoder
 from imix2mix.seva.camera import StudentConditioning, build_student_conditioning
 from imix2mix.seva.conditioner import ClipImageConditioner
 from imix2mix.seva.sampling import sample_novel_views
-from imix2mix.seva.schedule import SevaDenoiser, SevaSchedule, euler_edm_step
+from imix2mix.seva.schedule import SevaDenoiser, SevaSchedule, euler_edm_step, noise_term_scale
 from imix2mix.teacher import InstructPix2PixTeacher, TeacherContext, resize_images
 
 Mode = Literal["distill", "teacher_only", "student_only"]
@@ -110,6 +114,9 @@ class EditConfig:
     k: int = 50
     k_initial: int = 200
     student_query_steps: int = 1  # 1: single-step Tweedie; n > 1: n Euler steps τ → 0 with gradients
+    # The Euler step between τ adds fresh noise ε·√(σ̂² − σ²), σ̂ = σ + 1e-6, before denoising, as the
+    # official step does (0 in fp32 for τ ≥ 824, 0.04–0.23 % of σ below); False: the plain ODE step.
+    euler_noise: bool = True
 
     # ablations of the paper's Table 3 (and the two baselines through ``mode``)
     reference_edit: ReferenceEdit = "edited"
@@ -346,24 +353,115 @@ class EditResult:
 
 @dataclass
 class RunRandomness:
-    """All random streams of one run, derived from one seed (no global RNG)."""
+    """All random draws of one run, derived from one seed (no global RNG).
+
+    Every draw the run makes goes through one of these methods, each with its own stream, so a draw
+    added or removed in one place never shifts another.  :class:`RecordedRandomness` overrides them
+    with recorded values: the seam through which a test or a replay injects draws.
+    """
 
     seed: int
     device: torch.device
 
     def __post_init__(self) -> None:
-        self.timesteps = np.random.default_rng(self.seed)  # teacher t
-        self.initial_noise = torch.Generator("cpu").manual_seed(self.seed)  # drawn on CPU like SEVA's sampler
-        self.key_views = torch.Generator("cpu").manual_seed(self.seed + 1)  # κ: host-side, no device sync
-        self.sds_noise = torch.Generator(self.device).manual_seed(self.seed + 2)  # ε of the perturbation
-        self.reference_edit = torch.Generator(self.device).manual_seed(self.seed)
+        self.timestep_rng = np.random.default_rng(self.seed)  # teacher t
+        self.initial_noise_generator = torch.Generator("cpu").manual_seed(self.seed)  # on CPU like SEVA's sampler
+        self.key_view_generator = torch.Generator("cpu").manual_seed(self.seed + 1)  # κ: host-side, no device sync
+        self.sds_noise_generator = torch.Generator(self.device).manual_seed(self.seed + 2)  # ε of the perturbation
+        self.euler_noise_generator = torch.Generator(self.device).manual_seed(self.seed + 3)  # ε of the Euler steps
+        self.reference_edit = torch.Generator(self.device).manual_seed(self.seed)  # the teacher pipeline's own draws
 
     def reference_choice(self, num_views: int) -> int:
         """The official ``random.seed(seed); random.choice(frame_indices)``, on a private Random."""
         return random.Random(self.seed).choice(range(num_views))
 
+    def initial_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The N(0, 1) draw of the initial latent (CPU, float32)."""
+        return torch.randn(shape, generator=self.initial_noise_generator)
+
+    def teacher_timestep_sampler(self, config: EditConfig) -> TeacherTimestepSampler:
+        """The τ → t sampler of the configured schedule, drawing from this run's stream."""
+        return make_teacher_timestep_sampler(
+            config.teacher_t_schedule, self.timestep_rng, lower=config.teacher_t_lower,
+            upper=config.teacher_t_upper, shape_factor=config.teacher_t_shape_factor,
+        )
+
     def key_view(self, num_views: int) -> int:
-        return int(torch.randint(num_views, (1,), generator=self.key_views))
+        """κ, the view whose keys and values every view attends to in the teacher (0..N−1)."""
+        return int(torch.randint(num_views, (1,), generator=self.key_view_generator))
+
+    def sds_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """ε of one SDS perturbation, in the teacher's latent space (on the run's device)."""
+        return torch.randn(shape, generator=self.sds_noise_generator, device=self.sds_noise_generator.device)
+
+    def euler_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """ε of one Euler step between τ, all T student slots (on the run's device)."""
+        return torch.randn(shape, generator=self.euler_noise_generator, device=self.euler_noise_generator.device)
+
+
+@dataclass
+class RecordedRandomness(RunRandomness):
+    """A :class:`RunRandomness` whose draws come from a recording, in order, where one is given.
+
+    Each recording replaces one stream; a stream given as None draws from ``seed`` as usual (e.g. the
+    teacher pipeline's reference edit, which has no recorded form).  A recording that runs out, or
+    whose tensor has the wrong shape, raises :class:`ImixError` naming the draw.
+    """
+
+    reference: int | None = None
+    initial: torch.Tensor | None = None  # the N(0, 1) initial latent [T, 4, h, w] (before the σ_max factor)
+    teacher_timesteps: typing.Sequence[int] | None = None
+    key_views: typing.Sequence[int] | None = None
+    sds_noises: typing.Sequence[torch.Tensor] | None = None  # one [N, 4, h_T, w_T] per iteration
+    euler_noises: typing.Sequence[torch.Tensor] | None = None  # one [T, 4, h, w] per Euler step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._used: dict[str, int] = {}
+
+    def _next(self, name: str, recorded: typing.Sequence):
+        index = self._used.get(name, 0)
+        if index >= len(recorded):
+            raise ImixError(f"RecordedRandomness: draw {index + 1} of {name} asked for, but only {len(recorded)} recorded.")
+        self._used[name] = index + 1
+        return recorded[index]
+
+    def _tensor(self, name: str, value: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        if tuple(value.shape) != tuple(shape):
+            raise ImixError(f"RecordedRandomness: {name} has shape {tuple(value.shape)}, the run needs {tuple(shape)}.")
+        return value.to(device=device, dtype=torch.float32)
+
+    def reference_choice(self, num_views: int) -> int:
+        return super().reference_choice(num_views) if self.reference is None else int(self.reference)
+
+    def initial_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.initial is None:
+            return super().initial_noise(shape)
+        return self._tensor("the initial noise", self.initial, shape, torch.device("cpu"))
+
+    def teacher_timestep_sampler(self, config: EditConfig) -> TeacherTimestepSampler:
+        if self.teacher_timesteps is None:
+            return super().teacher_timestep_sampler(config)
+        recorded = self.teacher_timesteps
+        return lambda tau: int(self._next("the teacher timesteps", recorded))
+
+    def key_view(self, num_views: int) -> int:
+        if self.key_views is None:
+            return super().key_view(num_views)
+        value = int(self._next("the key views", self.key_views))
+        if not 0 <= value < num_views:
+            raise ImixError(f"RecordedRandomness: key view {value} is outside 0..{num_views - 1}.")
+        return value
+
+    def sds_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.sds_noises is None:
+            return super().sds_noise(shape)
+        return self._tensor("an SDS noise", self._next("the SDS noises", self.sds_noises), shape, self.device)
+
+    def euler_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.euler_noises is None:
+            return super().euler_noise(shape)
+        return self._tensor("an Euler noise", self._next("the Euler noises", self.euler_noises), shape, self.device)
 
 
 class LearnedAlignment(torch.nn.Module):
@@ -464,12 +562,53 @@ class StepOutcome:
     grad_norm: torch.Tensor
 
 
+@dataclass(frozen=True)
+class IterationRecord:
+    """What one iteration computed, for an observer (tests, diagnostics); tensors detached, on the device.
+
+    ``estimate`` and everything derived from it were computed with the parameters before this
+    iteration's update; the observer is called after the update.
+    """
+
+    iteration: int  # 0-based: the learning-rate schedule's step
+    tau: int
+    t: int
+    key_view: int
+    lr: float
+    estimate: torch.Tensor  # x̂0 of frames 1..N at the student's latent size
+    aligned: torch.Tensor  # x̂0 in the teacher's latent space
+    noise: torch.Tensor  # ε
+    noisy: torch.Tensor  # z_t = √ᾱ_t·aligned + √(1 − ᾱ_t)·ε
+    guided_noise: torch.Tensor  # the teacher's ε̃
+    loss: torch.Tensor
+    grad_norm: torch.Tensor  # before clipping
+
+
+@dataclass(frozen=True)
+class EulerRecord:
+    """One Euler step between τ, for an observer: ``x_hat`` = latents + ε·√(σ̂² − σ²) (the latents
+    themselves with ``euler_noise`` off, ``noise`` then None), ``denoised`` = D(x_hat; σ_τ), and the
+    latents of the next τ."""
+
+    tau: int
+    tau_next: int
+    noise: torch.Tensor | None
+    x_hat: torch.Tensor
+    denoised: torch.Tensor
+    latents: torch.Tensor
+
+
+LoopObserver = Callable[[IterationRecord | EulerRecord], None]
+
+
 def sds_surrogate_loss(estimate: torch.Tensor, guided_noise: torch.Tensor, noise: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """L = Σ(g ⊙ x̂0)/numel with g = w(ε̃ − ε) detached and NaNs zeroed: ∂L/∂x̂0 = g/numel.
+    """L = Σ(g ⊙ x̂0)/numel with g = w(ε̃ − ε) detached, NaN and ±inf zeroed: ∂L/∂x̂0 = g/numel.
 
     The DreamFusion stop-gradient trick; equal to ½‖x̂0 − sg(x̂0 − g)‖²/numel up to a constant.
+    Zeroing the infinities too (as the official code does) keeps an fp16 overflow in the teacher
+    from writing NaN or huge values into the student's weights.
     """
-    gradient = torch.nan_to_num(weight * (guided_noise.float() - noise.float()), nan=0.0).detach()
+    gradient = torch.nan_to_num(weight * (guided_noise.float() - noise.float()), nan=0.0, posinf=0.0, neginf=0.0).detach()
     return (gradient * estimate.float()).sum() / estimate.numel()
 
 
@@ -483,10 +622,25 @@ def eager_forwards(config: EditConfig) -> contextlib.AbstractContextManager:
 class Distillation:
     """Per-scene state of the loop.  ``step()`` is one iteration; ``advance()`` the Euler step to
     the next τ; ``run()`` does the whole schedule.  A benchmark can call ``step()`` directly.
+    ``observer``, if given, receives an :class:`IterationRecord` after every update and an
+    :class:`EulerRecord` after every Euler step.
 
-    The official code wraps the update in a ``GradScaler``; under bf16 autocast (or fp32) it only
-    rescales and unscales, so it is left out.  The one behaviour it would add is skipping a step whose
-    gradients are not finite; NaNs in g are zeroed before the backward pass, as in the official code.
+    The official code wraps the update in a ``torch.cuda.amp.GradScaler`` (initial scale 65536); we
+    leave it out.  Under bf16 autocast or in fp32 no loss scaling is needed, so it would only rescale
+    and unscale.  What it changes on the GPU: the fp16-cast loss × 65536 overflows in the first
+    backward pass, so the official run skips its first optimizer step (whose lr is min_lr = 1e-9) and
+    halves the scale; later steps go through.  We do not copy that: it is an artefact of the fp16
+    overflow, not part of the method, and it only keeps iteration 0's gradient out of AdamW's moments
+    (docs/architecture.md, "Differences from the official loop", gives its size).  Its other behaviour,
+    skipping steps with non-finite gradients, is covered by zeroing NaN/±inf in g before the backward
+    pass (as the official code does) and by the x̂0 finiteness check (:meth:`check_finite`).
+
+    The single-token cross-attentions of SEVA (context = one CLIP embedding, softmax ≡ 1) skip q and
+    k (imix2mix/seva/attention.py), so ``attn2.to_q``, ``attn2.to_k`` and ``norm2`` of each multi-view
+    transformer get no gradient and AdamW skips them, weight decay included.  In the official code they
+    get round-off gradients (≤ 1e-8) and decay.  We leave them untouched: they cannot change any
+    output, and they differ from the official values by ≤ 6.4e-6 after the fixture's 9 steps (the
+    decay, lr·0.01·θ per step; about 0.15 % of θ over a default 2150-step run).
     """
 
     def __init__(
@@ -500,6 +654,7 @@ class Distillation:
         randomness: RunRandomness,
         device: torch.device,
         seva_vae: SevaAutoencoder | None = None,
+        observer: LoopObserver | None = None,
     ):
         self.denoiser = denoiser
         self.network = denoiser.network
@@ -513,6 +668,7 @@ class Distillation:
         self.randomness = randomness
         self.device = device
         self.seva_vae = seva_vae
+        self.observer = observer
         self.timer = PhaseTimer(config.time_phases, device)
 
         schedule = config.student_schedule
@@ -520,10 +676,7 @@ class Distillation:
         self.updates_per_tau = schedule.updates_per_tau
         self.total_iterations = schedule.total_iterations
         self.lr_schedule = config.lr_schedule
-        self.sample_t = make_teacher_timestep_sampler(
-            config.teacher_t_schedule, randomness.timesteps, lower=config.teacher_t_lower,
-            upper=config.teacher_t_upper, shape_factor=config.teacher_t_shape_factor,
-        )
+        self.sample_t = randomness.teacher_timestep_sampler(config)
         self.teacher_latent_size = config.teacher_image_size // teacher.pipeline.vae_scale_factor
         self.alignment = LearnedAlignment(self.teacher_latent_size).to(device) if config.alignment == "learned" else None
         self.trainable = [p for p in self.network.parameters() if p.requires_grad]
@@ -547,7 +700,7 @@ class Distillation:
 
         latent_shape = (self.num_frames, 4, config.student_image_size // 8, config.student_image_size // 8)
         sigma_max = float(self.denoiser.schedule.sigmas[config.t_max])
-        noise = torch.randn(latent_shape, generator=randomness.initial_noise)
+        noise = randomness.initial_noise(latent_shape)
         self.latents = (noise * (1.0 + sigma_max**2) ** 0.5).to(device)  # ζ ~ N(0, (1 + σ_max²) I)
         self.tau_position = 0
         self.updates_done_at_tau = 0
@@ -555,6 +708,10 @@ class Distillation:
         self.last_estimate: torch.Tensor | None = None  # x̂0 of frames 1..N at the student's latent size
         self.teacher_timesteps: list[int] = []
         self.key_views: list[int] = []
+        # The first iteration whose x̂0 was not finite (−1: none), kept on the device so that checking
+        # costs no host synchronisation per iteration; read by check_finite().
+        self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
+        self._checked_iterations = 0
 
     @staticmethod
     def inductor_graphs(config: EditConfig, device: torch.device) -> bool:
@@ -631,12 +788,14 @@ class Distillation:
             # Inductor's cudagraph trees reuse their memory per iteration; mark where one starts.
             torch.compiler.cudagraph_mark_step_begin()
         with self.timer.phase("student_forward"):
-            estimate = self.student_estimate(self.latents, tau)[1:]  # frames 1..N (slot 0 is the reference)
+            full_estimate = self.student_estimate(self.latents, tau)
+            self._flag_nonfinite(full_estimate)
+            estimate = full_estimate[1:]  # frames 1..N (slot 0 is the reference)
             aligned = self.align(estimate)
         with self.timer.phase("teacher"):
             t = self.sample_t(tau)
             key_view = self.randomness.key_view(self.num_views)
-            noise = torch.randn(aligned.shape, generator=self.randomness.sds_noise, device=self.device)
+            noise = self.randomness.sds_noise(tuple(aligned.shape)).to(self.device)
             noisy = self.teacher.add_noise(aligned.detach(), t, noise)
             guided = self.teacher.predict_noise(
                 noisy, t, self.teacher_context, text_cfg=config.text_cfg, image_cfg=config.image_cfg, key_view=key_view,
@@ -659,19 +818,56 @@ class Distillation:
         self.updates_done_at_tau += 1
         self.teacher_timesteps.append(t)
         self.key_views.append(key_view)
-        return StepOutcome(tau=tau, t=t, key_view=key_view, lr=lr, loss=loss.detach(), grad_norm=grad_norm.detach())
+        outcome = StepOutcome(tau=tau, t=t, key_view=key_view, lr=lr, loss=loss.detach(), grad_norm=grad_norm.detach())
+        if self.observer is not None:
+            self.observer(IterationRecord(
+                iteration=self.iteration - 1, tau=tau, t=t, key_view=key_view, lr=lr, estimate=self.last_estimate,
+                aligned=aligned.detach(), noise=noise, noisy=noisy, guided_noise=guided, loss=outcome.loss,
+                grad_norm=outcome.grad_norm,
+            ))
+        return outcome
+
+    def _flag_nonfinite(self, estimate: torch.Tensor) -> None:
+        """Remember (on the device) the first iteration whose x̂0 holds a NaN or an infinity."""
+        bad = ~torch.isfinite(estimate).all()
+        self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), self.iteration, self._first_nonfinite)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` if a student x̂0 since the last check was not finite.
+
+        The official loop checks x̂0 every iteration before calling the teacher; here the check is
+        recorded on the device and read where the logged values are read (one synchronisation)."""
+        first, checked = int(self._first_nonfinite), self._checked_iterations
+        self._checked_iterations = self.iteration
+        if first >= 0:
+            raise NonFiniteError(
+                f"The student's estimate x̂0 is not finite (NaN or inf) from iteration {first + 1} on "
+                f"(checked iterations {checked + 1}–{self.iteration} of {self.total_iterations}): the student diverged."
+            )
 
     @torch.no_grad()
     def advance(self) -> bool:
-        """Euler-EDM step ζ_τ → ζ_τnext with the updated student; False after the last τ (no step)."""
+        """Euler-EDM step ζ_τ → ζ_τnext with the updated student; False after the last τ (no step).
+
+        With ``euler_noise`` (the official step): ζ̂ = ζ + ε·√(σ̂² − σ²) with σ̂ = σ + 1e-6, then
+        ζ' = ζ̂ + (σ' − σ)(ζ̂ − D(ζ̂; σ))/σ; the student is queried at τ itself (σ̂ rounds to the same
+        table entry)."""
         if self.tau_position + 1 >= len(self.taus):
             return False
-        sigma, sigma_next = self.sigmas[self.tau], self.sigmas[self.taus[self.tau_position + 1]]
+        tau, tau_next = self.tau, self.taus[self.tau_position + 1]
+        sigma, sigma_next = self.sigmas[tau], self.sigmas[tau_next]
+        noise = None
+        x_hat = self.latents
+        if self.config.euler_noise:
+            noise = self.randomness.euler_noise(tuple(self.latents.shape)).to(self.device)
+            x_hat = self.latents + noise * noise_term_scale(sigma)
         with eager_forwards(self.config), self.autocast:
-            denoised = self.denoiser(self.latents, sigma, self.cond, self.num_frames)
-        self.latents = euler_edm_step(self.latents, denoised.float(), sigma, sigma_next)
+            denoised = self.denoiser(x_hat, sigma, self.cond, self.num_frames)
+        self.latents = euler_edm_step(x_hat, denoised.float(), sigma, sigma_next)
         self.tau_position += 1
         self.updates_done_at_tau = 0
+        if self.observer is not None:
+            self.observer(EulerRecord(tau, tau_next, noise, x_hat, denoised.float(), self.latents))
         return True
 
     def run(self, progress: ProgressCallback | None = None) -> tuple[torch.Tensor, list[dict[str, float]]]:
@@ -683,12 +879,14 @@ class Distillation:
                 logged = self.iteration % self.config.log_every == 0 or self.iteration == self.total_iterations
                 loss = grad_norm = None
                 if logged:
+                    self.check_finite()
                     loss, grad_norm = float(outcome.loss), float(outcome.grad_norm)
                     log.append(dict(iteration=self.iteration, tau=outcome.tau, t=outcome.t, lr=outcome.lr, loss=loss, grad_norm=grad_norm))
                 if progress is not None:
                     progress(ProgressEvent(self.iteration, self.total_iterations, outcome.tau, outcome.t, outcome.lr, loss, grad_norm))
             if not self.advance():
                 break
+        self.check_finite()
         return self.last_estimate, log
 
     def close(self) -> None:
@@ -958,7 +1156,7 @@ class Editor:
         with eager_forwards(config):
             latents = sample_novel_views(
                 self.denoiser, conditioning, num_steps=config.student_only_steps, cfg=config.student_only_cfg,
-                cfg_min=config.student_only_cfg_min, generator=randomness.initial_noise,
+                cfg_min=config.student_only_cfg_min, generator=randomness.initial_noise_generator,
             )
         return latents[1:]
 
