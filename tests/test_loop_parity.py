@@ -3,10 +3,11 @@
 The fixture recorded every intermediate of the official loop on tiny deterministic models (fp32, CPU):
 9 SDS updates at τ = 999, 599, 199, two Euler steps and the final decode, with every random draw.
 Here the same models are built with the fixture's ``make_loop_models.py``, the recorded draws are
-injected through :class:`RecordedRandomness`, the fixture's student conditioning is injected (the
-SEVA VAE and CLIP stand-ins of its README §1), and an observer collects our tensors; every recorded
-quantity is compared at the tolerances of the fixture's README §6.  The teacher's text and image
-conditioning are our own (:meth:`InstructPix2PixTeacher.prepare`), checked against the recording first.
+injected through :class:`~imix2mix.randomness.RecordedRandomness` (the public seam every draw of a run
+goes through), the fixture's student conditioning is injected (the SEVA VAE and CLIP stand-ins of its
+README §1), and an observer collects our tensors; every recorded quantity is compared at the tolerances
+of the fixture's README §6.  The teacher's text and image conditioning are our own
+(:meth:`InstructPix2PixTeacher.prepare`), checked against the recording first.
 """
 
 from __future__ import annotations
@@ -23,21 +24,19 @@ import torch.nn.functional as F
 from conftest import PARITY, SCENES
 from safetensors.torch import load_file
 
-from imix2mix.distill import (
-    Distillation,
-    EditConfig,
-    EulerRecord,
-    IterationRecord,
-    RecordedRandomness,
-    RunRandomness,
-    to_uint8_image,
-)
+from imix2mix.config import EditConfig
+from imix2mix.edits import Edit
+from imix2mix.editor import to_uint8_image
+from imix2mix.modes.distill import Distillation, EulerRecord, IterationRecord
 from imix2mix.preprocess import prepare_views
+from imix2mix.randomness import RecordedRandomness, RunRandomness
 from imix2mix.scene import load_scene
+from imix2mix.schedules import StudentSchedule
 from imix2mix.seva import Seva, SevaConfig
 from imix2mix.seva.camera import build_student_conditioning
-from imix2mix.seva.schedule import SevaConditioning, SevaDenoiser, SevaSchedule
-from imix2mix.teacher import InstructPix2PixTeacher
+from imix2mix.seva.schedule import SevaConditioning
+from imix2mix.students import SevaStudent
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
 LOOP = PARITY / "loop"
 
@@ -52,16 +51,19 @@ def load_generator():
 
 
 def loop_config(run: dict) -> EditConfig:
-    """Our settings for the recorded run (official option names → EditConfig)."""
-    return EditConfig(
+    """Our settings for the recorded run (official option names → our flat setting names); every other
+    setting keeps its default, so the four official behaviours are tested as the defaults."""
+    return EditConfig().overridden(dict(
         seed=run["seed"], text_cfg=run["teacher_cfg"], image_cfg=run["image_cfg"], t_max=run["t_max"],
         t_min=run["t_min"], distill_dt=run["distill_dt"], k=run["n_distill_per_timestep"],
         k_initial=run["n_distill_initial_timestep"], lr=run["lr"], final_lr=run["final_lr"], min_lr=run["min_lr"],
         warmup_steps=run["n_warmup_steps"], weight_decay=run["weight_decay"], grad_clip=run["grad_clip"],
         teacher_t_upper=run["teacher_upper"], teacher_t_shape_factor=run["teacher_timestep_shape_factor"],
         student_image_size=run["student_image_size"], teacher_image_size=run["teacher_image_size"],
-        optimizer="adamw", student_precision="fp32", cross_view_attention="rcv", log_every=1,
-    )
+        # torch's single-tensor AdamW, as the recording ran (README §1); the default fused kernel
+        # rounds differently (docs/architecture.md, "Differences from the official loop")
+        optimizer="adamw", student_precision="fp32", log_every=1,
+    ))
 
 
 def recorded_randomness(ref: dict[str, torch.Tensor], config: EditConfig, reference: int) -> RecordedRandomness:
@@ -93,7 +95,7 @@ def models(fixture):
     student = Seva(SevaConfig.tiny(attention_resolutions=(4,)))
     student.load_state_dict(generator.seva_tiny_weights(), strict=True)
     teacher = InstructPix2PixTeacher(generator.build_teacher_pipeline())
-    return generator, student, teacher
+    return generator, SevaStudent(student), teacher
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def scene_inputs(fixture):
     ref, draws = fixture
     config = loop_config(draws["run"])
     scene = load_scene(SCENES / draws["scene"])
-    prepared = prepare_views(scene, config.student_image_size)
+    prepared = prepare_views(scene, config.method.student_image_size)
     assert draws["run"]["frame_indices"] == list(range(len(prepared)))
     crops = torch.stack([view.image for view in prepared])  # [N, 3, 576, 576] in [−1, 1]
     return config, scene, prepared, crops
@@ -117,12 +119,12 @@ def loop(fixture, models, scene_inputs):
     reference = randomness.reference_choice(len(prepared))
     conditioning = build_student_conditioning(
         np.stack([v.c2w for v in scene.views]), np.stack([p.K_normalized for p in prepared]), reference,
-        ref["inputs.z_ref"], ref["inputs.context"].reshape(-1), config.camera_scale,
+        ref["inputs.z_ref"], ref["inputs.context"].reshape(-1), config.method.camera_scale,
     )
     computed_cond = conditioning.cond
     conditioning = dataclasses.replace(conditioning, cond=recorded_conditioning(ref))
-    context = teacher.prepare(draws["run"]["editing_prompt"], crops, config.teacher_image_size)
-    teacher.set_cross_view_attention(config.cross_view_attention)
+    context = teacher.prepare(Edit(draws["run"]["editing_prompt"]), crops, config.teacher)
+    teacher.set_cross_view_attention(config.ablation.cross_view_attention)
 
     iterations: list[IterationRecord] = []
     euler: list[EulerRecord] = []
@@ -131,14 +133,14 @@ def loop(fixture, models, scene_inputs):
     def observe(record):
         if isinstance(record, IterationRecord):
             iterations.append(record)
-            fingerprints.append(generator.fingerprint(student.named_parameters())[1])
+            fingerprints.append(generator.fingerprint(student.network.named_parameters())[1])
         else:
             euler.append(record)
 
-    student.requires_grad_(True)
+    student.reset()
     run = Distillation(
-        denoiser=SevaDenoiser(student, SevaSchedule()), conditioning=conditioning, teacher=teacher,
-        teacher_context=context, config=config, randomness=randomness, device=torch.device("cpu"), observer=observe,
+        student=student, conditioning=conditioning, teacher=teacher, teacher_context=context, config=config,
+        randomness=randomness, observer=observe,
     )
     initial_latent = run.latents.clone()
     try:
@@ -149,7 +151,7 @@ def loop(fixture, models, scene_inputs):
     return dict(
         run=run, reference=reference, computed_cond=computed_cond, context=context, initial_latent=initial_latent,
         iterations=iterations, euler=euler, fingerprints=torch.stack(fingerprints), log=log, images=images,
-        names=generator.fingerprint(student.named_parameters())[0],
+        names=generator.fingerprint(student.network.named_parameters())[0],
     )
 
 
@@ -171,7 +173,7 @@ def test_teacher_source_latents_follow_the_official_image_path(fixture, models, 
     ref, draws = fixture
     _, _, teacher = models
     config, _, _, crops = scene_inputs
-    context = teacher.prepare(draws["run"]["editing_prompt"], crops, config.teacher_image_size)
+    context = teacher.prepare(Edit(draws["run"]["editing_prompt"]), crops, config.teacher)
     expected = ref["teacher.source_image_latents"]
     peak = float(expected.abs().max())
     assert max_abs(context.image_latents, expected) <= 1e-5 * peak, "source latents"
@@ -194,8 +196,9 @@ def test_seeded_teacher_timesteps_are_the_official_draws(fixture, scene_inputs):
     ref, draws = fixture
     config = scene_inputs[0]
     sample = RunRandomness(config.seed, torch.device("cpu")).teacher_timestep_sampler(config)
-    taus = [tau for tau, count in zip(config.student_schedule.taus, config.student_schedule.updates_per_tau) for _ in range(count)]
-    assert config.student_schedule.taus == draws["taus"]
+    schedule = StudentSchedule.from_method(config.method)
+    taus = [tau for tau, count in zip(schedule.taus, schedule.updates_per_tau) for _ in range(count)]
+    assert schedule.taus == draws["taus"]
     assert [sample(tau) for tau in taus] == ref["iter.t"].tolist()
 
 
