@@ -387,8 +387,9 @@ class Distillation:
 
         With ``euler_noise`` (the official step): ζ̂ = ζ + ε·√(σ̂² − σ²) with σ̂ = σ + 1e-6, then
         ζ' = ζ̂ + (σ' − σ)(ζ̂ − D(ζ̂; σ))/σ.  The student is queried at σ (σ̂ rounds to the same table
-        entry) and the step divides by σ, not σ̂, as the official sampler does.  In fp32 the noise factor
-        is exactly 0 while σ + 1e-6 rounds back to σ (τ ≥ 824 with SEVA's table), then 0.04–0.23 % of σ."""
+        entry) and the step divides by σ, not σ̂, as the official loop does (bit-exact on the loop
+        fixture; σ̂ would move its latents by 3e-5).  In fp32 the noise factor is exactly 0 while
+        σ + 1e-6 rounds back to σ (τ ≥ 814 with SEVA's table), then 0.03–0.23 % of σ at the default τ."""
         if self.tau_position + 1 >= len(self.taus):
             return False
         tau, tau_next = self.tau, self.taus[self.tau_position + 1]

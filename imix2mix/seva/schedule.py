@@ -244,7 +244,7 @@ def sigma_hat(sigma: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
 
 def noise_term_scale(sigma: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
     """√(σ̂² − σ²), the factor of the fresh noise an Euler-EDM step adds before denoising (in σ's
-    dtype: in float32 it is exactly 0 while σ + 1e-6 rounds back to σ, i.e. for σ ≳ 8)."""
+    dtype: in float32 it is exactly 0 while σ + 1e-6 rounds back to σ, i.e. for σ ≥ 32, SEVA's τ ≥ 814)."""
     return (sigma_hat(sigma, gamma) ** 2 - sigma**2) ** 0.5
 
 
