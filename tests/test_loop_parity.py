@@ -109,12 +109,12 @@ def scene_inputs(fixture):
     return config, scene, prepared, crops
 
 
-@pytest.fixture(scope="module")
-def loop(fixture, models, scene_inputs):
-    """Our loop on the recorded draws: every observed record, parameter fingerprints, final images."""
-    ref, draws = fixture
+def run_parity_loop(ref: dict[str, torch.Tensor], draws: dict, models, scene_inputs, config: EditConfig | None = None) -> dict:
+    """Our loop on the recorded draws: every observed record, parameter fingerprints after every update,
+    the final images.  ``config`` defaults to the recorded run's; the student is reset first."""
     generator, student, teacher = models
-    config, scene, prepared, crops = scene_inputs
+    default_config, scene, prepared, crops = scene_inputs
+    config = config or default_config
     randomness = recorded_randomness(ref, config, draws["reference_frame_index"])
     reference = randomness.reference_choice(len(prepared))
     conditioning = build_student_conditioning(
@@ -155,6 +155,12 @@ def loop(fixture, models, scene_inputs):
     )
 
 
+@pytest.fixture(scope="module")
+def loop(fixture, models, scene_inputs):
+    ref, draws = fixture
+    return run_parity_loop(ref, draws, models, scene_inputs)
+
+
 def stacked(records, name: str) -> torch.Tensor:
     return torch.stack([getattr(record, name) for record in records])
 
@@ -176,8 +182,10 @@ def test_teacher_source_latents_follow_the_official_image_path(fixture, models, 
     context = teacher.prepare(Edit(draws["run"]["editing_prompt"]), crops, config.teacher)
     expected = ref["teacher.source_image_latents"]
     peak = float(expected.abs().max())
-    assert max_abs(context.image_latents, expected) <= 1e-5 * peak, "source latents"
-    assert max_abs(context.text_embeddings, ref["teacher.prompt_embeds"]) <= 1e-6, "prompt embeddings"
+    difference = max_abs(context.image_latents, expected)
+    assert difference <= 1e-5 * peak, f"source latents: max |ours − official| {difference:.3g} (peak {peak:.3g})"
+    difference = max_abs(context.text_embeddings, ref["teacher.prompt_embeds"])
+    assert difference <= 1e-6, f"prompt embeddings: max |ours − official| {difference:.3g}"
 
 
 def test_student_conditioning_and_crops_match_the_recording(fixture, loop, scene_inputs):
@@ -246,6 +254,8 @@ def test_parameters_after_every_update(fixture, loop):
     assert loop["names"] == draws["param_names"]
     per_iteration = [max_abs(loop["fingerprints"][i], ref["iter.param_fp"][i]) for i in range(9)]
     assert max(per_iteration) <= 5e-3, f"param_fp: max |ours − official| per iteration {['%.3g' % d for d in per_iteration]}"
+    checksums = loop["fingerprints"][:, :, 0].sum(dim=1)  # Σ of all parameters (float64)
+    np.testing.assert_allclose(checksums.numpy(), ref["iter.param_checksum"].numpy(), rtol=2e-6, atol=0, err_msg="param_checksum")
 
 
 def test_euler_steps(fixture, loop):
@@ -261,6 +271,8 @@ def test_final_images(fixture, loop):
     ref, _ = fixture
     images = loop["images"]  # [4, 3, 512, 512] in [−1, 1]
     pooled = F.avg_pool2d((images + 1) / 2, 8)
-    assert max_abs(pooled, ref["final.images_pooled8"]) <= 3e-4, "final.images_pooled8"
+    difference = max_abs(pooled, ref["final.images_pooled8"])
+    assert difference <= 3e-4, f"final.images_pooled8: max |ours − official| {difference:.3g}"
     ours = torch.stack([torch.from_numpy(to_uint8_image(image)).permute(2, 0, 1) for image in images])
-    assert int((ours.int() - ref["final.uint8"].int()).abs().max()) <= 1, "final.uint8"
+    levels = int((ours.int() - ref["final.uint8"].int()).abs().max())
+    assert levels <= 1, f"final.uint8: {levels} levels apart"
