@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "imix2mix.commands.scene",
     "imix2mix.commands.edit",
     "imix2mix.commands.pipeline",
+    "imix2mix.commands.evaluate",
+    "imix2mix.commands.manifests",
 )
 
 

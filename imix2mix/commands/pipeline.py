@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     collection.add_argument("root", help="collection root: a folder of scene folders, or an fsspec URL (s3://, gs://)")
     collection.add_argument("--edits", default=None, help="edits file applied to every scene (same schema as edits.yaml)")
-    collection.add_argument("--out", default="outputs", help="output root: <scene>/<edit>/ and manifests/ (default: outputs)")
+    collection.add_argument("--out", default="outputs",
+                            help="output root, a folder or an fsspec URL (s3://bucket/prefix): <scene>/<edit>-<run hash>/ "
+                                 "and manifests/ (default: outputs)")
     collection.add_argument("--preset", choices=("full", "tiny"), default="full",
                             help="full: official weights; tiny: small random models that exercise the pipeline")
     collection.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
@@ -77,12 +79,18 @@ def _print_runs(rows: list[dict[str, Any]]) -> None:
         metrics = "" if row.get("clip_dir") is None else f"  CLIP dir {row['clip_dir']:.3f}"
         note = f"  ({row['note']})" if row.get("note") else ""
         print(f"{row['status']:<10} {row['scene']} · {row['edit'] or '-'}{metrics}{note}")
+        if row.get("no_edit"):
+            print(f"warning: {row['scene']} · {row['edit']}: no edit happened (the edited views are near-identical to "
+                  "the photos; see runs.parquet changed_fraction)")
 
 
 def run_collection(args: argparse.Namespace) -> int:
+    from imix2mix.storage import check_output_root, open_output_root
+
     overrides = parse_settings(args.settings)
     if args.plan:
-        return _print_plan(args, overrides)
+        return _print_plan(args, overrides, open_output_root(args.out))
+    check_output_root(args.out)  # a read-only, full or unreachable root fails here, before Prefect and Ray start
     allow_slow_ephemeral_server(os.environ)
     from flows.edit_collection import edit_collection
 
@@ -97,12 +105,11 @@ def run_collection(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
-def _print_plan(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+def _print_plan(args: argparse.Namespace, overrides: dict[str, str], output_root: Any) -> int:
     from imix2mix.collection import collection_edit_document, list_scenes, open_root, plan_collection
     from imix2mix.manifests import ManifestStore, succeeded_runs
     from imix2mix.presets import default_config
 
-    output_root = Path(args.out).expanduser().resolve()
     plan = plan_collection(
         list_scenes(open_root(args.root)), collection_edit_document(args.edits), default_config(args.preset),
         preset=args.preset, output_root=output_root, succeeded=succeeded_runs(ManifestStore(output_root)),
