@@ -216,7 +216,7 @@ class Distillation:
     backward pass, so the official run skips its first optimizer step (whose lr is min_lr = 1e-9) and
     halves the scale; later steps go through.  We do not copy that: it is an artefact of the fp16
     overflow, not part of the method, and all it does is keep iteration 0's gradient out of AdamW's
-    moments (docs/architecture.md, "Differences from the official loop", gives its size).  Its other
+    moments and step count (docs/architecture.md, "Differences from the official loop", gives its size).  Its other
     behaviour, skipping steps with non-finite gradients, is covered by zeroing NaN/±inf in g before
     the backward pass (as the official code does) and by the x̂0 finiteness check (:meth:`check_finite`).
 
@@ -224,7 +224,7 @@ class Distillation:
     k (imix2mix/seva/attention.py), so ``attn2.to_q``, ``attn2.to_k`` and ``norm2`` of each multi-view
     transformer get no gradient and AdamW skips them, weight decay included.  In the official code they
     get round-off gradients (≤ 1e-8) and decay.  We leave them untouched: they cannot change any
-    output, and they differ from the official values by ≤ 6.4e-6 after the fixture's 9 steps (the
+    output, and they differ from the official values by ≤ 6.2e-6 after the fixture's 9 steps (the
     decay, lr·weight_decay·θ per step; about 0.15 % of θ over a default 2150-step run).
     """
 

@@ -66,7 +66,7 @@ def conditioning_images(originals: torch.Tensor, size: int) -> list[Image.Image]
     [−1, 1] → truncated uint8 → PIL → ``Image.resize`` to size×size with PIL's (default) bicubic filter.
 
     The rounding and the filter matter: float crops resized with antialiased bilinear interpolation
-    instead move the tiny fixture teacher's latents by up to 23 % of their peak (its guided ε by ~5 %)."""
+    instead move the tiny fixture teacher's latents by up to 23 % of their peak (its guided ε by 4 %)."""
     return [image.resize((size, size), Image.Resampling.BICUBIC) for image in to_pil_images(to_uint8_truncated(originals))]
 
 
