@@ -36,3 +36,7 @@ class MissingWeightsError(ImixError):
 
 class ConfigError(ImixError):
     """An invalid setting (unknown key, wrong type or out-of-range value)."""
+
+
+class NonFiniteError(ImixError, FloatingPointError):
+    """A computation produced NaN or infinite values (e.g. the student's estimate diverged)."""

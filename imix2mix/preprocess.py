@@ -91,10 +91,13 @@ def prepare_view(view: View, size: int = DEFAULT_SIZE) -> PreparedView:
     import torch.nn.functional as F
 
     box = crop_box(view.height, view.width, size)
-    pixels = torch.from_numpy(np.array(view.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    # To [−1, 1] before the resize, as SEVA's loader does: the crop is then bit-identical to the
+    # official one, which matters where it is cast to uint8 with truncation (the teacher's image
+    # conditioning): many values sit exactly on a level, and one ulp decides which.
+    pixels = torch.from_numpy(np.array(view.image, dtype=np.float32) / 255.0).permute(2, 0, 1) * 2.0 - 1.0
     resized = F.interpolate(pixels[None], size=box.resized_hw, mode="area")[0]
     crop = resized[:, box.top : box.top + size, box.left : box.left + size]
-    return PreparedView(image=(crop * 2.0 - 1.0).contiguous(), K_normalized=crop_intrinsics(view.K, box), box=box)
+    return PreparedView(image=crop.contiguous(), K_normalized=crop_intrinsics(view.K, box), box=box)
 
 
 def prepare_views(scene: Scene, size: int = DEFAULT_SIZE) -> list[PreparedView]:

@@ -130,10 +130,13 @@ def make_teacher_timestep_sampler(
 @dataclass(frozen=True)
 class LearningRateSchedule:
     """Linear warm-up ``min_lr → lr`` over ``warmup_steps``, cosine ``lr → final_lr`` over
-    ``decay_steps``, then constant ``final_lr``.
+    ``decay_steps``, then constant ``final_lr`` (the official ``lr_lambda``).
 
-    The official decay length is ``int((1000 / distill_dt) · k − warmup)`` (= 1800): it decays "until
-    τ = 0" even though distillation stops at τ = 25, which leaves the last 150 of 2150 steps constant.
+    The warm-up interpolates with α = step/(W − 1), so step 0 uses ``min_lr`` and step W − 1 already
+    uses ``lr`` (W = 1: ``lr`` at step 0).  The official decay length is
+    ``int((1000 / distill_dt) · k − warmup)`` (= 1800): it decays "until τ = 0" even though
+    distillation stops at τ = 25, which leaves the last 150 of 2150 steps constant; a length ≤ 0
+    means ``final_lr`` right after the warm-up.
     """
 
     lr: float = 1e-4
@@ -145,7 +148,7 @@ class LearningRateSchedule:
     @classmethod
     def official(cls, *, lr: float, final_lr: float, min_lr: float, warmup_steps: int, distill_dt: int, k: int) -> "LearningRateSchedule":
         decay = int((1000 / distill_dt) * k - warmup_steps)
-        return cls(lr=lr, final_lr=final_lr, min_lr=min_lr, warmup_steps=warmup_steps, decay_steps=max(decay, 1))
+        return cls(lr=lr, final_lr=final_lr, min_lr=min_lr, warmup_steps=warmup_steps, decay_steps=max(decay, 0))
 
     @classmethod
     def from_method(cls, method: "MethodConfig") -> "LearningRateSchedule":
@@ -156,8 +159,11 @@ class LearningRateSchedule:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return self.min_lr + (self.lr - self.min_lr) * step / self.warmup_steps
-        progress = (step - self.warmup_steps) / self.decay_steps
-        if progress >= 1.0:
-            return self.final_lr
-        return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            if self.warmup_steps == 1:
+                return self.lr
+            alpha = step / (self.warmup_steps - 1)
+            return (1.0 - alpha) * self.min_lr + alpha * self.lr
+        if step < self.warmup_steps + self.decay_steps:
+            progress = (step - self.warmup_steps) / self.decay_steps
+            return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.final_lr

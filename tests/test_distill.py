@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -11,19 +10,18 @@ from conftest import SCENES
 
 from imix2mix.attention import ExtendedAttnProcessor, RandomCrossViewAttnProcessor
 from imix2mix.accel import ExecutionPlan, LoopNeeds
-from imix2mix.config import EditConfig
+from imix2mix.config import EditConfig, MethodConfig, TeacherConfig, setting_names
 from imix2mix.edits import Edit
-from imix2mix.modes.distill import Distillation, LearnedAlignment, sds_surrogate_loss
-from imix2mix.randomness import RunRandomness
+from imix2mix.modes.distill import Distillation, EulerRecord, LearnedAlignment, sds_surrogate_loss
+from imix2mix.randomness import RecordedRandomness, RunRandomness
 from imix2mix.students import SevaStudent
-from imix2mix.config import MethodConfig, TeacherConfig
-from imix2mix.errors import ConfigError
+from imix2mix.errors import ConfigError, ImixError, NonFiniteError
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
 from imix2mix.schedules import LearningRateSchedule, StudentSchedule, TauMatchedTimesteps, TruncatedNormalTimesteps, UniformTimesteps
 from imix2mix.scene import load_scene
 from imix2mix.seva import Seva, SevaConfig
 from imix2mix.seva.camera import build_student_conditioning
-from imix2mix.seva.schedule import SevaDenoiser, SevaSchedule
+from imix2mix.seva.schedule import SevaSchedule, euler_edm_step, noise_term_scale
 from imix2mix.preprocess import prepare_views
 from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
@@ -132,6 +130,20 @@ def test_config_hash_is_stable_and_tracks_results_only():
     assert base.to_dict()["method"]["betas"] == [0.9, 0.999]
 
 
+def test_euler_noise_is_an_official_default_and_a_method_setting():
+    """The official Euler step (with its noise term) by default; the plain ODE step through a setting
+    that is part of the run's identity (it changes the result)."""
+    base = EditConfig()
+    assert base.method.euler_noise is True and "euler_noise" in setting_names()
+    off = base.overridden({"euler_noise": "false"})
+    assert off.method.euler_noise is False and off == base.overridden({"method.euler_noise": False})
+    assert off.setting("euler_noise") is False and off.flat()["euler_noise"] is False
+    assert off.config_hash() != base.config_hash()
+    assert EditConfig.from_dict(off.to_dict()) == off
+    with pytest.raises(ConfigError, match="euler_noise"):
+        base.overridden({"euler_noise": "sometimes"})
+
+
 def _plan(overrides: dict | None = None, device: str = "cuda", query_steps: int = 1) -> ExecutionPlan:
     config = EditConfig().overridden(overrides or {})
     return ExecutionPlan.resolve(config, torch.device(device), LoopNeeds(trains_student=True, student_calls_per_step=query_steps))
@@ -174,10 +186,14 @@ def test_sds_surrogate_gradient_is_the_noise_residual_over_numel():
     estimate = torch.randn(2, 4, 3, 3, requires_grad=True)
     guided, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     guided[0, 0, 0, 0] = float("nan")
-    sds_surrogate_loss(estimate, guided, noise).backward()
-    expected = torch.nan_to_num(guided - noise, nan=0.0) / estimate.numel()
+    guided[0, 1, 0, 0] = float("inf")  # an fp16 overflow in the teacher
+    guided[1, 2, 1, 1] = float("-inf")
+    loss = sds_surrogate_loss(estimate, guided, noise)
+    loss.backward()
+    finite = torch.isfinite(guided)
+    expected = torch.where(finite, guided - noise, torch.zeros(())) / estimate.numel()
     torch.testing.assert_close(estimate.grad, expected)
-    assert estimate.grad[0, 0, 0, 0] == 0
+    assert estimate.grad[~finite].eq(0).all() and torch.isfinite(loss)
 
 
 def test_learned_alignment_starts_as_bilinear():
@@ -186,6 +202,43 @@ def test_learned_alignment_starts_as_bilinear():
     bilinear = F.interpolate(latents, size=(6, 6), mode="bilinear", align_corners=False)
     torch.testing.assert_close(align(latents), bilinear)
     assert sum(p.numel() for p in align.parameters()) == 4 * 4 * 25 + 4
+
+
+def test_each_kind_of_draw_has_its_own_stream():
+    """Drawing Euler noise (or not) never shifts the SDS noise, κ or t: the streams are separate."""
+    config = EditConfig()
+    plain, busy = RunRandomness(7, torch.device("cpu")), RunRandomness(7, torch.device("cpu"))
+    busy.euler_noise((2, 3))
+    busy.initial_noise((4,))
+    assert torch.equal(plain.sds_noise((2, 3)), busy.sds_noise((2, 3)))
+    assert plain.key_view(4) == busy.key_view(4)
+    assert plain.teacher_timestep_sampler(config)(500) == busy.teacher_timestep_sampler(config)(500)
+
+
+def test_recorded_randomness_replays_in_order_and_names_what_is_wrong():
+    config = EditConfig()
+    noises = [torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)]
+    recorded = RecordedRandomness(7, torch.device("cpu"), reference=2, teacher_timesteps=[900, 300], key_views=[3],
+                                  sds_noises=noises)
+    seeded = RunRandomness(7, torch.device("cpu"))
+    assert recorded.reference_choice(4) == 2
+    sample = recorded.teacher_timestep_sampler(config)
+    assert [sample(999), sample(25)] == [900, 300]
+    assert recorded.key_view(4) == 3
+    assert torch.equal(recorded.sds_noise((2, 3)), noises[0]) and torch.equal(recorded.sds_noise((2, 3)), noises[1])
+    # streams without a recording draw from the seed as usual
+    assert torch.equal(recorded.initial_noise((5,)), seeded.initial_noise((5,)))
+    assert torch.equal(recorded.euler_noise((5,)), seeded.euler_noise((5,)))
+    with pytest.raises(ImixError, match="draw 3 of the teacher timesteps asked for, but only 2 recorded"):
+        sample(500)
+    with pytest.raises(ImixError, match="draw 2 of the key views"):
+        recorded.key_view(4)
+    with pytest.raises(ImixError, match=r"has shape \(2, 3\), the run needs \(3, 2\)"):
+        RecordedRandomness(7, torch.device("cpu"), sds_noises=noises).sds_noise((3, 2))
+    with pytest.raises(ImixError, match="key view 4 is outside 0..3"):
+        RecordedRandomness(7, torch.device("cpu"), key_views=[4]).key_view(4)
+    with pytest.raises(ImixError, match="reference view 5"):
+        RecordedRandomness(7, torch.device("cpu"), reference=5).reference_choice(4)
 
 
 def test_reference_choice_matches_python_random():
@@ -214,7 +267,7 @@ def models():
     return student, teacher, scene
 
 
-def make_distillation(models, **overrides) -> Distillation:
+def make_distillation(models, randomness: RunRandomness | None = None, observer=None, **overrides) -> Distillation:
     student, teacher, scene = models
     config = EditConfig().overridden({**SHORT, **overrides})
     prepared = prepare_views(scene, config.method.student_image_size)
@@ -230,7 +283,7 @@ def make_distillation(models, **overrides) -> Distillation:
     return Distillation(
         student=SevaStudent(student), conditioning=conditioning, teacher=teacher,
         teacher_context=teacher.prepare(Edit("make it snowy"), originals, config.teacher), config=config,
-        randomness=RunRandomness(config.seed, torch.device("cpu")),
+        randomness=randomness or RunRandomness(config.seed, torch.device("cpu")), observer=observer,
     )
 
 
@@ -287,7 +340,7 @@ def test_run_follows_the_schedule(models, pristine):
     assert taus == [999] * 3 + [674] * 2 + [349] * 2 + [25] * 2
     assert [e.iteration for e in events] == list(range(1, 10)) and events[-1].total == 9
     assert all(e.loss is not None for e in events) and len(log) == 9
-    assert [e.lr for e in events][:3] == pytest.approx([1e-9, 1e-9 + (1e-4 - 1e-9) / 2, 1e-4])
+    assert [e.lr for e in events][:3] == pytest.approx([1e-9, 1e-4, 1e-4])  # W = 2: the peak at step W − 1
     for event in events:
         assert event.tau <= event.t <= 949 or (event.tau >= 950 and event.t == 950)
     assert estimate.shape == (4, 4, 8, 8)
@@ -303,6 +356,45 @@ def test_same_seed_same_run(models, pristine):
             v.copy_(state[k])
     second, _ = make_distillation(models).run()
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_euler_step_adds_the_official_noise_term(models, pristine):
+    """ζ̂ = ζ + ε·√(σ̂² − σ²), ζ' = ζ̂ + (σ' − σ)(ζ̂ − D(ζ̂; σ))/σ with the recorded ε; the term is exactly
+    zero at σ(999) in fp32 and not below; ``euler_noise`` off is the plain ODE step."""
+    records: list[EulerRecord] = []
+    noise = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    latents = {}
+    for euler_noise in (True, False):
+        randomness = RecordedRandomness(42, torch.device("cpu"), euler_noises=[noise, noise])
+        run = make_distillation(models, randomness=randomness, observer=records.append, euler_noise=euler_noise)
+        assert run.advance()  # 999 → 674: σ + 1e-6 rounds back to σ
+        run.tau_position = 2  # 349 → 25
+        start = run.latents.clone()
+        assert run.advance()
+        latents[euler_noise] = run.latents
+        step = records[-1]
+        assert (step.tau, step.tau_next) == (349, 25)
+        sigma, sigma_next = SevaSchedule().sigmas[349], SevaSchedule().sigmas[25]
+        expected_hat = start + noise * noise_term_scale(sigma) if euler_noise else start
+        assert torch.equal(step.x_hat, expected_hat) and (step.noise is None) == (not euler_noise)
+        torch.testing.assert_close(step.latents, euler_edm_step(step.x_hat, step.denoised, sigma, sigma_next), rtol=0, atol=0)
+    first_with, first_without = records[0], records[2]
+    assert torch.equal(first_with.x_hat, first_without.x_hat)  # factor 0 at τ = 999
+    assert float(noise_term_scale(SevaSchedule().sigmas[349])) > 0
+    assert not torch.equal(latents[True], latents[False])
+
+
+def test_nonfinite_estimate_stops_the_run_at_the_next_logged_iteration(models, pristine):
+    healthy = make_distillation(models)
+    healthy.step()
+    healthy.check_finite()  # nothing to report
+    run = make_distillation(models, log_every=2)
+    run.latents[2, 0, 3, 3] = float("nan")
+    events = []
+    with pytest.raises(NonFiniteError, match="from iteration 1 on") as raised:
+        run.run(events.append)
+    assert isinstance(raised.value, FloatingPointError) and isinstance(raised.value, ImixError)
+    assert [e.iteration for e in events] == [1]  # checked with the values logged at iteration 2, not before
 
 
 # -- ablation switches: each changes its own piece and leaves the random streams alone -----------

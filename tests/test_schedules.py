@@ -80,7 +80,10 @@ def test_learning_rate_schedule_matches_method():
     schedule = LearningRateSchedule.official(lr=1e-4, final_lr=5e-5, min_lr=1e-9, warmup_steps=200, distill_dt=25, k=50)
     assert schedule.decay_steps == 1800
     assert schedule(0) == pytest.approx(1e-9, rel=1e-9)
-    assert schedule(199) == pytest.approx(1e-9 + (1e-4 - 1e-9) * 199 / 200, rel=1e-9)
+    # the official warm-up: α = s/(W − 1), the peak reached at step W − 1 = 199
+    assert schedule(1) == pytest.approx(1e-9 + (1e-4 - 1e-9) / 199, rel=1e-9)
+    assert schedule(100) == pytest.approx((1 - 100 / 199) * 1e-9 + 100 / 199 * 1e-4, rel=1e-9)
+    assert schedule(199) == pytest.approx(1e-4, rel=1e-12)
     assert schedule(200) == pytest.approx(1e-4, rel=1e-12)
     # halfway through the cosine: the mean of the two ends
     assert schedule(200 + 900) == pytest.approx(7.5e-5, rel=1e-9)
@@ -89,3 +92,18 @@ def test_learning_rate_schedule_matches_method():
     values = [schedule(s) for s in range(200, 2001)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert not math.isnan(sum(values))
+
+
+def test_learning_rate_schedule_edge_cases_follow_the_official_lambda():
+    # W = 4 (the loop fixture): 1e-9, then thirds of the way to the peak, the peak at step 3
+    four = LearningRateSchedule.official(lr=1e-4, final_lr=5e-5, min_lr=1e-9, warmup_steps=4, distill_dt=400, k=3)
+    assert four.decay_steps == 3
+    assert [four(s) for s in range(4)] == pytest.approx([1e-9, 1e-9 + (1e-4 - 1e-9) / 3, 1e-9 + 2 * (1e-4 - 1e-9) / 3, 1e-4], rel=1e-12)
+    assert [four(s) for s in (4, 5, 6, 7, 100)] == pytest.approx([1e-4, 8.75e-5, 6.25e-5, 5e-5, 5e-5], rel=1e-12)
+    # W = 1: the peak at once; W = 0: no warm-up
+    assert LearningRateSchedule(warmup_steps=1, decay_steps=10)(0) == 1e-4
+    assert LearningRateSchedule(warmup_steps=0, decay_steps=10)(0) == 1e-4
+    # a decay length ≤ 0: final_lr right after the warm-up
+    none = LearningRateSchedule.official(lr=1e-4, final_lr=5e-5, min_lr=1e-9, warmup_steps=50, distill_dt=500, k=10)
+    assert none.decay_steps == 0
+    assert none(49) == pytest.approx(1e-4) and none(50) == 5e-5

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
-
-import dataclasses
+from PIL import Image
 
 from imix2mix.config import TeacherConfig
 from imix2mix.edits import Edit
 from imix2mix.errors import MissingWeightsError
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
-from imix2mix.teachers.ip2p import InstructPix2PixTeacher
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher, reference_edit_input
 
 VIEWS = 3
 SETTINGS = TeacherConfig(image_size=96, steps=3)  # s_T 7.5, s_I 1.5
@@ -42,9 +44,24 @@ def test_prepare_computes_text_and_image_latents_once(teacher, originals):
     assert not torch.allclose(context.text_embeddings[0], context.text_embeddings[1])
     assert context.image_latents.shape == (VIEWS, 4, 12, 12)
     assert not context.image_latents.requires_grad
-    pixels = torch.nn.functional.interpolate(originals[1:2], size=(96, 96), mode="bilinear", antialias=True)
+    # the official path, by hand: (x + 1)/2·255 truncated to uint8, PIL's bicubic resize, then [−1, 1]
+    truncated = ((originals[1] + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    resized = np.asarray(Image.fromarray(truncated).resize((96, 96), Image.Resampling.BICUBIC), dtype=np.float32)
+    pixels = torch.from_numpy(resized / 255 * 2 - 1).permute(2, 0, 1)[None]
     expected = teacher.vae.encode(pixels).latent_dist.mode()
     torch.testing.assert_close(context.image_latents[1:2], expected, rtol=1e-4, atol=1e-5)
+    bilinear = torch.from_numpy(np.asarray(Image.fromarray(truncated).resize((96, 96), Image.Resampling.BILINEAR), dtype=np.float32))
+    assert not torch.allclose(bilinear / 255 * 2 - 1, pixels[0].permute(1, 2, 0), atol=1e-3)  # the filter matters here
+
+
+def test_reference_edit_input_is_the_official_conversion():
+    """(x + 1)/2 → bilinear to the teacher size → fp16 → ×255 truncated (torchvision's to_pil_image)."""
+    image = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    pil = reference_edit_input(image, 96)
+    assert pil.size == (96, 96) and pil.mode == "RGB"
+    pixels = torch.nn.functional.interpolate(((image[None] + 1) / 2).clamp(0, 1), size=(96, 96), mode="bilinear")
+    expected = (pixels[0].half() * 255).floor().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(pil), expected)
 
 
 def test_dual_cfg_matches_three_separate_unet_calls(teacher, originals):

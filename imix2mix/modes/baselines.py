@@ -32,7 +32,7 @@ class StudentOnlyMode:
             with torch.no_grad(), execution.eager_forwards():
                 latents = sample_novel_views(
                     session.student.denoiser, conditioning, num_steps=config.student_only_steps, cfg=config.student_only_cfg,
-                    cfg_min=config.student_only_cfg_min, generator=session.randomness.initial_noise,
+                    cfg_min=config.student_only_cfg_min, generator=session.randomness.initial_noise_generator,
                 )
         images = session.decode(latents[1:])
         return ModeOutput(images=images, reference_edit=reference_edit)

@@ -242,6 +242,12 @@ def sigma_hat(sigma: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
     return sigma * (gamma + 1.0) + SIGMA_HAT_EPS
 
 
+def noise_term_scale(sigma: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
+    """√(σ̂² − σ²), the factor of the fresh noise an Euler-EDM step adds before denoising (in σ's
+    dtype: in float32 it is exactly 0 while σ + 1e-6 rounds back to σ, i.e. for σ ≥ 32, SEVA's τ ≥ 814)."""
+    return (sigma_hat(sigma, gamma) ** 2 - sigma**2) ** 0.5
+
+
 def euler_edm_step(
     x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float
 ) -> torch.Tensor:
@@ -316,7 +322,7 @@ class EulerEDMSampler:
     ) -> StepRecord:
         """One sampler step; ``sigma``/``sigma_next`` are per-frame float32 [B·T]; ``eps`` the drawn noise."""
         sig_hat = sigma_hat(sigma, gamma)
-        x_hat = x + eps * self.s_noise * ((sig_hat**2 - sigma**2) ** 0.5)[:, None, None, None]
+        x_hat = x + eps * self.s_noise * noise_term_scale(sigma, gamma)[:, None, None, None]
         batch_x, batch_sigma, batch_cond = guider.prepare_inputs(x_hat, sig_hat, cond, uncond)
         denoised = guider(denoiser(batch_x, batch_sigma, batch_cond, num_frames), cameras)
         out = euler_edm_step(x_hat, denoised, sig_hat, sigma_next)
