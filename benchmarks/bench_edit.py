@@ -17,9 +17,10 @@ phases), peak allocated/reserved memory, and the projected minutes for the defau
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import gc
-import importlib
 import json
 import math
 import platform
@@ -39,6 +40,7 @@ for folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # the package, and the sib
         sys.path.insert(0, str(folder))
 
 from imix2mix.distill import Edit, EditConfig  # noqa: E402
+from imix2mix.kernels.dispatch import KERNEL_SETS, OPS, KernelSet, kernel_set, use_kernels  # noqa: E402
 from imix2mix.presets import build_editor, default_config  # noqa: E402
 from imix2mix.scene import Scene, View  # noqa: E402
 
@@ -226,26 +228,17 @@ MODES: dict[str, list[str]] = {
 }
 
 
-# Kernels that --disable-kernels can switch off: (module whose name the layers call, predicate).
-KERNEL_SWITCHES: dict[str, tuple[str, str]] = {
-    "geglu": ("imix2mix.seva.attention", "fused_geglu_available"),
-    "bias_grad": ("imix2mix.seva.layers", "fused_bias_grad_available"),
-    "layer_norm": ("imix2mix.seva.layers", "fused_layer_norm_available"),
-    "group_norm": ("imix2mix.seva.layers", "fused_group_norm_available"),
-    "short_attention": ("imix2mix.seva.attention", "short_attention_available"),
-    "adamw": ("imix2mix.distill", "fused_adamw_available"),  # bf16 weight copies, AdamWWithComputeCopies
-}
-
-
-def disable_kernels(switches: dict[str, tuple[str, str]]) -> list:
-    """Make the named kernels' predicates say no (the layers fall back to torch's ops); returns the
-    undo functions."""
-    undo = []
-    for module_name, predicate in switches.values():
-        module = importlib.import_module(module_name)
-        undo.append(lambda module=module, predicate=predicate, old=getattr(module, predicate): setattr(module, predicate, old))
-        setattr(module, predicate, lambda *args: False)
-    return undo
+def chosen_kernels(kernels: str | None, torch_ops: str) -> KernelSet | None:
+    """The kernel set of ``--kernels`` with ``--torch-ops`` (comma-separated ops) on torch's ops;
+    None (the engine's choice: torch's ops eagerly, the Triton kernels inside graph captures) when
+    neither is given.  ``--torch-ops`` alone starts from the Triton set."""
+    ops = [op for op in torch_ops.split(",") if op]
+    if kernels is None and not ops:
+        return None
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise SystemExit(f"--torch-ops: unknown ops {', '.join(unknown)}; ops: {', '.join(OPS)}")
+    return kernel_set(kernels or "triton").replace(**dict.fromkeys(ops, "torch"))
 
 
 def _parse_set(item: str) -> tuple[str, str]:
@@ -267,12 +260,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-iterations", type=int, default=5)
     parser.add_argument("--reference-steps", type=int, default=100, help="teacher steps of the first reference edit (one-time cost)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result file")
-    parser.add_argument("--disable-kernels", default="", help=f"comma-separated, from: {', '.join(KERNEL_SWITCHES)}: "
-                        "run those layers on torch's ops instead of the Triton kernels (for before/after numbers)")
+    parser.add_argument("--kernels", default=None, choices=sorted(KERNEL_SETS),
+                        help="run everything with this kernel set (default: torch's ops eagerly, Triton inside graph captures)")
+    parser.add_argument("--torch-ops", default="", help=f"comma-separated, from: {', '.join(OPS)}: run those ops on "
+                        "torch's ops instead of the Triton kernels (for before/after numbers; the fused AdamW: "
+                        "the mode graphed_torch_adamw)")
     parser.add_argument("--profile-dir", type=Path, default=None, help="write a torch.profiler table of the first configuration here")
     args = parser.parse_args(argv)
 
-    disable_kernels({k: KERNEL_SWITCHES[k] for k in args.disable_kernels.split(",") if k})
+    kernels = chosen_kernels(args.kernels, args.torch_ops)
+    with use_kernels(kernels) if kernels is not None else contextlib.nullcontext():
+        return _run(args, kernels)
+
+
+def _run(args, kernels: KernelSet | None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         # Official numerics: bf16 autocast compute, fp32 master weights; TF32 for leftover fp32 matmuls.
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "preset": args.preset,
-            "disabled_kernels": [k for k in args.disable_kernels.split(",") if k],
+            "kernels": None if kernels is None else dataclasses.asdict(kernels),
             "default_schedule_iterations": DEFAULT_SCHEDULE_ITERATIONS,
             "one_time_seconds": {"model_build": build_seconds, "reference_edit": reference_edit_seconds},
             "reference_edit_steps": args.reference_steps,

@@ -40,7 +40,7 @@ from imix2mix.attention import CrossViewAttention
 from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError
 from imix2mix.kernels.adamw import fused_adamw_available
-from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
+from imix2mix.kernels.dispatch import use_kernels
 from imix2mix.metrics import ClipMetricsModel, SceneMetrics
 from imix2mix.optim import AdamWLowPrecisionStates, AdamWWithComputeCopies
 from imix2mix.preprocess import paste_back, prepare_views
@@ -414,7 +414,7 @@ class GraphedStudent(torch.nn.Module):
         )
         for parameter in network.parameters():  # an earlier scene's gradients: free their memory first
             parameter.grad = None
-        with autocast, triton_kernels_for_graph_capture():
+        with autocast, use_kernels("triton", unless_chosen=True):
             # allow_unused_input: q, k and norm2 of the single-token cross-attentions get no gradient
             self.graphed = torch.cuda.make_graphed_callables(
                 _StudentWithFrameCount(network, num_frames), sample, allow_unused_input=True

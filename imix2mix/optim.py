@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from imix2mix.kernels.adamw import ALIGNMENT_BYTES, ChunkPlan, adamw_update, is_dense, square_sums
+from imix2mix.kernels.adamw import ALIGNMENT_BYTES, DEFAULT_LAUNCH, AdamWLaunch, ChunkPlan, adamw_update, is_dense, square_sums
 
 
 def adamw_defaults(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict:
@@ -128,8 +128,10 @@ class AdamWWithComputeCopies(torch.optim.Optimizer):
         *,
         compute_copies: Iterable[torch.nn.Parameter] = (),
         compute_dtype: torch.dtype = torch.bfloat16,
+        launch: AdamWLaunch = DEFAULT_LAUNCH,
     ):
         super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay))
+        self.launch = launch  # the kernels' chunk and block sizes
         copied = {id(p) for p in compute_copies}
         for group in self.param_groups:
             for p in group["params"]:
@@ -166,7 +168,8 @@ class AdamWWithComputeCopies(torch.optim.Optimizer):
         if cached is None:
             copies = [s["copy"] for s in states] if "copy" in states[0] else None
             plan = ChunkPlan.build(
-                grads, [s["master"] for s in states], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], copies
+                grads, [s["master"] for s in states], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], copies,
+                self.launch,
             )
         else:
             plan, previous = cached

@@ -30,7 +30,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from imix2mix.attention import CrossViewAttention, KeyViewState, set_cross_view_attention
 from imix2mix.errors import MissingWeightsError
 from imix2mix.hub import resolve_dir
-from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
+from imix2mix.kernels.dispatch import use_kernels
 from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import replace_modules, use_group_norm32
 
@@ -287,7 +287,7 @@ class _CapturedUnet:
         self.input, self.timestep, self.text = model_input.clone(), timestep.clone(), text.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with triton_kernels_for_graph_capture():
+        with use_kernels("triton", unless_chosen=True):
             with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN/cuBLAS pick their kernels
                 for _ in range(2):
                     unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)
