@@ -17,8 +17,6 @@ phases), peak allocated/reserved memory, and the projected minutes for the defau
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import datetime
 import gc
 import json
@@ -27,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,8 @@ for folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # the package, and the sib
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from imix2mix.distill import Edit, EditConfig  # noqa: E402
-from imix2mix.kernels.dispatch import KERNEL_SETS, OPS, KernelSet, kernel_set, use_kernels  # noqa: E402
+from imix2mix.config import KERNEL_OPS, EditConfig, KernelChoice  # noqa: E402
+from imix2mix.edits import Edit  # noqa: E402
 from imix2mix.presets import build_editor, default_config  # noqa: E402
 from imix2mix.scene import Scene, View  # noqa: E402
 
@@ -101,15 +100,16 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
     device = editor.device
     result = Measurement(name=name, n_views=n_views, overrides=overrides)
     config = base.overridden(overrides)
-    scene = synthetic_scene(n_views, max(config.student_image_size, 64))
+    scene = synthetic_scene(n_views, max(config.method.student_image_size, 64))
     edit = Edit("turn him into a knight")
-    distillation = None
+    prepared = None
     try:
         _release(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        distillation = editor.prepare_distillation(scene, edit, config)
+        prepared = editor.prepare_distillation(scene, edit, config)
+        distillation = prepared.__enter__()
         _sync(device)
         result.setup_seconds = time.perf_counter() - started
 
@@ -145,8 +145,9 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
     except torch.OutOfMemoryError as exc:
         result.error = f"out of memory: {str(exc).splitlines()[0]}"
     finally:
-        editor.finish_distillation(distillation)
-        distillation = None  # its graphs and optimizer state go before the next configuration
+        if prepared is not None:
+            prepared.__exit__(None, None, None)  # the plan undone: weight copies, graphs, formats
+        prepared = distillation = None  # its graphs and optimizer state go before the next configuration
         _release(device)
     return result
 
@@ -228,19 +229,6 @@ MODES: dict[str, list[str]] = {
 }
 
 
-def chosen_kernels(kernels: str | None, torch_ops: str) -> KernelSet | None:
-    """The kernel set of ``--kernels`` with ``--torch-ops`` (comma-separated ops) on torch's ops;
-    None (the engine's choice: torch's ops eagerly, the Triton kernels inside graph captures) when
-    neither is given.  ``--torch-ops`` alone starts from the Triton set."""
-    ops = [op for op in torch_ops.split(",") if op]
-    if kernels is None and not ops:
-        return None
-    unknown = sorted(set(ops) - set(OPS))
-    if unknown:
-        raise SystemExit(f"--torch-ops: unknown ops {', '.join(unknown)}; ops: {', '.join(OPS)}")
-    return kernel_set(kernels or "triton").replace(**dict.fromkeys(ops, "torch"))
-
-
 def _parse_set(item: str) -> tuple[str, str]:
     key, _, value = item.partition("=")
     return key.strip(), value.strip()
@@ -260,20 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-iterations", type=int, default=5)
     parser.add_argument("--reference-steps", type=int, default=100, help="teacher steps of the first reference edit (one-time cost)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result file")
-    parser.add_argument("--kernels", default=None, choices=sorted(KERNEL_SETS),
-                        help="run everything with this kernel set (default: torch's ops eagerly, Triton inside graph captures)")
-    parser.add_argument("--torch-ops", default="", help=f"comma-separated, from: {', '.join(OPS)}: run those ops on "
-                        "torch's ops instead of the Triton kernels (for before/after numbers; the fused AdamW: "
-                        "the mode graphed_torch_adamw)")
+    parser.add_argument("--kernels", default="auto", choices=typing.get_args(KernelChoice),
+                        help="the acceleration option `kernels` of every configuration (auto: the Triton kernels "
+                        "inside CUDA-graph captures, torch's ops eagerly)")
+    parser.add_argument("--torch-ops", default="", help=f"comma-separated, from: {', '.join(KERNEL_OPS)}: run those ops on "
+                        "torch's ops instead of the Triton kernels (the acceleration option `torch_ops`, for before/after "
+                        "numbers; the fused AdamW: the mode graphed_torch_adamw)")
     parser.add_argument("--profile-dir", type=Path, default=None, help="write a torch.profiler table of the first configuration here")
     args = parser.parse_args(argv)
 
-    kernels = chosen_kernels(args.kernels, args.torch_ops)
-    with use_kernels(kernels) if kernels is not None else contextlib.nullcontext():
-        return _run(args, kernels)
-
-
-def _run(args, kernels: KernelSet | None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         # Official numerics: bf16 autocast compute, fp32 master weights; TF32 for leftover fp32 matmuls.
@@ -283,10 +266,11 @@ def _run(args, kernels: KernelSet | None) -> int:
     editor = build_editor(args.preset, device=device, random_weights=args.preset == "full", metrics=False)
     _sync(device)
     build_seconds = time.perf_counter() - started
-    base = default_config(args.preset)
+    # The kernels through the acceleration options, as any run chooses them (the execution plan decides).
+    base = default_config(args.preset).overridden({"kernels": args.kernels, "torch_ops": args.torch_ops})
 
     # One-time cost of the reference edit (the full IP2P pipeline at the default step count).
-    scene = synthetic_scene(4, max(base.student_image_size, 64))
+    scene = synthetic_scene(4, max(base.method.student_image_size, 64))
     started = time.perf_counter()
     editor.preview(scene, Edit("turn him into a knight"), base.overridden({"teacher_steps": args.reference_steps}))
     _sync(device)
@@ -305,7 +289,8 @@ def _run(args, kernels: KernelSet | None) -> int:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "preset": args.preset,
-            "kernels": None if kernels is None else dataclasses.asdict(kernels),
+            "kernels": args.kernels,
+            "torch_ops": args.torch_ops,
             "default_schedule_iterations": DEFAULT_SCHEDULE_ITERATIONS,
             "one_time_seconds": {"model_build": build_seconds, "reference_edit": reference_edit_seconds},
             "reference_edit_steps": args.reference_steps,

@@ -253,8 +253,8 @@ def patch_geglu_split(network):
 
 def patch_layernorm_mixed(network):
     """LayerNorm on the bf16 activations with fp32 statistics and weights, bf16 out (no casts): a
-    kernel backend of the op ``layer_norm``, in force for the measurement."""
-    from imix2mix.kernels.dispatch import TORCH, register_kernel_backend, use_kernels
+    kernel backend of the op ``layer_norm``, installed on the network for the measurement."""
+    from imix2mix.kernels.dispatch import TORCH, install_kernels, register_kernel_backend
 
     @register_kernel_backend("layer_norm", "mixed")
     def mixed(x, normalized_shape, weight, bias, eps):
@@ -263,9 +263,7 @@ def patch_layernorm_mixed(network):
                 return F.layer_norm(x, normalized_shape, weight, bias, eps)
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(use_kernels(TORCH.replace(layer_norm="mixed")))
-    return [stack.close]
+    return [install_kernels(network, TORCH.replace(layer_norm="mixed"))]
 
 
 def patch_groupnorm_mixed(network):
@@ -392,8 +390,8 @@ def teacher(args, device: torch.device) -> None:
     text = torch.randn(batch, 77, arch.unet["cross_attention_dim"], device=device, dtype=dtype)
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    from imix2mix.kernels.dispatch import use_kernels
-    from imix2mix.teacher import InstructPix2PixTeacher
+    from imix2mix.kernels.dispatch import kernels_installed
+    from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
     unet = InstructPix2PixTeacher(pipeline, device=device, dtype=dtype).unet  # our norms, GEGLUs, layouts
     blocks = [m for m in unet.modules() if isinstance(m, Transformer2DModel)]
@@ -407,7 +405,7 @@ def teacher(args, device: torch.device) -> None:
                 block._get_output_for_continuous_inputs = method
         unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         x = model_input.contiguous(memory_format=torch.channels_last) if channels_last else model_input
-        with torch.inference_mode(), use_kernels("triton"):
+        with torch.inference_mode(), kernels_installed(unet, "triton"):
             if device.type == "cuda" and not args.eager:
                 for _ in range(2):
                     unet(x, timestep, encoder_hidden_states=text, return_dict=False)
@@ -466,7 +464,7 @@ def optimizer(args, device: torch.device) -> None:
     # AdamWWithComputeCopies (the default): bf16 gradients of the matrix weights, their bf16 copies
     # written by the update, the clip folded in.  CUDA only: interpreted, one step of the tiny
     # student takes two minutes.
-    from imix2mix.distill import matrix_parameters
+    from imix2mix.optim import matrix_parameters
     from imix2mix.kernels.adamw import fused_adamw_available
     from imix2mix.optim import AdamWWithComputeCopies
 
@@ -521,7 +519,7 @@ def group_norm(args, device: torch.device) -> None:
     casts (with the NCHW↔NHWC transposes cuDNN would add around it, timed separately) against the
     fused NHWC Triton kernel, at every (channels, size) of the full student with T frames: kernel
     milliseconds per forward + backward."""
-    from imix2mix.kernels.dispatch import use_kernels
+    from imix2mix.kernels.dispatch import kernels_installed
     from imix2mix.kernels.group_norm import fused_group_norm_available
     from imix2mix.seva.layers import GroupNorm32
 
@@ -539,7 +537,7 @@ def group_norm(args, device: torch.device) -> None:
             grad = gradient.contiguous(memory_format=memory_format)
             if name == "nhwc_fused" and not fused_group_norm_available(source, 32):
                 continue
-            with use_kernels(kernels):
+            with kernels_installed(norm, kernels):
                 results[name] = kernel_milliseconds(lambda: norm(source, silu=True).backward(grad), device, args.repeats)
         transpose = kernel_milliseconds(lambda: x.contiguous(memory_format=torch.channels_last), device, args.repeats)
         log(f"group_norm_ms[C={channels},{size}x{size}]",
@@ -554,7 +552,7 @@ def feed_forward(args, device: torch.device) -> None:
     gradient's column sum (torch's ``sum(0)`` vs the Triton kernel), and a whole FeedForward forward +
     backward under autocast with both kernels on and off."""
     import imix2mix.seva.attention as attention
-    from imix2mix.kernels.dispatch import use_kernels
+    from imix2mix.kernels.dispatch import kernels_installed
     from imix2mix.kernels.geglu import GegluLaunch, geglu, geglu_reference
     from imix2mix.kernels.linear import column_sum
 
@@ -590,7 +588,7 @@ def feed_forward(args, device: torch.device) -> None:
 
         whole = {}
         for name, kernels in (("fused", "triton"), ("torch", "torch")):
-            with use_kernels(kernels):
+            with kernels_installed(ff, kernels):
                 whole[name] = kernel_milliseconds(ff_step, device, args.repeats)
         bytes_gate = 3 * h.numel() * 2 + 2 * dout.numel() * 2  # fwd: h + out; bwd: h + dout + dh
         log(f"feed_forward_ms[C={channels},rows={rows}]", {

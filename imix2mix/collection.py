@@ -606,7 +606,7 @@ class PlannedRun:
 
     scene: SceneRef
     edit: EditSpec
-    config: Any = field(repr=False)  # imix2mix.distill.EditConfig with the edit's overrides applied
+    config: Any = field(repr=False)  # imix2mix.config.EditConfig with the edit's overrides applied
     config_hash: str
     output_dir: Path
     previous_run: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
@@ -695,7 +695,7 @@ def plan_collection(
 ) -> CollectionPlan:
     """Every (scene, edit) with its effective config; runs that already succeeded are marked skipped.
 
-    ``base_config`` is the preset's :class:`~imix2mix.distill.EditConfig`; ``succeeded`` maps
+    ``base_config`` is the preset's :class:`~imix2mix.config.EditConfig`; ``succeeded`` maps
     (scene_id, edit_id, config_hash) to the manifest row of the latest success.  A success counts only
     for the same preset, for the scene's current contents (its ``scene_content_hash`` equals
     :func:`scene_content_hash` now: a scene uploaded again under the same name with other photos or

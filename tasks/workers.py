@@ -1,6 +1,6 @@
 """The Ray side of the pipeline: a cluster connection and a pool of ``EditWorker`` actors.
 
-Each actor builds one :class:`~imix2mix.distill.Editor` when it starts (models loaded once) and serves
+Each actor builds one :class:`~imix2mix.editor.Editor` when it starts (models loaded once) and serves
 many scenes; ``Editor.edit`` resets the student per scene.  The pool lends actors to callers (Prefect
 task threads), polls the running actor for progress, replaces an actor that dies and retries its
 scene (bounded).  Errors raised by the edit itself (a bad scene, CUDA out of memory) are returned to
@@ -119,7 +119,7 @@ class WorkerSpec:
 class EditOutcome:
     """What an actor returns for one (scene, edit): the engine result and its CLIP metrics."""
 
-    result: Any  # imix2mix.distill.EditResult
+    result: Any  # imix2mix.editor.EditResult
     metrics: Any  # imix2mix.metrics.SceneMetrics | None
     worker: str  # the actor's name
     attempts: int = 1

@@ -16,7 +16,7 @@ from kernel_checks import run_program
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
 from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import GroupNorm32
-from imix2mix.teacher import InstructPix2PixTeacher
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
 
 def test_tiny_student_channels_last_matches_nchw_forward_and_backward(tmp_path):
@@ -35,6 +35,11 @@ def test_tiny_student_channels_last_matches_nchw_forward_and_backward(tmp_path):
 def test_tiny_teacher_channels_last_matches_nchw(tmp_path):
     report = run_program("channels_last", "teacher", folder=tmp_path)
     assert report["weights_channels_last"]
+    # torch's ops until the teacher's kernel set is the fused one; every GroupNorm took the kernel
+    # once then; torch's ops again once the previous set is back
+    assert report["previous_was_torch"] and report["calls_before"] == 0, report
+    assert report["fused_calls"] == report["norms"] > 5, report
+    assert report["calls_after"] == 0, report
     assert report["diff"] < 1e-5, report
 
 

@@ -187,7 +187,7 @@ def test_scene_and_collection_edits_merge(collection: Path) -> None:
 
 
 def test_a_success_is_skipped_only_while_its_result_is_in_the_output_folder(collection: Path, tmp_path: Path) -> None:
-    from imix2mix.distill import EditConfig
+    from imix2mix.config import EditConfig
 
     (collection / "face" / "edits.yaml").write_text("edits: [make it snowy]\n")
     scenes = [find_scene(collection, "face")]
@@ -219,7 +219,7 @@ def test_a_success_is_skipped_only_while_its_result_is_in_the_output_folder(coll
 
 def test_a_success_is_skipped_only_for_the_same_photos_and_poses(collection: Path, tmp_path: Path) -> None:
     """A scene uploaded again under the same name with other photos is edited again (regression)."""
-    from imix2mix.distill import EditConfig
+    from imix2mix.config import EditConfig
 
     face = collection / "face"
     (face / "edits.yaml").write_text("edits: [make it snowy]\n")

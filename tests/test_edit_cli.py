@@ -13,7 +13,8 @@ from conftest import SCENES
 from PIL import Image
 
 from imix2mix.cli import main
-from imix2mix.distill import Edit, to_uint8_image
+from imix2mix.edits import Edit
+from imix2mix.editor import to_uint8_image
 from imix2mix.outputs import contact_sheet, write_edit_outputs
 from imix2mix.preprocess import prepare_views
 from imix2mix.presets import build_editor
@@ -145,13 +146,10 @@ def test_reference_and_alignment_ablations_run(editor, scene, short_result):
 
 def test_prepare_distillation_for_benchmarks(editor, scene):
     config = editor.default_config.overridden({**SHORT, "time_phases": True})
-    run = editor.prepare_distillation(scene, EDIT, config)
-    try:
+    with editor.prepare_distillation(scene, EDIT, config) as run:
         assert editor.teacher.attention_mode == "rcv"
         outcome = run.step()
         run.step()
-    finally:
-        editor.finish_distillation()
     assert editor.teacher.attention_mode == "none"
     assert run.iteration == 2 and outcome.tau == 999 and torch.isfinite(outcome.loss)
     assert set(run.timer.totals) == {"student_forward", "teacher", "backward", "clip_and_optimizer"}
@@ -161,12 +159,11 @@ def test_prepare_distillation_for_benchmarks(editor, scene):
 def test_reference_edit_switch_sets_z_ref(editor, scene):
     """edited: z_ref = SEVA-VAE(edited reference, bilinear to the student size); source: of the crop."""
     config = editor.default_config.overridden({**SHORT, "reference_index": 1})
-    crop = prepare_views(scene, config.student_image_size)[1].image[None]
-    try:
-        source = editor.prepare_distillation(scene, EDIT, config.overridden({"reference_edit": "source"}))
-        edited = editor.prepare_distillation(scene, EDIT, config)
-    finally:
-        editor.finish_distillation()
+    crop = prepare_views(scene, config.method.student_image_size)[1].image[None]
+    with editor.prepare_distillation(scene, EDIT, config.overridden({"reference_edit": "source"})) as source:
+        pass
+    with editor.prepare_distillation(scene, EDIT, config) as edited:
+        pass
     with torch.no_grad():
         torch.testing.assert_close(source.cond.replace[0, :4], editor.seva_vae.encode(crop)[0])
         _, reference_edit = editor.preview(scene, EDIT, config)
@@ -183,9 +180,8 @@ def test_teacher_only_is_an_independent_ip2p_edit_per_view(editor, scene):
     config = editor.default_config.overridden({"mode": "teacher_only", "seed": 5})
     result = editor.edit(scene, EDIT, config)
     generator = torch.Generator().manual_seed(5)
-    for view, prepared in zip(result.views, prepare_views(scene, config.student_image_size)):
-        expected = editor.teacher.edit_image(prepared.image, EDIT.instruction, text_cfg=7.5, image_cfg=1.5, steps=4,
-                                             generator=generator, image_size=96)
+    for view, prepared in zip(result.views, prepare_views(scene, config.method.student_image_size)):
+        expected = editor.teacher.edit_image(prepared.image, EDIT, config.teacher, generator)
         assert np.array_equal(view, to_uint8_image(expected))
 
 
@@ -217,10 +213,7 @@ def test_an_edit_leaves_global_random_state_alone(editor, scene):
 
 
 def test_gradient_checkpointing_switch(editor, scene):
-    try:
-        editor.prepare_distillation(scene, EDIT, editor.default_config.overridden({**SHORT, "gradient_checkpointing": True}))
-        assert editor.student.gradient_checkpointing
-        editor.prepare_distillation(scene, EDIT, editor.default_config.overridden(SHORT))
-        assert not editor.student.gradient_checkpointing
-    finally:
-        editor.finish_distillation()
+    with editor.prepare_distillation(scene, EDIT, editor.default_config.overridden({**SHORT, "gradient_checkpointing": True})):
+        assert editor.student.network.gradient_checkpointing
+    with editor.prepare_distillation(scene, EDIT, editor.default_config.overridden(SHORT)):
+        assert not editor.student.network.gradient_checkpointing

@@ -2,8 +2,8 @@
 
 The CPU tests run the same kernels in Triton's interpreter on small shapes; these run them compiled,
 on fresh random inputs at full size, bf16 (and fp16 for GEGLU).  Marked ``gpu``: deselected by
-default, run with ``pytest -m gpu tests/test_gpu_kernels.py`` on a machine with CUDA (they need only
-torch, Triton and this package's kernels and SEVA layers).
+default, run with ``pytest -m gpu tests`` on a machine with CUDA (they need only torch, Triton and
+this package's kernels and SEVA layers).
 
 Thresholds, from the measurements in docs/benchmarks.md (H100, "Kernels against torch on the GPU"),
 with a margin of 3-10x where a result is not bit-exact by construction:
@@ -29,7 +29,7 @@ import pytest
 import torch
 from kernel_checks import ulp_distance
 
-from imix2mix.kernels.dispatch import TORCH, TRITON, use_kernels
+from imix2mix.kernels.dispatch import TORCH, TRITON, kernels_installed
 from imix2mix.kernels.geglu import geglu, geglu_reference
 from imix2mix.kernels.group_norm import group_norm_nhwc, group_norm_reference
 from imix2mix.kernels.linear import column_sum
@@ -107,7 +107,7 @@ def test_linear_with_the_kernel_set_matches_nn_linear(rows: int, channels: int) 
     results = {}
     for tag, module, kernels in (("kernel", layer, TRITON), ("torch", plain, TORCH)):
         xi = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16), use_kernels(kernels):
+        with torch.autocast("cuda", dtype=torch.bfloat16), kernels_installed(module, kernels):
             out = module(xi)
         if tag == "kernel":
             assert type(out.grad_fn).__name__ == "_LinearBackward"  # the kernel set's linear ran

@@ -9,7 +9,7 @@ import pytest
 import ray
 from conftest import SCENES
 
-from imix2mix.distill import Edit
+from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError
 from imix2mix.presets import default_config
 from imix2mix.scene import load_scene

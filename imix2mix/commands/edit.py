@@ -67,7 +67,7 @@ def run_edit(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from imix2mix.distill import Edit
+    from imix2mix.edits import Edit
     from imix2mix.outputs import write_edit_outputs
 
     edit = Edit(args.instruction, source_caption=args.source_caption, target_caption=args.target_caption)
@@ -98,7 +98,7 @@ def run_edit(args: argparse.Namespace) -> int:
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    from imix2mix.distill import Edit
+    from imix2mix.edits import Edit
     from imix2mix.outputs import write_png
 
     scene, editor, config = _setup(args, metrics=False)

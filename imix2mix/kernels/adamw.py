@@ -29,9 +29,7 @@ import torch
 
 from imix2mix.kernels.triton_support import DTYPE_KIND as _DTYPE_KIND
 from imix2mix.kernels.triton_support import HAS_TRITON as _HAS_TRITON
-from imix2mix.kernels.triton_support import interpreter_on as _interpreter_on
-from imix2mix.kernels.triton_support import tl, triton
-
+from imix2mix.kernels.triton_support import tl, triton, triton_runs_on
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,7 @@ if _HAS_TRITON:
 def fused_adamw_available(device: torch.device) -> bool:
     """Whether :func:`square_sums` and :func:`adamw_update` can run on ``device``: Triton, and CUDA
     (or the interpreter on CPU)."""
-    return _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _interpreter_on()))
+    return triton_runs_on(device)
 
 
 def is_dense(t: torch.Tensor) -> bool:

@@ -1,28 +1,22 @@
 """Which implementation each fused op of the models runs: a registry of kernel backends, kernel sets
-that pick one backend (and its launch sizes) per op, and the one context that puts a set in force.
+that pick one backend (and its launch sizes) per op, and their installation on a model.
 
-The model layers (``GroupNorm32``, ``LayerNorm32``, ``Linear``, ``GEGLU``, the attention processor)
-call :func:`active_kernels` and run an op through the set it returns (:meth:`KernelSet.run`); they
-never look at Triton or at where they run.  Outside any :func:`use_kernels` context the set is
-:data:`TORCH` (torch's ops): eagerly each Triton launch costs tens of microseconds of Python, more than
-the kernels save (on an H100, N = 4, the eager ``fused`` mode took 0.413 s per iteration with the
-kernels and 0.292 s with torch's ops, ``lean`` 0.687 vs 0.467 s), while CUDA-graph replays skip that
-cost (the graphed default took 0.150 s with the kernels, 0.211 s without).  So the code that captures
-graphs opens ``use_kernels("triton", unless_chosen=True)`` around the capture and its warm-up passes
-(where the kernels compile), and a caller that wants other kernels (a benchmark, an execution plan)
-opens its own set around the whole run, which the captures then keep.
-
-While ``torch.compile`` traces, :func:`active_kernels` is :data:`TORCH` whatever is in force:
-inductor fuses torch's ops itself and cannot trace a Triton launch of ours.
+A layer that has fused ops (``GroupNorm32``, ``LayerNorm32``, ``Linear``, ``GEGLU``, SEVA's
+``Attention``) is a :class:`UsesKernels`: it runs each op through its own ``kernels`` attribute
+(:meth:`KernelSet.run`), :data:`TORCH` (torch's ops) unless a set was installed on it.  Nothing reads
+a global: whoever runs a model installs the set it wants on that model (:func:`install_kernels`,
+:func:`kernels_installed`) and removes it afterwards.  In a run that is :func:`imix2mix.accel.execute`,
+with the sets the :class:`~imix2mix.accel.ExecutionPlan` chose; benchmarks and tests install theirs.
 
 A backend's ``supports`` check decides per call whether it can take these inputs (layout, dtype,
-device, Triton present); where it cannot, the op's ``torch`` backend runs, which every op has.
+device, Triton present); where it cannot, and whenever ``torch.compile`` traces (inductor fuses
+torch's ops itself and cannot trace a Triton launch of ours), the op's ``torch`` backend runs, which
+every op has.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from imix2mix.kernels.adamw import AdamWLaunch
 from imix2mix.kernels.geglu import GegluLaunch, fused_geglu_available, geglu, geglu_reference
 from imix2mix.kernels.group_norm import (
     GroupNormLaunch,
@@ -106,7 +101,8 @@ def kernel_backends(op: str) -> list[str]:
 @dataclass(frozen=True)
 class KernelSet:
     """Which backend each op runs (a name registered with :func:`register_kernel_backend`) and the
-    launch settings of each op's kernel.  Immutable: derive variants with :meth:`replace`."""
+    launch settings of each op's kernel (and of the fused AdamW).  Immutable: derive variants with
+    :meth:`replace`."""
 
     group_norm: str = "torch"
     layer_norm: str = "torch"
@@ -118,6 +114,8 @@ class KernelSet:
     linear_launch: ColumnSumLaunch = ColumnSumLaunch()
     geglu_launch: GegluLaunch = GegluLaunch()
     short_attention_launch: ShortAttentionLaunch = ShortAttentionLaunch()
+    # The fused AdamW of the bf16 weight copies (imix2mix.optim.AdamWWithComputeCopies).
+    adamw_launch: AdamWLaunch = AdamWLaunch()
 
     def __post_init__(self) -> None:
         for op in OPS:
@@ -140,7 +138,7 @@ class KernelSet:
         """``op`` of these arguments through its chosen backend, or through its ``torch`` backend
         where the chosen one does not support them."""
         backend = self.backend(op)
-        if not backend.supports(*args, **kwargs):
+        if backend.name != "torch" and (torch.compiler.is_compiling() or not backend.supports(*args, **kwargs)):
             backend = _BACKENDS[op]["torch"]
         if backend.takes_launch:
             return backend.fn(*args, launch=getattr(self, f"{op}_launch"), **kwargs)
@@ -218,28 +216,44 @@ def kernel_set(choice: KernelSet | str) -> KernelSet:
     return KERNEL_SETS[choice]
 
 
-_CHOSEN: contextvars.ContextVar[KernelSet | None] = contextvars.ContextVar("imix2mix_kernel_set", default=None)
+class UsesKernels:
+    """Mixin of the layers that run fused ops: ``self.kernels.run(op, ...)``.  The class attribute is
+    :data:`TORCH`; :func:`install_kernels` sets an instance's own."""
+
+    kernels: KernelSet = TORCH
+
+
+_UNSET = object()
+
+
+def install_kernels(module: torch.nn.Module, kernels: KernelSet | str) -> Callable[[], None]:
+    """Put ``kernels`` (a set or its name) in force in every :class:`UsesKernels` layer of ``module``
+    (itself included); returns the undo, which gives each layer back the set it had."""
+    chosen = kernel_set(kernels)
+    previous = [(m, m.__dict__.get("kernels", _UNSET)) for m in module.modules() if isinstance(m, UsesKernels)]
+    for layer, _ in previous:
+        layer.kernels = chosen
+
+    def undo() -> None:
+        for layer, old in previous:
+            if old is _UNSET:
+                layer.__dict__.pop("kernels", None)
+            else:
+                layer.kernels = old
+
+    return undo
 
 
 @contextlib.contextmanager
-def use_kernels(choice: KernelSet | str, *, unless_chosen: bool = False) -> Iterator[KernelSet]:
-    """Inside, :func:`active_kernels` is ``choice`` (a :class:`KernelSet` or its name); the set in
-    force before comes back on exit.  ``unless_chosen``: keep the set of an enclosing
-    :func:`use_kernels` if there is one (graph captures ask for Triton this way, so that a caller's
-    explicit choice reaches them)."""
-    chosen = kernel_set(choice)
-    outer = _CHOSEN.get()
-    token = _CHOSEN.set(outer if unless_chosen and outer is not None else chosen)
+def kernels_installed(module: torch.nn.Module, kernels: KernelSet | str) -> Iterator[KernelSet]:
+    """:func:`install_kernels` for the length of the block (undone also when it raises)."""
+    undo = install_kernels(module, kernels)
     try:
-        yield _CHOSEN.get()
+        yield kernel_set(kernels)
     finally:
-        _CHOSEN.reset(token)
+        undo()
 
 
-def active_kernels() -> KernelSet:
-    """The kernel set the layers run now: the innermost :func:`use_kernels`'s, else :data:`TORCH`;
-    :data:`TORCH` while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling():
-        return TORCH
-    chosen = _CHOSEN.get()
-    return TORCH if chosen is None else chosen
+def installed_kernels(module: torch.nn.Module) -> set[KernelSet]:
+    """The kernel sets the :class:`UsesKernels` layers of ``module`` run now."""
+    return {m.kernels for m in module.modules() if isinstance(m, UsesKernels)}

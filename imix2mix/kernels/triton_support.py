@@ -35,6 +35,11 @@ def interpreter_on() -> bool:
     return KERNELS_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device``: Triton, and CUDA (or the interpreter on CPU)."""
+    return HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreter_on()))
+
+
 if HAS_TRITON:
 
     @triton.jit

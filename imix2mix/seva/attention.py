@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imix2mix.kernels.dispatch import active_kernels
+from imix2mix.kernels.dispatch import UsesKernels
 from imix2mix.kernels.short_attention import MAX_LEN as SHORT_SEQUENCE_MAX_LEN
 from imix2mix.seva.layers import GroupNorm32, LayerNorm32, Linear
 
@@ -38,8 +38,8 @@ class SdpaAttnProcessor:
     copy per spatial position, are computed once.
 
     Self-attention over short sequences (the time-mix blocks' T views) is the op ``short_attention``
-    when the kernel set in force (:func:`~imix2mix.kernels.dispatch.active_kernels`) gives it a
-    backend other than torch's (the Triton kernel of :mod:`imix2mix.kernels.short_attention`: flash
+    when the attention layer's kernel set (:class:`~imix2mix.kernels.dispatch.UsesKernels`) gives it
+    a backend other than torch's (the Triton kernel of :mod:`imix2mix.kernels.short_attention`: flash
     tiles of 64+ rows are mostly padding there).
     """
 
@@ -49,7 +49,7 @@ class SdpaAttnProcessor:
             out = attn.to_out(attn.to_v(context))  # [context rows, 1, C]
             return _rows_per_query_batch(out, batch).expand(batch, q_len, out.shape[-1])
         heads, head_dim = attn.heads, attn.head_dim
-        kernels = active_kernels()
+        kernels = attn.kernels
         if context is None and q_len <= SHORT_SEQUENCE_MAX_LEN and kernels.short_attention != "torch":
             q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
             return attn.to_out(kernels.run("short_attention", q, k, v, heads))
@@ -72,7 +72,7 @@ def _rows_per_query_batch(context: torch.Tensor, batch: int) -> torch.Tensor:
     return context.repeat_interleave(batch // context.shape[0], dim=0)
 
 
-class Attention(nn.Module):
+class Attention(UsesKernels, nn.Module):
     """Self- or cross-attention with bias-free q/k/v projections (checkpoint names ``to_q`` … ``to_out.0``)."""
 
     def __init__(
@@ -101,10 +101,10 @@ class Attention(nn.Module):
         return self.processor(self, x, context)
 
 
-class GEGLU(nn.Module):
+class GEGLU(UsesKernels, nn.Module):
     """Linear to twice the width; the first half is gated by the exact (erf) GELU of the second half.
 
-    The gate is the op ``geglu`` of the kernel set in force (the Triton backend,
+    The gate is the op ``geglu`` of the layer's kernel set (the Triton backend,
     :mod:`imix2mix.kernels.geglu`, is one fused kernel per pass, the same function as torch's ops on
     the halves).  Also stands in for diffusers' ``GEGLU`` in the teacher (same ``proj``).
     """
@@ -123,7 +123,7 @@ class GEGLU(nn.Module):
         return geglu_module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return active_kernels().run("geglu", self.proj(x))
+        return self.kernels.run("geglu", self.proj(x))
 
 
 class FeedForward(nn.Module):

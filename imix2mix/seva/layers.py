@@ -10,44 +10,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imix2mix.kernels.dispatch import active_kernels
+from imix2mix.kernels.dispatch import UsesKernels
 
 
-class GroupNorm32(nn.GroupNorm):
+class GroupNorm32(UsesKernels, nn.GroupNorm):
     """GroupNorm with fp32 statistics and affine, rounded to the input's dtype (bf16/fp16 autocast
     keeps fp32 statistics), optionally followed by SiLU, and optionally of ``x + shift[:, :, None, None]``
     (``shift``: ``[N, C]`` of ``x.dtype``, added in that dtype first).
 
-    The op ``group_norm`` of the kernel set in force (:func:`~imix2mix.kernels.dispatch.active_kernels`):
+    The op ``group_norm`` of the layer's kernel set (:class:`~imix2mix.kernels.dispatch.UsesKernels`):
     its Triton backend (:mod:`imix2mix.kernels.group_norm`) takes channels-last inputs in one fused
     kernel per pass (torch's GroupNorm has no NHWC kernel, so without it every convolution around a
     norm would transpose its input and output).
     """
 
     def forward(self, x: torch.Tensor, silu: bool = False, shift: torch.Tensor | None = None) -> torch.Tensor:
-        kernels = active_kernels()
-        return kernels.run("group_norm", x, self.weight, self.bias, self.num_groups, self.eps, silu=silu, shift=shift)
+        return self.kernels.run("group_norm", x, self.weight, self.bias, self.num_groups, self.eps, silu=silu, shift=shift)
 
 
-class LayerNorm32(nn.LayerNorm):
+class LayerNorm32(UsesKernels, nn.LayerNorm):
     """LayerNorm as autocast runs it (fp32 statistics and affine), whose output under CUDA autocast is
     already rounded to the autocast dtype: in SEVA every consumer of a LayerNorm is a Linear, which
-    would round it to that dtype anyway.  The op ``layer_norm`` of the kernel set in force: its Triton
+    would round it to that dtype anyway.  The op ``layer_norm`` of the layer's kernel set: its Triton
     backend (:mod:`imix2mix.kernels.layer_norm`) takes contiguous inputs under autocast in one fused
     kernel per pass instead of casts around torch's fp32 kernel; the torch backend is ``nn.LayerNorm``'s.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return active_kernels().run("layer_norm", x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.kernels.run("layer_norm", x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and function) as the op ``linear`` of the kernel set in force:
+class Linear(UsesKernels, nn.Linear):
+    """``nn.Linear`` (same parameters and function) as the op ``linear`` of the layer's kernel set:
     its Triton backend (:mod:`imix2mix.kernels.linear`) sums the bias gradient with a column-sum
     kernel, casting as autocast would; the torch backend is ``nn.Linear``'s."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return active_kernels().run("linear", x, self.weight, self.bias)
+        return self.kernels.run("linear", x, self.weight, self.bias)
 
 
 def replace_modules(module: nn.Module, source_type: type[nn.Module], build: Callable[[nn.Module], nn.Module]) -> int:

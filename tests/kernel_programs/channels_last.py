@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from imix2mix.kernels.dispatch import TORCH, TRITON, use_kernels
+from imix2mix.kernels.dispatch import TORCH, TRITON, kernels_installed
 from imix2mix.kernels.group_norm import GroupNormLaunch
 from kernel_programs import counted_triton, run_main
 
@@ -51,10 +51,10 @@ def student() -> dict:
         return out.detach().float(), grads
 
     # fp32 only: bf16 rounding is the kernel tests' business.
-    with use_kernels(TORCH):
+    with kernels_installed(network, TORCH):
         out_ref, grads_ref = run(torch.contiguous_format)
     calls_before = len(calls)
-    with use_kernels(kernels):
+    with kernels_installed(network, kernels):
         out_cl, grads_cl = run(torch.channels_last)
     return dict(
         output=float((out_cl - out_ref).norm() / out_ref.norm()),
@@ -70,22 +70,33 @@ def student() -> dict:
 
 def teacher() -> dict:
     from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
-    from imix2mix.teacher import InstructPix2PixTeacher
+    from imix2mix.seva.layers import GroupNorm32
+    from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
     teacher = InstructPix2PixTeacher(build_random_teacher_pipeline(TeacherArchitecture.tiny(), seed=0))
     g = torch.Generator().manual_seed(2)
     latents = torch.randn(6, 8, 12, 12, generator=g)
     text = torch.randn(6, 77, teacher.unet.config.cross_attention_dim, generator=g)
-    kernels = TRITON.replace(group_norm_launch=FEW_PROGRAMS)
+    counted, calls = counted_triton("group_norm")
+    kernels = counted.replace(group_norm_launch=FEW_PROGRAMS)  # and the Triton GEGLU
     with torch.inference_mode():
         reference = teacher.unet(latents, 500, encoder_hidden_states=text).sample
+        calls_before = len(calls)
         teacher.set_memory_format(torch.channels_last)
         weight = teacher.unet.conv_in.weight
-        with use_kernels(kernels):
-            channels_last = teacher.unet(latents, 500, encoder_hidden_states=text).sample
+        previous = teacher.set_kernels(kernels)
+        channels_last = teacher.unet(latents, 500, encoder_hidden_states=text).sample
+        fused_calls = len(calls)
+        teacher.set_kernels(previous)
+        teacher.unet(latents, 500, encoder_hidden_states=text)
     return dict(
         diff=float((channels_last - reference).norm() / reference.norm()),
         weights_channels_last=weight.is_contiguous(memory_format=torch.channels_last),
+        calls_before=calls_before,
+        fused_calls=fused_calls,
+        calls_after=len(calls) - fused_calls,
+        norms=sum(isinstance(m, GroupNorm32) for m in teacher.unet.modules()),
+        previous_was_torch=previous == TORCH,
     )
 
 
@@ -103,7 +114,7 @@ def transformer_blocks() -> dict:
 
         def run(kernels: object) -> tuple[torch.Tensor, dict]:
             block.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16), use_kernels(kernels):
+            with torch.autocast("cpu", dtype=torch.bfloat16), kernels_installed(block, kernels):
                 out = block(x, context)
             (out.float() * target).sum().backward()
             return out.float().detach(), {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}

@@ -8,7 +8,7 @@ import json
 import torch
 
 from imix2mix.kernels import geglu as gg
-from imix2mix.kernels.dispatch import TRITON, use_kernels
+from imix2mix.kernels.dispatch import TRITON, kernels_installed
 from imix2mix.seva.attention import FeedForward
 from kernel_programs import counted_triton, run_main
 
@@ -45,7 +45,7 @@ def main(cases_json: str) -> dict:
     for tag, kernels in (("k", counted), ("r", TRITON.replace(geglu="torch"))):
         ff.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16), use_kernels(kernels):
+        with torch.autocast("cpu", dtype=torch.bfloat16), kernels_installed(ff, kernels):
             out = ff(xi)
         out.float().square().sum().backward()
         grads[tag] = {"out": out.detach(), "x": xi.grad, **{n: p.grad for n, p in ff.named_parameters()}}

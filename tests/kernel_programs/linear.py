@@ -8,7 +8,7 @@ import json
 import torch
 
 from imix2mix.kernels import linear as kl
-from imix2mix.kernels.dispatch import use_kernels
+from imix2mix.kernels.dispatch import kernels_installed
 from imix2mix.seva.layers import Linear
 from kernel_programs import counted_triton, run_main
 
@@ -39,7 +39,7 @@ def main(sums_json: str) -> dict:
         for tag, module in (("k", layer), ("r", plain)):
             module.zero_grad(set_to_none=True)
             xi = x.clone().requires_grad_(True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), use_kernels(counted):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), kernels_installed(module, counted):
                 out = module(xi)
             if tag == "k":
                 backward_functions.append(type(out.grad_fn).__name__)

@@ -21,7 +21,7 @@ def main() -> dict:
     from imix2mix.kernels import linear as kl
     from imix2mix.kernels import short_attention as sa
     from imix2mix.kernels.adamw import fused_adamw_available
-    from imix2mix.kernels.dispatch import use_kernels
+    from imix2mix.kernels.dispatch import kernels_installed
     from imix2mix.seva.layers import GroupNorm32
 
     x4 = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
@@ -50,7 +50,7 @@ def main() -> dict:
             raises[name] = type(error).__name__
     out["raises"] = raises
     norm = GroupNorm32(32, 64)
-    with use_kernels("triton"):
+    with kernels_installed(norm, "triton"):
         fallback = norm(x4, silu=True)
     out["layer_falls_back"] = torch.equal(fallback, gn.group_norm_reference(x4, norm.weight, norm.bias, 32, norm.eps, silu=True))
     out["library_imports_prefect_or_ray"] = any(m in sys.modules for m in ("prefect", "ray"))

@@ -8,7 +8,7 @@ import json
 import torch
 
 from imix2mix.kernels import short_attention as sa
-from imix2mix.kernels.dispatch import TRITON, use_kernels
+from imix2mix.kernels.dispatch import TRITON, kernels_installed
 from imix2mix.seva.attention import TransformerBlockTimeMix
 from kernel_programs import counted_triton, run_main
 
@@ -41,7 +41,7 @@ def main(cases_json: str) -> dict:
     grads = {}
     for tag, kernels in (("k", counted), ("r", TRITON.replace(short_attention="torch"))):
         block.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16), use_kernels(kernels):
+        with torch.autocast("cpu", dtype=torch.bfloat16), kernels_installed(block, kernels):
             out = block(x, context)
         (out.float() * target).sum().backward()
         grads[tag] = {"out": out.float().detach(), **{n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}}
