@@ -40,16 +40,17 @@ def pipeline_settings(output_root: str, preset: str, config_overrides: dict[str,
 
 
 def _summary_row(run: Any, status: str, *, seconds: float | None = None, clip_dir: float | None = None,
-                 clip_cons: float | None = None, note: str = "") -> dict[str, Any]:
+                 clip_cons: float | None = None, note: str = "", no_edit: bool | None = None) -> dict[str, Any]:
     return {"scene": run.scene.scene_id, "edit": run.edit.instruction, "edit_id": run.edit.edit_id,
             "status": status, "seconds": None if seconds is None else round(seconds, 2),
-            "clip_dir": clip_dir, "clip_cons": clip_cons, "output_dir": str(run.output_dir), "note": note}
+            "clip_dir": clip_dir, "clip_cons": clip_cons, "output_dir": str(run.output_dir), "note": note,
+            "no_edit": no_edit}
 
 
 def _problem_row(problem: SceneProblem) -> dict[str, Any]:
     """A scene that could not be planned: it has no (scene, edit) runs, only a reason."""
     return {"scene": problem.scene.scene_id, "edit": None, "edit_id": None, "status": "failed", "seconds": None,
-            "clip_dir": None, "clip_cons": None, "output_dir": None, "note": problem.error}
+            "clip_dir": None, "clip_cons": None, "output_dir": None, "note": problem.error, "no_edit": None}
 
 
 def _succeeded(future: Any) -> bool:
@@ -72,7 +73,8 @@ def _skip_done_runs(plan: CollectionPlan, settings: PipelineSettings, flow_run_i
         logger.info("skipping %s: already succeeded with config %s on these photos (content %s, run %s)",
                     run.label, run.config_hash[:12], (run.scene_content_hash or "")[:12], previous.get("run_id"))
         rows.append(_summary_row(run, "skipped", clip_dir=previous.get("clip_dir"),
-                                 clip_cons=previous.get("clip_cons"), note="already done with this config"))
+                                 clip_cons=previous.get("clip_cons"), note="already done with this config",
+                                 no_edit=previous.get("no_edit")))
     return rows
 
 
@@ -108,7 +110,7 @@ def _run_pending(plan: CollectionPlan, settings: PipelineSettings, flow_run_id: 
             if _succeeded(future):
                 row = future.result()
                 rows.append(_summary_row(run, "succeeded", seconds=row["wall_seconds"], clip_dir=row["clip_dir"],
-                                         clip_cons=row["clip_cons"]))
+                                         clip_cons=row["clip_cons"], no_edit=row.get("no_edit")))
             else:
                 rows.append(_summary_row(run, "failed", note=_error_of(future)))
     return rows

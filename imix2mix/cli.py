@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "imix2mix.commands.scene",
     "imix2mix.commands.edit",
     "imix2mix.commands.pipeline",
+    "imix2mix.commands.evaluate",
 )
 
 

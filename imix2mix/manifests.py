@@ -72,8 +72,20 @@ RUNS_SCHEMA = pa.schema(
         pa.field("clip_cons", pa.float64()),
         pa.field("output_dir", pa.string()),  # relative to the output root (the folder holding manifests/)
         pa.field("flow_run_id", pa.string()),
+        # imix2mix.evaluation: epipolar consistency (edited / source consistent pair fractions) and the no-edit check
+        pa.field("epipolar_score", pa.float64()),
+        pa.field("epipolar_consistent_fraction", pa.float64()),
+        pa.field("epipolar_source_fraction", pa.float64()),
+        pa.field("epipolar_median_px", pa.float64()),
+        pa.field("changed_fraction", pa.float64()),
+        pa.field("no_edit", pa.bool_()),
     ]
 )
+
+# Columns a skipped row repeats from the success it points at.
+RUN_RESULT_COLUMNS = ("clip_sim", "clip_dir", "clip_cons", "iterations", "device_name", "epipolar_score",
+                      "epipolar_consistent_fraction", "epipolar_source_fraction", "epipolar_median_px",
+                      "changed_fraction", "no_edit")
 
 VIEWS_SCHEMA = pa.schema(
     [
@@ -85,6 +97,24 @@ VIEWS_SCHEMA = pa.schema(
         pa.field("output_path", pa.string()),  # relative to the output root
         pa.field("clip_sim", pa.float64()),
         pa.field("clip_dir", pa.float64()),
+    ]
+)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("scene_id", pa.string(), nullable=False),
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("views", pa.string(), nullable=False),  # edited | source
+        pa.field("view_i", pa.int32(), nullable=False),
+        pa.field("view_j", pa.int32(), nullable=False),
+        pa.field("matches", pa.int32()),
+        pa.field("median_px", pa.float64()),
+        pa.field("under_2px", pa.float64()),
+        pa.field("under_4px", pa.float64()),
+        pa.field("under_8px", pa.float64()),
+        pa.field("status", pa.string()),  # consistent | inconsistent | insufficient
+        pa.field("clip_cons", pa.float64()),  # the pair's CLIP consistency (edited rows only)
     ]
 )
 
@@ -105,7 +135,8 @@ class TableSpec:
 SCENES = TableSpec("scenes", SCENES_SCHEMA, ("scene_id",))
 RUNS = TableSpec("runs", RUNS_SCHEMA, ("run_id",))
 VIEWS = TableSpec("views", VIEWS_SCHEMA, ("run_id", "view_index"))
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SCENES, RUNS, VIEWS)}
+PAIRS = TableSpec("pairs", PAIRS_SCHEMA, ("run_id", "views", "view_i", "view_j"))
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SCENES, RUNS, VIEWS, PAIRS)}
 
 
 class ManifestError(ImixError):
@@ -357,10 +388,12 @@ def run_row(
     metrics: Any = None,
     output_dir: str | os.PathLike[str] | None = None,
     flow_run_id: str | None = None,
+    evaluation: Any = None,
 ) -> dict[str, Any]:
-    """The ``runs`` row of a :class:`~imix2mix.collection.PlannedRun` (with its result once it succeeded)."""
+    """The ``runs`` row of a :class:`~imix2mix.collection.PlannedRun` (with its result once it succeeded;
+    ``evaluation``: its :class:`~imix2mix.evaluation.RunEvaluation`)."""
     finished_at = finished_at or utc_now()
-    return {
+    return {**_evaluation_columns(evaluation),
         "run_id": run_id,
         "scene_id": run.scene.scene_id,
         "edit_id": run.edit.edit_id,
@@ -385,6 +418,38 @@ def run_row(
         "output_dir": None if output_dir is None else os.fspath(output_dir),
         "flow_run_id": flow_run_id,
     }
+
+
+def _evaluation_columns(evaluation: Any) -> dict[str, Any]:
+    if evaluation is None:
+        return {}
+    epipolar = evaluation.epipolar
+    return {
+        "epipolar_score": epipolar.score,
+        "epipolar_consistent_fraction": epipolar.edited.consistent_fraction,
+        "epipolar_source_fraction": epipolar.source.consistent_fraction,
+        "epipolar_median_px": epipolar.edited.median_px,
+        "changed_fraction": evaluation.change.changed_fraction,
+        "no_edit": evaluation.no_edit,
+    }
+
+
+def pair_rows(run: Any, *, run_id: str, evaluation: Any, metrics: Any = None) -> list[dict[str, Any]]:
+    """One ``pairs`` row per view pair (i < j) of the edited views and of the source views."""
+    if evaluation is None:
+        return []
+    clip = list(metrics.pair_consistency) if metrics is not None else []
+    rows = []
+    for name, view_set in (("edited", evaluation.epipolar.edited), ("source", evaluation.epipolar.source)):
+        for index, pair in enumerate(view_set.pairs):
+            rows.append({
+                "run_id": run_id, "scene_id": run.scene.scene_id, "edit_id": run.edit.edit_id, "views": name,
+                "view_i": pair.i, "view_j": pair.j, "matches": pair.matches, "median_px": pair.median_px,
+                "under_2px": pair.under_2px, "under_4px": pair.under_4px, "under_8px": pair.under_8px,
+                "status": pair.status,
+                "clip_cons": clip[index] if name == "edited" and index < len(clip) else None,
+            })
+    return rows
 
 
 def view_rows(

@@ -63,7 +63,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def run_record(result, scene, metrics=None) -> dict[str, Any]:
+def run_record(result, scene, metrics=None, evaluation=None) -> dict[str, Any]:
     """Everything ``run.json`` holds about one run (also useful to callers that log elsewhere)."""
     return _json_safe(
         {
@@ -80,6 +80,7 @@ def run_record(result, scene, metrics=None) -> dict[str, Any]:
             "peak_memory_bytes": result.peak_memory_bytes,
             "device": result.device,
             "metrics": metrics.to_dict() if metrics is not None else None,
+            "evaluation": evaluation.to_dict() if evaluation is not None else None,  # imix2mix.evaluation
             "log": result.log,
             "teacher_timesteps": result.teacher_timesteps,
             "key_views": result.key_views,
@@ -88,8 +89,9 @@ def run_record(result, scene, metrics=None) -> dict[str, Any]:
     )
 
 
-def write_edit_outputs(result, scene, out_dir: str | Path, metrics=None) -> OutputPaths:
-    """Write the images, contact sheet and ``run.json`` of ``result`` into ``out_dir``."""
+def write_edit_outputs(result, scene, out_dir: str | Path, metrics=None, evaluation=None) -> OutputPaths:
+    """Write the images, contact sheet and ``run.json`` of ``result`` into ``out_dir``
+    (``evaluation``: its :class:`~imix2mix.evaluation.RunEvaluation`, recorded in ``run.json``)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ImixError(f"{out_dir}: the output path exists and is not a folder")
@@ -99,7 +101,7 @@ def write_edit_outputs(result, scene, out_dir: str | Path, metrics=None) -> Outp
     full_views = [write_png(out_dir / f"view_{i:02d}_full.png", image) for i, image in enumerate(result.full_views)]
     reference = write_png(out_dir / "reference_edit.png", result.reference_edit) if result.reference_edit is not None else None
     sheet = write_png(out_dir / "contact_sheet.png", contact_sheet(result.originals, result.views))
-    record = run_record(result, scene, metrics)
+    record = run_record(result, scene, metrics, evaluation)
     record["files"] = {
         "views": [p.name for p in views],
         "full_views": [p.name for p in full_views],

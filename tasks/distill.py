@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from imix2mix.collection import PlannedRun
 from imix2mix.errors import ConfigError
+from imix2mix.evaluation import evaluate_result
 from imix2mix.manifests import discard_dir, new_run_id, publish_dir, staging_dir, utc_now
 from imix2mix.outputs import write_edit_outputs
 from tasks.manifest import record_failure, record_success
@@ -40,13 +41,17 @@ def edit_run(run: PlannedRun, scene: Any, scene_folder: Path, pool: EditWorkerPo
         logger.info("%s: distilling (config %s) into %s", run.label, run.config_hash[:12], run.output_dir)
         outcome = pool.run(scene, run.edit.to_edit(), run.config, on_progress=progress.update)
         progress.finish()
+        evaluation = evaluate_result(outcome.result, scene, outcome.metrics)
+        if evaluation.no_edit:
+            logger.warning("%s: no edit happened: %s", run.label, evaluation.change.reason)
         staging = staging_dir(run.output_dir)
-        written = write_edit_outputs(outcome.result, scene, staging, outcome.metrics)
+        written = write_edit_outputs(outcome.result, scene, staging, outcome.metrics, evaluation=evaluation)
         publish_dir(staging, run.output_dir)
         staging = None
         row = record_success(output_root, run, run_id=run_id, preset=preset, started_at=started_at, scene=scene,
                              scene_folder=scene_folder, outcome=outcome,
-                             view_files=[path.name for path in written.views], flow_run_id=flow_run_id)
+                             view_files=[path.name for path in written.views], flow_run_id=flow_run_id,
+                             evaluation=evaluation)
     except Exception as exc:
         if staging is not None:
             discard_dir(staging)
@@ -54,8 +59,8 @@ def edit_run(run: PlannedRun, scene: Any, scene_folder: Path, pool: EditWorkerPo
                        flow_run_id=flow_run_id)
         raise
     publish_run_artifacts(run, outcome, run.output_dir / written.contact_sheet.name)
-    logger.info("%s: done in %.1f s (%d iterations, CLIP dir %s)", run.label, row["wall_seconds"],
-                row["iterations"], _fmt(row["clip_dir"]))
+    logger.info("%s: done in %.1f s (%d iterations, CLIP dir %s, epipolar score %s)", run.label,
+                row["wall_seconds"], row["iterations"], _fmt(row["clip_dir"]), _fmt(row["epipolar_score"]))
     return row
 
 

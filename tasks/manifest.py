@@ -7,24 +7,26 @@ from pathlib import Path
 from typing import Any
 
 from imix2mix.collection import PlannedRun
-from imix2mix.manifests import RUNS, VIEWS, ManifestStore, new_run_id, run_row, utc_now, view_rows
+from imix2mix.manifests import (PAIRS, RUN_RESULT_COLUMNS, RUNS, VIEWS, ManifestStore, new_run_id, pair_rows, run_row,
+                                utc_now, view_rows)
 
 
 def record_success(output_root: Path, run: PlannedRun, *, run_id: str, preset: str, started_at: Any,
                    scene: Any, scene_folder: Path, outcome: Any, view_files: list[str],
-                   flow_run_id: str | None) -> dict[str, Any]:
-    """Write the run row and its view rows in one locked update; returns the run row.
+                   flow_run_id: str | None, evaluation: Any = None) -> dict[str, Any]:
+    """Write the run row, its view rows and its view-pair rows in one locked update; returns the run row.
 
     Output paths are recorded relative to the output root, so an output folder can be moved.
     """
     started_at = outcome.started_at or started_at  # from when an actor took it, not from queueing
     row = run_row(run, run_id=run_id, status="succeeded", preset=preset, started_at=started_at,
                   result=outcome.result, metrics=outcome.metrics, output_dir=run.output_subdir,
-                  flow_run_id=flow_run_id)
+                  flow_run_id=flow_run_id, evaluation=evaluation)
     inputs = [run.scene.uri_of(Path(os.path.relpath(view.path, scene_folder)).as_posix()) for view in scene.views]
     outputs = [run.output_subdir / name for name in view_files]
     views = view_rows(run, run_id=run_id, input_uris=inputs, output_paths=outputs, metrics=outcome.metrics)
-    ManifestStore(output_root).upsert_many({RUNS.name: [row], VIEWS.name: views})
+    pairs = pair_rows(run, run_id=run_id, evaluation=evaluation, metrics=outcome.metrics)
+    ManifestStore(output_root).upsert_many({RUNS.name: [row], VIEWS.name: views, PAIRS.name: pairs})
     return row
 
 
@@ -57,7 +59,7 @@ def record_skipped(output_root: Path, runs: list[PlannedRun], *, preset: str,
         previous = run.previous_run or {}
         row = run_row(run, run_id=new_run_id(), status="skipped", preset=preset, started_at=now, finished_at=now,
                       output_dir=previous.get("output_dir"), flow_run_id=flow_run_id)
-        for metric in ("clip_sim", "clip_dir", "clip_cons", "iterations", "device_name"):
+        for metric in RUN_RESULT_COLUMNS:
             row[metric] = previous.get(metric)
         rows.append(row)
     if rows:

@@ -73,7 +73,11 @@ def test_cli_edit_writes_every_output_and_is_deterministic(tmp_path, capsys):
     assert record["metrics"]["clip_cons"] is not None and record["metrics"]["clip_sim"] is not None
     assert record["edit"]["instruction"] == EDIT.instruction
     assert len(record["teacher_timesteps"]) == 4
-    assert str(tmp_path / "a") in capsys.readouterr().out
+    evaluation = record["evaluation"]  # imix2mix.evaluation: the epipolar pairs and the no-edit check
+    assert len(evaluation["epipolar"]["edited"]["pairs"]) == 6 and len(evaluation["epipolar"]["source"]["pairs"]) == 6
+    assert isinstance(evaluation["no_edit"]["no_edit"], bool) and 0 <= evaluation["no_edit"]["changed_fraction"] <= 1
+    out = capsys.readouterr()
+    assert str(tmp_path / "a") in out.out and "epipolar consistency" in out.err
 
 
 def test_cli_preview_writes_the_reference_edit(tmp_path):

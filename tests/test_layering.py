@@ -13,7 +13,7 @@ import imix2mix
 
 ORCHESTRATION = ("prefect", "ray", "flows", "tasks", "deployments")
 # The console entry point may start flows, but only from inside a command handler (lazy import).
-LAZY_ALLOWED = {"imix2mix/commands/pipeline.py"}
+LAZY_ALLOWED = {"imix2mix/commands/pipeline.py", "imix2mix/commands/evaluate.py"}
 
 
 def _module_level_imports(path) -> list[str]:

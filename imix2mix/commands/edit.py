@@ -68,6 +68,7 @@ def run_edit(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from imix2mix.edits import Edit
+    from imix2mix.evaluation import evaluate_result
     from imix2mix.outputs import write_edit_outputs
 
     edit = Edit(args.instruction, source_caption=args.source_caption, target_caption=args.target_caption)
@@ -86,15 +87,26 @@ def run_edit(args: argparse.Namespace) -> int:
 
         result = editor.edit(scene, edit, config, progress=on_progress)
     metrics = editor.score(result, edit) if editor.clip_metrics is not None else None
-    paths = write_edit_outputs(result, scene, _output_dir(args, scene), metrics)
+    evaluation = evaluate_result(result, scene, metrics)
+    paths = write_edit_outputs(result, scene, _output_dir(args, scene), metrics, evaluation=evaluation)
     console.print(f"reference view {result.reference_index} ({scene.views[result.reference_index].name}), "
                   f"{result.iterations} iterations in {result.timings['total']:.1f} s")
     if metrics is not None:
         parts = [f"{name} {value:.4f}" for name, value in
                  (("CLIP Sim.", metrics.clip_sim), ("CLIP Dir.", metrics.clip_dir), ("CLIP Cons.", metrics.clip_cons)) if value is not None]
         console.print(", ".join(parts) or "no metrics")
+    epipolar = evaluation.epipolar
+    console.print(f"epipolar consistency {_fmt(epipolar.score)} (consistent pairs: edited "
+                  f"{epipolar.edited.consistent}/{epipolar.edited.measured}, source "
+                  f"{epipolar.source.consistent}/{epipolar.source.measured} measured)")
+    if evaluation.no_edit:
+        console.print(f"[bold yellow]warning: no edit happened[/]: {evaluation.change.reason}")
     print(paths.run_json.parent)
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def run_preview(args: argparse.Namespace) -> int:

@@ -77,6 +77,9 @@ def _print_runs(rows: list[dict[str, Any]]) -> None:
         metrics = "" if row.get("clip_dir") is None else f"  CLIP dir {row['clip_dir']:.3f}"
         note = f"  ({row['note']})" if row.get("note") else ""
         print(f"{row['status']:<10} {row['scene']} · {row['edit'] or '-'}{metrics}{note}")
+        if row.get("no_edit"):
+            print(f"warning: {row['scene']} · {row['edit']}: no edit happened (the edited views are near-identical to "
+                  "the photos; see runs.parquet changed_fraction)")
 
 
 def run_collection(args: argparse.Namespace) -> int:
