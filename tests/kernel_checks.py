@@ -13,14 +13,17 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 REPO_ROOT = TESTS.parent
+# Ten times the slowest child seen on a loaded machine: a hang, not slowness, ends a test here.
+HANG_GUARD_SECONDS = 3600
 
 
 def run_program(name: str, *args: str, folder: Path) -> dict:
     """Run ``kernel_programs.<name>`` with ``args`` in a fresh Python in Triton's interpreter; the
     results it saved (``torch.save``) to a file in ``folder``.
 
-    The child gets no time limit: under the interpreter on a loaded machine it may take minutes, and
-    the test waits for its exit (its output is captured; a failure shows it)."""
+    Under the interpreter on a loaded machine a child may take many minutes (the channels-last student
+    took about 380 s on a busy 2-core machine), so the limit is only a guard against a hung child,
+    :data:`HANG_GUARD_SECONDS`; its output is captured, and a failure shows it."""
     out = folder / f"{name}.pt"
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(TESTS), env.get("PYTHONPATH", "")])
@@ -30,6 +33,7 @@ def run_program(name: str, *args: str, folder: Path) -> dict:
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
+        timeout=HANG_GUARD_SECONDS,
     )
     assert proc.returncode == 0, f"kernel_programs.{name} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return torch.load(out, weights_only=False)
