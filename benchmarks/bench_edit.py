@@ -40,6 +40,7 @@ for folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # the package, and the sib
 
 from imix2mix.config import KERNEL_OPS, EditConfig, KernelChoice  # noqa: E402
 from imix2mix.edits import Edit  # noqa: E402
+from imix2mix.errors import ConfigError  # noqa: E402
 from imix2mix.presets import build_editor, default_config  # noqa: E402
 from imix2mix.scene import Scene, View  # noqa: E402
 
@@ -256,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                         "numbers; the fused AdamW: the mode graphed_torch_adamw)")
     parser.add_argument("--profile-dir", type=Path, default=None, help="write a torch.profiler table of the first configuration here")
     args = parser.parse_args(argv)
+    # The kernels through the acceleration options, as any run chooses them (the execution plan
+    # decides); checked before the models are built.
+    try:
+        base = default_config(args.preset).overridden({"kernels": args.kernels, "torch_ops": args.torch_ops})
+    except ConfigError as error:
+        parser.error(str(error))
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -266,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     editor = build_editor(args.preset, device=device, random_weights=args.preset == "full", metrics=False)
     _sync(device)
     build_seconds = time.perf_counter() - started
-    # The kernels through the acceleration options, as any run chooses them (the execution plan decides).
-    base = default_config(args.preset).overridden({"kernels": args.kernels, "torch_ops": args.torch_ops})
 
     # One-time cost of the reference edit (the full IP2P pipeline at the default step count).
     scene = synthetic_scene(4, max(base.method.student_image_size, 64))

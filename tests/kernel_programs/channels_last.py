@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from imix2mix.kernels.dispatch import TORCH, TRITON, kernels_installed
+from imix2mix.kernels.dispatch import TORCH, kernels_installed
 from imix2mix.kernels.group_norm import GroupNormLaunch
 from kernel_programs import counted_triton, run_main
 
