@@ -217,7 +217,7 @@ def student_variant(network: Seva, config: SevaConfig, args, device, *, channels
                 log(f"student_profile_by_kind[{profile_path.stem}]", totals)
         del model
     finally:
-        for u in undo:
+        for u in reversed(undo):  # the last change first: each undo restores what was before it
             u()
     for module in compiled:
         module._compiled_call_impl = None
@@ -232,7 +232,8 @@ def student_variant(network: Seva, config: SevaConfig, args, device, *, channels
     return seconds, output
 
 
-# -- candidate changes, applied by monkeypatching for the measurement only ----------------------
+# -- candidate changes, applied for the measurement only (kernel backends installed on the network,
+# or monkeypatching where a change is not an op's) ----------------------
 
 def _patch(obj, name, value):
     old = getattr(obj, name)
@@ -251,10 +252,18 @@ def patch_geglu_split(network):
     return [_patch(GEGLU, "forward", forward)]
 
 
+def _install_backend(network, op: str, backend: str):
+    """The network's kernel set with ``op`` on ``backend``, installed on it; returns the undo."""
+    from imix2mix.kernels.dispatch import install_kernels, installed_kernels
+
+    (current,) = installed_kernels(network)
+    return install_kernels(network, current.replace(**{op: backend}))
+
+
 def patch_layernorm_mixed(network):
     """LayerNorm on the bf16 activations with fp32 statistics and weights, bf16 out (no casts): a
     kernel backend of the op ``layer_norm``, installed on the network for the measurement."""
-    from imix2mix.kernels.dispatch import TORCH, install_kernels, register_kernel_backend
+    from imix2mix.kernels.dispatch import register_kernel_backend
 
     @register_kernel_backend("layer_norm", "mixed")
     def mixed(x, normalized_shape, weight, bias, eps):
@@ -263,18 +272,26 @@ def patch_layernorm_mixed(network):
                 return F.layer_norm(x, normalized_shape, weight, bias, eps)
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
-    return [install_kernels(network, TORCH.replace(layer_norm="mixed"))]
+    return [_install_backend(network, "layer_norm", "mixed")]
 
 
 def patch_groupnorm_mixed(network):
-    from imix2mix.seva.layers import GroupNorm32
+    """GroupNorm on the bf16 activations with fp32 statistics and weights (no casts): a kernel backend
+    of the op ``group_norm``, installed on the network for the measurement."""
+    from imix2mix.kernels.dispatch import register_kernel_backend
 
-    def forward(self, x):
+    @register_kernel_backend("group_norm", "mixed")
+    def mixed(x, weight, bias, num_groups, eps, silu=False, shift=None):
+        if shift is not None:
+            x = x + shift[:, :, None, None]
         if x.dtype == torch.bfloat16:
             with torch.autocast("cuda", enabled=False):
-                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).type(x.dtype)
-    return [_patch(GroupNorm32, "forward", forward)]
+                y = F.group_norm(x, num_groups, weight, bias, eps)
+        else:
+            y = F.group_norm(x.float(), num_groups, weight, bias, eps).type(x.dtype)
+        return F.silu(y) if silu else y
+
+    return [_install_backend(network, "group_norm", "mixed")]
 
 
 def patch_timemix_backend(backend):
