@@ -4,6 +4,7 @@ actor) runs each scene as that scene's config says, whatever ran before."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,14 @@ def test_kernel_options_are_checked_and_outside_the_run_identity():
         base.overridden({"kernels": "cuda"})
     with pytest.raises(ConfigError, match="torch_ops: unknown ops softmax"):
         base.overridden({"torch_ops": "geglu,softmax"})
+
+
+def test_the_run_modes_never_choose_kernels():
+    """The loop and the other run modes get their kernels from the execution; they never name them."""
+    import imix2mix.modes
+
+    folder = Path(imix2mix.modes.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text()
+        for word in ("imix2mix.kernels", "KernelSet", "install_kernels", "kernels_installed", ".kernels", "torch_ops"):
+            assert word not in text, (path.name, word)
