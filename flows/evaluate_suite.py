@@ -27,7 +27,7 @@ from tasks.plan import plan_runs
 def evaluate_suite(
     suite: str,
     output_root: str,
-    preset: str = "tiny",
+    preset: str = "full",
     scenes: list[str] | None = None,
     modes: list[str] | None = None,
     data_root: str | None = None,

@@ -12,6 +12,9 @@
   channels-last, bf16 weight copies, compile, gradient checkpointing, offloading);
 * :class:`LoggingConfig`: how a run is observed.
 
+Beside it, the presets' :func:`default_config` and :class:`WeightSources` (where each model's weights
+come from), so that flows and the planner read defaults without importing torch.
+
 The run's identity (:meth:`EditConfig.identity`, hashed by :meth:`EditConfig.config_hash`) is every
 section that can change the result: acceleration and logging are outside it by construction.
 
@@ -31,6 +34,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from imix2mix.errors import ConfigError
@@ -421,3 +425,48 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             raise fail(f"{len(args)} comma-separated values")
         return tuple(_coerce(key, item, arg) for item, arg in zip(items, args))
     raise fail(str(kind))  # pragma: no cover - every field type is handled above
+
+
+@dataclass(frozen=True)
+class WeightSources:
+    """Where each model's weights come from: a Hugging Face id or a local path (file or folder)."""
+
+    seva: str = "stabilityai/stable-virtual-camera"
+    seva_filename: str = "modelv1.1.safetensors"
+    seva_vae: str = "stabilityai/stable-diffusion-2-1-base"
+    seva_vae_subfolder: str | None = "vae"
+    clip_h: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    teacher: str = "timbrooks/instruct-pix2pix"
+    clip_metrics: str = "openai/clip-vit-large-patch14"
+
+    @classmethod
+    def local(cls, folder: str | Path) -> "WeightSources":
+        """The layout :func:`save_editor_weights` writes (and ``--weights-dir`` expects)::
+
+            folder/seva/modelv1.1.safetensors   folder/seva_vae/    folder/clip_h/
+            folder/teacher/ (diffusers IP2P pipeline)                folder/clip_metrics/
+        """
+        folder = Path(folder)
+        return cls(
+            seva=str(folder / "seva"), seva_vae=str(folder / "seva_vae"), seva_vae_subfolder=None,
+            clip_h=str(folder / "clip_h"), teacher=str(folder / "teacher"), clip_metrics=str(folder / "clip_metrics"),
+        )
+
+
+PRESETS = ("full", "tiny")
+
+
+def default_config(preset: str) -> EditConfig:
+    """The EditConfig a preset runs with unless told otherwise.
+
+    ``tiny``: 128² student images (16² latents), 96² teacher images (12² latents), and a short
+    schedule (6 τ values, k_initial 4, k 2 → 14 iterations; 4 teacher steps) so a CPU run takes seconds.
+    """
+    if preset == "full":
+        return EditConfig()
+    if preset == "tiny":
+        return EditConfig().overridden(dict(
+            student_image_size=128, teacher_image_size=96, distill_dt=195, k=2, k_initial=4, warmup_steps=4,
+            teacher_steps=4, student_only_steps=4, log_every=1,
+        ))
+    raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")

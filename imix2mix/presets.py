@@ -27,7 +27,7 @@ from diffusers import (
 )
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from imix2mix.config import EditConfig, TeacherConfig
+from imix2mix.config import PRESETS, EditConfig, TeacherConfig, WeightSources, default_config  # noqa: F401  (re-exported)
 from imix2mix.editor import Editor
 from imix2mix.errors import ConfigError
 from imix2mix.metrics import ClipMetricsModel
@@ -190,51 +190,6 @@ def build_random_metrics_clip(arch: MetricsClipArchitecture, seed: int = 0, devi
 # ---------------------------------------------------------------------------------------------
 # Weight sources and editors
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WeightSources:
-    """Where each model's weights come from: a Hugging Face id or a local path (file or folder)."""
-
-    seva: str = "stabilityai/stable-virtual-camera"
-    seva_filename: str = "modelv1.1.safetensors"
-    seva_vae: str = "stabilityai/stable-diffusion-2-1-base"
-    seva_vae_subfolder: str | None = "vae"
-    clip_h: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    teacher: str = "timbrooks/instruct-pix2pix"
-    clip_metrics: str = "openai/clip-vit-large-patch14"
-
-    @classmethod
-    def local(cls, folder: str | Path) -> "WeightSources":
-        """The layout :func:`save_editor_weights` writes (and ``--weights-dir`` expects)::
-
-            folder/seva/modelv1.1.safetensors   folder/seva_vae/    folder/clip_h/
-            folder/teacher/ (diffusers IP2P pipeline)                folder/clip_metrics/
-        """
-        folder = Path(folder)
-        return cls(
-            seva=str(folder / "seva"), seva_vae=str(folder / "seva_vae"), seva_vae_subfolder=None,
-            clip_h=str(folder / "clip_h"), teacher=str(folder / "teacher"), clip_metrics=str(folder / "clip_metrics"),
-        )
-
-
-PRESETS = ("full", "tiny")
-
-
-def default_config(preset: str) -> EditConfig:
-    """The EditConfig a preset runs with unless told otherwise.
-
-    ``tiny``: 128² student images (16² latents), 96² teacher images (12² latents), and a short
-    schedule (6 τ values, k_initial 4, k 2 → 14 iterations; 4 teacher steps) so a CPU run takes seconds.
-    """
-    if preset == "full":
-        return EditConfig()
-    if preset == "tiny":
-        return EditConfig().overridden(dict(
-            student_image_size=128, teacher_image_size=96, distill_dt=195, k=2, k_initial=4, warmup_steps=4,
-            teacher_steps=4, student_only_steps=4, log_every=1,
-        ))
-    raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
 
 
 def build_editor(

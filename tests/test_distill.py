@@ -95,6 +95,26 @@ def test_registries_and_their_torch_free_name_lists_agree():
     assert sorted(TEACHER_NAMES) == sorted(teacher_names())
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"lr": "nan"}, "'lr' expects a finite number, got 'nan'"),
+    ({"text_cfg": "inf"}, "'text_cfg' expects a finite number"),
+    ({"image_cfg": float("-inf")}, "'image_cfg' expects a finite number"),
+    ({"lr": float("nan")}, "'lr' expects a finite number, got nan"),
+    ({"betas": "0.9,nan"}, "'betas' expects a finite number"),
+    ({"seed": "-1"}, "seed must be ≥ 0 \\(got -1\\)"),
+])
+def test_non_finite_and_out_of_range_settings_are_refused_when_parsed(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        EditConfig().overridden(overrides)
+
+
+def test_a_config_built_directly_refuses_non_finite_numbers():
+    with pytest.raises(ConfigError, match="lr must be a finite number"):
+        EditConfig(lr=float("inf"))
+    with pytest.raises(ConfigError, match="betas must be a finite number"):
+        EditConfig(betas=(0.9, float("nan")))
+
+
 def test_config_hash_is_stable_and_tracks_results_only():
     base = EditConfig()
     assert base.config_hash() == EditConfig().config_hash()
