@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib
 import json
 import math
 import platform
 import statistics
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,9 @@ for folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # the package, and the sib
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from imix2mix.config import EditConfig  # noqa: E402
+from imix2mix.config import KERNEL_OPS, EditConfig, KernelChoice  # noqa: E402
 from imix2mix.edits import Edit  # noqa: E402
+from imix2mix.errors import ConfigError  # noqa: E402
 from imix2mix.presets import build_editor, default_config  # noqa: E402
 from imix2mix.scene import Scene, View  # noqa: E402
 
@@ -229,28 +230,6 @@ MODES: dict[str, list[str]] = {
 }
 
 
-# Kernels that --disable-kernels can switch off: (module whose name the layers call, predicate).
-KERNEL_SWITCHES: dict[str, tuple[str, str]] = {
-    "geglu": ("imix2mix.seva.attention", "fused_geglu_available"),
-    "bias_grad": ("imix2mix.seva.layers", "fused_bias_grad_available"),
-    "layer_norm": ("imix2mix.seva.layers", "fused_layer_norm_available"),
-    "group_norm": ("imix2mix.seva.layers", "fused_group_norm_available"),
-    "short_attention": ("imix2mix.seva.attention", "short_attention_available"),
-    "adamw": ("imix2mix.accel", "fused_adamw_available"),  # bf16 weight copies, AdamWWithComputeCopies
-}
-
-
-def disable_kernels(switches: dict[str, tuple[str, str]]) -> list:
-    """Make the named kernels' predicates say no (the layers fall back to torch's ops); returns the
-    undo functions."""
-    undo = []
-    for module_name, predicate in switches.values():
-        module = importlib.import_module(module_name)
-        undo.append(lambda module=module, predicate=predicate, old=getattr(module, predicate): setattr(module, predicate, old))
-        setattr(module, predicate, lambda *args: False)
-    return undo
-
-
 def _parse_set(item: str) -> tuple[str, str]:
     key, _, value = item.partition("=")
     return key.strip(), value.strip()
@@ -270,12 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-iterations", type=int, default=5)
     parser.add_argument("--reference-steps", type=int, default=100, help="teacher steps of the first reference edit (one-time cost)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result file")
-    parser.add_argument("--disable-kernels", default="", help=f"comma-separated, from: {', '.join(KERNEL_SWITCHES)}: "
-                        "run those layers on torch's ops instead of the Triton kernels (for before/after numbers)")
+    parser.add_argument("--kernels", default="auto", choices=typing.get_args(KernelChoice),
+                        help="the acceleration option `kernels` of every configuration (auto: the Triton kernels "
+                        "inside CUDA-graph captures, torch's ops eagerly)")
+    parser.add_argument("--torch-ops", default="", help=f"comma-separated, from: {', '.join(KERNEL_OPS)}: run those ops on "
+                        "torch's ops instead of the Triton kernels (the acceleration option `torch_ops`, for before/after "
+                        "numbers; the fused AdamW: the mode graphed_torch_adamw)")
     parser.add_argument("--profile-dir", type=Path, default=None, help="write a torch.profiler table of the first configuration here")
     args = parser.parse_args(argv)
+    # The kernels through the acceleration options, as any run chooses them (the execution plan
+    # decides); checked before the models are built.
+    try:
+        base = default_config(args.preset).overridden({"kernels": args.kernels, "torch_ops": args.torch_ops})
+    except ConfigError as error:
+        parser.error(str(error))
 
-    disable_kernels({k: KERNEL_SWITCHES[k] for k in args.disable_kernels.split(",") if k})
     device = torch.device(args.device)
     if device.type == "cuda":
         # Official numerics: bf16 autocast compute, fp32 master weights; TF32 for leftover fp32 matmuls.
@@ -285,10 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     editor = build_editor(args.preset, device=device, random_weights=args.preset == "full", metrics=False)
     _sync(device)
     build_seconds = time.perf_counter() - started
-    base = default_config(args.preset)
 
     # One-time cost of the reference edit (the full IP2P pipeline at the default step count).
-    scene = synthetic_scene(4, max(base.student_image_size, 64))
+    scene = synthetic_scene(4, max(base.method.student_image_size, 64))
     started = time.perf_counter()
     editor.preview(scene, Edit("turn him into a knight"), base.overridden({"teacher_steps": args.reference_steps}))
     _sync(device)
@@ -307,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "preset": args.preset,
-            "disabled_kernels": [k for k in args.disable_kernels.split(",") if k],
+            "kernels": args.kernels,
+            "torch_ops": args.torch_ops,
             "default_schedule_iterations": DEFAULT_SCHEDULE_ITERATIONS,
             "one_time_seconds": {"model_build": build_seconds, "reference_edit": reference_edit_seconds},
             "reference_edit_steps": args.reference_steps,

@@ -217,7 +217,7 @@ def student_variant(network: Seva, config: SevaConfig, args, device, *, channels
                 log(f"student_profile_by_kind[{profile_path.stem}]", totals)
         del model
     finally:
-        for u in undo:
+        for u in reversed(undo):  # the last change first: each undo restores what was before it
             u()
     for module in compiled:
         module._compiled_call_impl = None
@@ -232,7 +232,8 @@ def student_variant(network: Seva, config: SevaConfig, args, device, *, channels
     return seconds, output
 
 
-# -- candidate changes, applied by monkeypatching for the measurement only ----------------------
+# -- candidate changes, applied for the measurement only (kernel backends installed on the network,
+# or monkeypatching where a change is not an op's) ----------------------
 
 def _patch(obj, name, value):
     old = getattr(obj, name)
@@ -251,25 +252,46 @@ def patch_geglu_split(network):
     return [_patch(GEGLU, "forward", forward)]
 
 
+def _install_backend(network, op: str, backend: str):
+    """The network's kernel set with ``op`` on ``backend``, installed on it; returns the undo."""
+    from imix2mix.kernels.dispatch import install_kernels, installed_kernels
+
+    (current,) = installed_kernels(network)
+    return install_kernels(network, current.replace(**{op: backend}))
+
+
 def patch_layernorm_mixed(network):
-    """LayerNorm on the bf16 activations with fp32 statistics and weights, bf16 out (no casts)."""
-    def forward(self, x):
+    """LayerNorm on the bf16 activations with fp32 statistics and weights, bf16 out (no casts): a
+    kernel backend of the op ``layer_norm``, installed on the network for the measurement."""
+    from imix2mix.kernels.dispatch import register_kernel_backend
+
+    @register_kernel_backend("layer_norm", "mixed")
+    def mixed(x, normalized_shape, weight, bias, eps):
         if x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cuda"):
             with torch.autocast("cuda", enabled=False):
-                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-    return [_patch(torch.nn.LayerNorm, "forward", forward)]
+                return F.layer_norm(x, normalized_shape, weight, bias, eps)
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+    return [_install_backend(network, "layer_norm", "mixed")]
 
 
 def patch_groupnorm_mixed(network):
-    from imix2mix.seva.layers import GroupNorm32
+    """GroupNorm on the bf16 activations with fp32 statistics and weights (no casts): a kernel backend
+    of the op ``group_norm``, installed on the network for the measurement."""
+    from imix2mix.kernels.dispatch import register_kernel_backend
 
-    def forward(self, x):
+    @register_kernel_backend("group_norm", "mixed")
+    def mixed(x, weight, bias, num_groups, eps, silu=False, shift=None):
+        if shift is not None:
+            x = x + shift[:, :, None, None]
         if x.dtype == torch.bfloat16:
             with torch.autocast("cuda", enabled=False):
-                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).type(x.dtype)
-    return [_patch(GroupNorm32, "forward", forward)]
+                y = F.group_norm(x, num_groups, weight, bias, eps)
+        else:
+            y = F.group_norm(x.float(), num_groups, weight, bias, eps).type(x.dtype)
+        return F.silu(y) if silu else y
+
+    return [_install_backend(network, "group_norm", "mixed")]
 
 
 def patch_timemix_backend(backend):
@@ -385,7 +407,7 @@ def teacher(args, device: torch.device) -> None:
     text = torch.randn(batch, 77, arch.unet["cross_attention_dim"], device=device, dtype=dtype)
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
+    from imix2mix.kernels.dispatch import kernels_installed
     from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
     unet = InstructPix2PixTeacher(pipeline, device=device, dtype=dtype).unet  # our norms, GEGLUs, layouts
@@ -400,7 +422,7 @@ def teacher(args, device: torch.device) -> None:
                 block._get_output_for_continuous_inputs = method
         unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         x = model_input.contiguous(memory_format=torch.channels_last) if channels_last else model_input
-        with torch.inference_mode(), triton_kernels_for_graph_capture():
+        with torch.inference_mode(), kernels_installed(unet, "triton"):
             if device.type == "cuda" and not args.eager:
                 for _ in range(2):
                     unet(x, timestep, encoder_hidden_states=text, return_dict=False)
@@ -475,18 +497,16 @@ def optimizer(args, device: torch.device) -> None:
     log("optimizer_kernel_ms[compute_copies_clip_and_step]", kernel_milliseconds(lambda: ours.clip_and_step(0.5), device, args.repeats))
     log("optimizer_copied_parameters", sum(p.numel() for p in copies))
     # Chunk and block sizes of the update kernel (elements per program, per loop step; warps).
-    import imix2mix.kernels.adamw as kernels
+    from imix2mix.kernels.adamw import AdamWLaunch
 
-    chosen = (kernels.CHUNK, kernels.BLOCK, kernels.NUM_WARPS)
-    for sizes in [chosen, (8192, 1024, 4), (16384, 2048, 8), (65536, 1024, 4), (32768, 2048, 8), (32768, 512, 4), (32768, 1024, 8)]:
-        kernels.CHUNK, kernels.BLOCK, kernels.NUM_WARPS = sizes
+    for sizes in [(32768, 1024, 4), (8192, 1024, 4), (16384, 2048, 8), (65536, 1024, 4), (32768, 2048, 8), (32768, 512, 4), (32768, 1024, 8)]:
         ours.release()
-        ours = AdamWWithComputeCopies(network.parameters(), lr=1e-5, weight_decay=0.01, compute_copies=copies)
+        ours = AdamWWithComputeCopies(network.parameters(), lr=1e-5, weight_decay=0.01, compute_copies=copies,
+                                      launch=AdamWLaunch(*sizes))
         for p in network.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         log(f"optimizer_kernel_ms[compute_copies chunk={sizes[0]} block={sizes[1]} warps={sizes[2]}]",
             kernel_milliseconds(lambda: ours.clip_and_step(0.5), device, args.repeats))
-    kernels.CHUNK, kernels.BLOCK, kernels.NUM_WARPS = chosen
     del ours, network, copies
     release()
 
@@ -516,6 +536,7 @@ def group_norm(args, device: torch.device) -> None:
     casts (with the NCHW↔NHWC transposes cuDNN would add around it, timed separately) against the
     fused NHWC Triton kernel, at every (channels, size) of the full student with T frames: kernel
     milliseconds per forward + backward."""
+    from imix2mix.kernels.dispatch import kernels_installed
     from imix2mix.kernels.group_norm import fused_group_norm_available
     from imix2mix.seva.layers import GroupNorm32
 
@@ -528,12 +549,13 @@ def group_norm(args, device: torch.device) -> None:
         x = torch.randn(args.frames, channels, size, size, device=device, dtype=torch.bfloat16)
         gradient = torch.randn_like(x)
         results = {}
-        for name, memory_format in (("nchw", torch.contiguous_format), ("nhwc_fused", torch.channels_last)):
+        for name, memory_format, kernels in (("nchw", torch.contiguous_format, "torch"), ("nhwc_fused", torch.channels_last, "triton")):
             source = x.contiguous(memory_format=memory_format).requires_grad_(True)
             grad = gradient.contiguous(memory_format=memory_format)
             if name == "nhwc_fused" and not fused_group_norm_available(source, 32):
                 continue
-            results[name] = kernel_milliseconds(lambda: norm(source, silu=True).backward(grad), device, args.repeats)
+            with kernels_installed(norm, kernels):
+                results[name] = kernel_milliseconds(lambda: norm(source, silu=True).backward(grad), device, args.repeats)
         transpose = kernel_milliseconds(lambda: x.contiguous(memory_format=torch.channels_last), device, args.repeats)
         log(f"group_norm_ms[C={channels},{size}x{size}]",
             {**{k: round(v, 3) for k, v in results.items()}, "one_layout_transpose": round(transpose, 3)})
@@ -547,11 +569,9 @@ def feed_forward(args, device: torch.device) -> None:
     gradient's column sum (torch's ``sum(0)`` vs the Triton kernel), and a whole FeedForward forward +
     backward under autocast with both kernels on and off."""
     import imix2mix.seva.attention as attention
-    import imix2mix.seva.layers as layers
-    import imix2mix.kernels.geglu as geglu_kernels
-    from imix2mix.kernels.geglu import geglu, geglu_reference
+    from imix2mix.kernels.dispatch import kernels_installed
+    from imix2mix.kernels.geglu import GegluLaunch, geglu, geglu_reference
     from imix2mix.kernels.linear import column_sum
-    from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
 
     levels = [(320, args.latent), (640, args.latent // 2), (1280, args.latent // 4)]
     for channels, size in levels:
@@ -562,13 +582,11 @@ def feed_forward(args, device: torch.device) -> None:
         for name, fn in (("torch", geglu_reference), ("fused", geglu)):
             source = h.clone().requires_grad_(True)
             gate[name] = kernel_milliseconds(lambda: fn(source).backward(dout), device, args.repeats)
-        # Tile shapes of the fused gate: (BLOCK_F, TILE, NUM_WARPS).
-        defaults = (geglu_kernels.BLOCK_F, geglu_kernels.TILE, geglu_kernels.NUM_WARPS)
+        # Tile shapes of the fused gate: (block_f, tile, num_warps).
         for variant in ((512, 4096, 4), (128, 2048, 4), (1024, 8192, 8), (512, 8192, 8), (256, 4096, 4), (128, 1024, 4)):
-            geglu_kernels.BLOCK_F, geglu_kernels.TILE, geglu_kernels.NUM_WARPS = variant
             source = h.clone().requires_grad_(True)
-            gate["fused" + str(variant)] = kernel_milliseconds(lambda: geglu(source).backward(dout), device, args.repeats)
-        geglu_kernels.BLOCK_F, geglu_kernels.TILE, geglu_kernels.NUM_WARPS = defaults
+            launch = GegluLaunch(*variant)
+            gate["fused" + str(variant)] = kernel_milliseconds(lambda: geglu(source, launch).backward(dout), device, args.repeats)
         narrow = torch.randn(rows, channels, device=device, dtype=torch.bfloat16)
         sums = {
             "torch": kernel_milliseconds(lambda: h.sum(0), device, args.repeats),
@@ -585,13 +603,10 @@ def feed_forward(args, device: torch.device) -> None:
                 out = ff(x)
             out.backward(grad)
 
-        with triton_kernels_for_graph_capture():  # the layers take their kernels as in a graph capture
-            whole = {"fused": kernel_milliseconds(ff_step, device, args.repeats)}
-        restore = [_patch(attention, "fused_geglu_available", lambda h: False),
-                   _patch(layers, "fused_bias_grad_available", lambda x, b: False)]
-        whole["torch"] = kernel_milliseconds(ff_step, device, args.repeats)
-        for undo in restore:
-            undo()
+        whole = {}
+        for name, kernels in (("fused", "triton"), ("torch", "torch")):
+            with kernels_installed(ff, kernels):
+                whole[name] = kernel_milliseconds(ff_step, device, args.repeats)
         bytes_gate = 3 * h.numel() * 2 + 2 * dout.numel() * 2  # fwd: h + out; bwd: h + dout + dh
         log(f"feed_forward_ms[C={channels},rows={rows}]", {
             "gate_fwd_bwd": {k: round(v, 3) for k, v in gate.items()},
@@ -608,23 +623,22 @@ def short_attention(args, device: torch.device) -> None:
     """The time-mix self-attention (T frames, SEVA's heads) at each level of the full student:
     kernel milliseconds of forward + backward through SDPA (with the head transposes) vs the
     short-sequence Triton kernel, bf16."""
-    import imix2mix.kernels.short_attention as kernels
+    from imix2mix.kernels.short_attention import ShortAttentionLaunch, short_attention_reference
     from imix2mix.kernels.short_attention import short_attention as kernel
-    from imix2mix.kernels.short_attention import short_attention_reference
 
     for channels, size, heads in ((320, args.latent, 5), (640, args.latent // 2, 10), (1280, args.latent // 4, 20)):
         q, k, v = (torch.randn(size * size, args.frames, channels, device=device, dtype=torch.bfloat16) for _ in range(3))
         do = torch.randn_like(q)
         times = {}
-        default_block, default_warps = kernels.BLOCK_B, kernels.NUM_WARPS
-        for name, fn, block in (("sdpa", short_attention_reference, None), ("kernel", kernel, default_block),
-                                ("kernel_block_4", kernel, 4), ("kernel_block_16", kernel, 16),
-                                ("kernel_block_16_8_warps", kernel, -16)):
-            kernels.BLOCK_B = abs(block or default_block)
-            kernels.NUM_WARPS = 8 if block is not None and block < 0 else default_warps
+        default = ShortAttentionLaunch()
+        for name, launch in (("sdpa", None), ("kernel", default), ("kernel_block_4", ShortAttentionLaunch(block_b=4)),
+                             ("kernel_block_8", ShortAttentionLaunch(block_b=8)),
+                             ("kernel_block_16_8_warps", ShortAttentionLaunch(block_b=16, num_warps=8))):
             ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
-            times[name] = round(kernel_milliseconds(lambda: fn(*ins, heads).backward(do), device, args.repeats), 3)
-        kernels.BLOCK_B, kernels.NUM_WARPS = default_block, default_warps
+            if launch is None:
+                times[name] = round(kernel_milliseconds(lambda: short_attention_reference(*ins, heads).backward(do), device, args.repeats), 3)
+            else:
+                times[name] = round(kernel_milliseconds(lambda: kernel(*ins, heads, launch).backward(do), device, args.repeats), 3)
         floor = 8 * q.numel() * 2 / 2.9e12 * 1e3  # q, k, v, o, do read; o, dq, dk, dv written: at least 8 passes
         log(f"short_attention_ms[C={channels},{size}x{size},T={args.frames}]", {**times, "floor_at_2.9TB/s": round(floor, 3)})
         del q, k, v, do

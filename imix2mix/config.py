@@ -53,6 +53,10 @@ CrossViewAttention = Literal["rcv", "extended", "none"]
 # AdamW with bf16 moments (changes numerics, see imix2mix/optim.py).
 OptimizerName = Literal["adamw", "adamw_fused", "adamw_foreach", "adamw_bf16_states"]
 StudentPrecision = Literal["bf16_autocast", "fp32"]
+# Which kernels the models' fused ops run (imix2mix.kernels.dispatch; see AccelerationConfig.kernels).
+KernelChoice = Literal["auto", "torch", "triton"]
+# The fused ops (a torch-free copy of imix2mix.kernels.dispatch.OPS; a test checks they agree).
+KERNEL_OPS = ("group_norm", "layer_norm", "linear", "geglu", "short_attention")
 
 
 def _key(name: str) -> dict[str, str]:
@@ -186,9 +190,23 @@ class AccelerationConfig:
     gradient_checkpointing: bool = False
     # Move CLIP-H and the text encoder off the GPU once used.
     offload_after_use: bool = False
+    # The kernels of the student's and the teacher's fused ops (GroupNorm, LayerNorm, Linear bias
+    # gradient, GEGLU, short attention) and of the bf16 weight copies' AdamW.  "auto": the Triton
+    # kernels in the passes replayed from CUDA graphs, torch's ops elsewhere (eagerly each Triton launch
+    # costs more Python than the kernel saves); "torch": torch's ops only (no weight copies);
+    # "triton": the Triton kernels in every pass of the run, eager ones included.
+    kernels: KernelChoice = "auto"
+    # Ops that run on torch's ops whatever ``kernels`` says, comma-separated (before/after measurements).
+    torch_ops: str = ""
 
     def problems(self) -> list[str]:
+        unknown = sorted(set(self.torch_op_names()) - set(KERNEL_OPS))
+        if unknown:
+            return [f"torch_ops: unknown ops {', '.join(unknown)}; ops: {', '.join(KERNEL_OPS)}"]
         return []
+
+    def torch_op_names(self) -> tuple[str, ...]:
+        return tuple(op.strip() for op in self.torch_ops.split(",") if op.strip())
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-from imix2mix.kernels.adamw import ALIGNMENT_BYTES, ChunkPlan, adamw_update, is_dense, square_sums
+from imix2mix.kernels.adamw import ALIGNMENT_BYTES, DEFAULT_LAUNCH, AdamWLaunch, ChunkPlan, adamw_update, is_dense, square_sums
 
 
 class ClipAndStep:
@@ -61,16 +61,18 @@ def make_optimizer(
     eps: float,
     weight_decay: float,
     compute_copies: list[torch.nn.Parameter] = (),
+    launch: AdamWLaunch = DEFAULT_LAUNCH,
 ) -> "AdamW | AdamWLowPrecisionStates | AdamWWithComputeCopies":
     """The optimizer called ``name`` (``EditConfig.runtime.optimizer``); ``compute_copies`` (only with
-    ``adamw_fused``): the parameters that compute from bf16 copies (:class:`AdamWWithComputeCopies`)."""
+    ``adamw_fused``): the parameters that compute from bf16 copies (:class:`AdamWWithComputeCopies`,
+    whose kernels take ``launch``)."""
     hyper = adamw_defaults(lr, betas, eps, weight_decay)
     if name == "adamw_bf16_states":
         return AdamWLowPrecisionStates(params, **hyper)
     if compute_copies:
         if name != "adamw_fused":
             raise ValueError(f"bf16 weight copies need the adamw_fused update (got {name})")
-        return AdamWWithComputeCopies(params, **hyper, compute_copies=compute_copies, compute_dtype=torch.bfloat16)
+        return AdamWWithComputeCopies(params, **hyper, compute_copies=compute_copies, compute_dtype=torch.bfloat16, launch=launch)
     variant = {"adamw": {}, "adamw_fused": {"fused": True}, "adamw_foreach": {"foreach": True}}[name]
     return AdamW(params, **hyper, **variant)
 
@@ -186,8 +188,10 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
         *,
         compute_copies: Iterable[torch.nn.Parameter] = (),
         compute_dtype: torch.dtype = torch.bfloat16,
+        launch: AdamWLaunch = DEFAULT_LAUNCH,
     ):
         super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay))
+        self.launch = launch  # the kernels' chunk and block sizes
         copied = {id(p) for p in compute_copies}
         for group in self.param_groups:
             for p in group["params"]:
@@ -224,7 +228,8 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
         if cached is None:
             copies = [s["copy"] for s in states] if "copy" in states[0] else None
             plan = ChunkPlan.build(
-                grads, [s["master"] for s in states], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], copies
+                grads, [s["master"] for s in states], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], copies,
+                self.launch,
             )
         else:
             plan, previous = cached

@@ -1,10 +1,9 @@
 """The fused NHWC GroupNorm (+ SiLU) Triton kernels against their torch reference.
 
-There is no GPU here, so the kernels run under the Triton interpreter.  ``TRITON_INTERPRET=1`` has to
-be set before Triton is imported (it decides at decoration time), and other tests in this process may
-have imported Triton already, so the kernels run in one child process per scenario: it computes the
-kernel's and the reference's outputs and gradients and saves them with ``torch.save``; the
-comparisons (and their tolerances) live here.
+There is no GPU here, so the kernels run under the Triton interpreter, in a child process
+(:mod:`kernel_programs.group_norm`, see :mod:`kernel_programs` for why): it computes the kernel's and
+the reference's outputs and gradients and saves them; the comparisons (and their tolerances) live
+here.
 
 Rounding: the interpreter truncates on fp32 -> bf16 casts (CUDA rounds to nearest even), so the
 kernels round to bf16 by integer arithmetic themselves; the exact-match fractions asserted below would
@@ -13,20 +12,20 @@ fall to about one half if that rounding were truncation.
 
 from __future__ import annotations
 
-import textwrap
+import json
 
 import pytest
-from kernel_checks import check_low_precision, rel_to_max, run_child, ulp_distance
+from kernel_checks import check_low_precision, rel_to_max, run_program, ulp_distance
 import torch
 import torch.nn.functional as F
 
-from imix2mix.kernels.group_norm import group_norm_reference
+from imix2mix.kernels.group_norm import GroupNormLaunch, group_norm_reference
 
 
 # One entry per kernel case: (name, dtype, N, C, G, H, W, silu, affine, knobs, mean, shift).
-# knobs: module constants to override for the case, so that small shapes still take every path:
-# *_MIN_PROGRAMS = 1 makes each program walk up to MAX_ROWS rows (several loop iterations, a ragged
-# last chunk) instead of one BLOCK_HW tile; FINISH_TILE = 8 makes the per-group kernels loop over
+# knobs: GroupNormLaunch fields to change for the case, so that small shapes still take every path:
+# *_min_programs = 1 makes each program walk up to max_rows rows (several loop iterations, a ragged
+# last chunk) instead of one block_hw tile; finish_tile = 8 makes the per-group kernels loop over
 # the row chunks in several steps (at 9 x 9, several chunks per sample: steps that straddle two).
 # mean: a mean common to all channels; 300 against a group variance of about 10 makes
 # E[x^2] - E[x]^2 cancel away four of fp32's seven digits.
@@ -34,8 +33,8 @@ from imix2mix.kernels.group_norm import group_norm_reference
 # embedding), added before the norm; there the mean is carried by the shift, not by x, so that the
 # statistics' pivot (a sample of x) is only right if it has the shift added too.  With C = 96 the
 # second channel block is half masked off; at 17 x 17 with LONG_ROWS the second row chunk is ragged.
-LONG_ROWS = {"REDUCE_MIN_PROGRAMS": 1, "APPLY_MIN_PROGRAMS": 1}
-SHORT_FINISH = {"FINISH_TILE": 8}
+LONG_ROWS = {"reduce_min_programs": 1, "apply_min_programs": 1}
+SHORT_FINISH = {"finish_tile": 8}
 CASES = [
     ("fp32_c64_g32_8x8", "float32", 2, 64, 32, 8, 8, False, True, {}, 0.0, False),
     ("fp32_c96_g32_5x5_silu", "float32", 2, 96, 32, 5, 5, True, True, {}, 0.0, False),
@@ -61,130 +60,9 @@ CASES = [
     ("fp16_c96_g16_17x17_long_shift", "float16", 2, 96, 16, 17, 17, False, True, LONG_ROWS, 0.0, True),
 ]
 
-_KERNEL_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    import imix2mix.kernels.group_norm as gn
-
-    cases = json.loads(sys.argv[1])
-    out_path = sys.argv[2]
-    torch.manual_seed(0)
-    defaults = {
-        knob: getattr(gn, knob) for knob in ("REDUCE_MIN_PROGRAMS", "APPLY_MIN_PROGRAMS", "FINISH_TILE")
-    }
-    results = {}
-    for name, dtype, n, c, g, h, w, silu, affine, knobs, mean, shift in cases:
-        dtype = getattr(torch, dtype)
-        for knob, value in {**defaults, **knobs}.items():
-            setattr(gn, knob, value)
-        # Per-channel offsets and scales, so that the statistics differ within and between groups.
-        offset = torch.randn(1, c, 1, 1) * 3 + (0.0 if shift else mean)
-        x = (torch.randn(n, c, h, w) * (1 + torch.rand(1, c, 1, 1)) + offset).to(dtype)
-        x = x.contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(c) if affine else None
-        bias = torch.randn(c) if affine else None
-        # Of x's size: x + shift needs rounding in bf16/fp16 almost everywhere.
-        x_shift = (torch.randn(n, c) * 2 + mean).to(dtype) if shift else None
-        dy = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
-        res = {"dtype": str(dtype)}
-        for tag, fn in (("k", gn.group_norm_nhwc), ("r", gn.group_norm_reference)):
-            # The reference runs on an NCHW copy: torch's CPU GroupNorm for channels-last input
-            # takes the variance as E[x^2] - E[x]^2 (3e-2 off for the large-mean case); its NCHW
-            # path and the CUDA kernel use Welford.
-            xi = (x if tag == "k" else x.contiguous()).clone().requires_grad_(True)
-            wi = weight.clone().requires_grad_(True) if affine else None
-            bi = bias.clone().requires_grad_(True) if affine else None
-            si = x_shift.clone().requires_grad_(True) if shift else None
-            y = fn(xi, wi, bi, g, 1e-5, silu, si)
-            y.backward(dy)
-            res["y_" + tag] = y.detach()
-            res["dx_" + tag] = xi.grad
-            if affine:
-                res["dw_" + tag] = wi.grad
-                res["db_" + tag] = bi.grad
-            if shift:
-                res["dshift_" + tag] = si.grad
-        res["y_channels_last"] = res["y_k"].is_contiguous(memory_format=torch.channels_last)
-        res["dx_channels_last"] = res["dx_k"].is_contiguous(memory_format=torch.channels_last)
-        # A dy that is not channels-last (NCHW-contiguous) must give the same dx.
-        if name.startswith("bf16_c96_g32_5x5"):
-            xi = x.clone().requires_grad_(True)
-            gn.group_norm_nhwc(xi, weight, bias, g, 1e-5, silu).backward(dy.contiguous())
-            res["dx_k_nchw_dy"] = xi.grad
-        # Gradients for one of x and shift only: the other's must not change (the dx kernel runs
-        # for the shift's gradient alone, into a scratch dx).
-        if name.startswith("bf16_c96_g32_17x17_silu_long_shift"):
-            si = x_shift.clone().requires_grad_(True)
-            gn.group_norm_nhwc(x, weight, bias, g, 1e-5, silu, si).backward(dy)
-            res["dshift_k_only"] = si.grad
-            xi = x.clone().requires_grad_(True)
-            gn.group_norm_nhwc(xi, weight, bias, g, 1e-5, silu, x_shift).backward(dy)
-            res["dx_k_only"] = xi.grad
-        results[name] = res
-
-    for knob, value in defaults.items():
-        setattr(gn, knob, value)
-    x = torch.randn(2, 64, 4, 4)
-    cl = x.contiguous(memory_format=torch.channels_last)
-    results["available"] = {
-        "channels_last": gn.fused_group_norm_available(cl, 32),
-        "nchw": gn.fused_group_norm_available(x.contiguous(), 32),
-        "c_not_divisible": gn.fused_group_norm_available(cl, 24),
-        "three_d": gn.fused_group_norm_available(torch.randn(2, 64, 16), 32),
-        "float64": gn.fused_group_norm_available(cl.double(), 32),
-    }
-    try:
-        gn.group_norm_nhwc(x.contiguous(), None, None, 32, 1e-5)
-        results["nchw_raises"] = False
-    except ValueError:
-        results["nchw_raises"] = True
-    results["bad_shift_raises"] = []
-    for bad in (torch.randn(2, 64).double(), torch.randn(2, 32), torch.randn(2, 64, 1, 1)):
-        try:
-            gn.group_norm_nhwc(cl, None, None, 32, 1e-5, shift=bad)
-            results["bad_shift_raises"].append(False)
-        except ValueError:
-            results["bad_shift_raises"].append(True)
-    torch.save(results, out_path)
-    """
-)
-
-_NO_TRITON_CHILD = textwrap.dedent(
-    """
-    import importlib, json, os, sys
-    import torch
-
-    sys.modules["triton"] = None  # makes `import triton` raise ImportError
-    import imix2mix.kernels.group_norm as gn
-
-    x = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
-    out = {"no_triton_available": gn.fused_group_norm_available(x, 32)}
-    try:
-        gn.group_norm_nhwc(x, None, None, 32, 1e-5)
-        out["no_triton_raises"] = False
-    except RuntimeError:
-        out["no_triton_raises"] = True
-    ref = gn.group_norm_reference(x, None, None, 32, 1e-5, silu=True)
-    out["reference_runs"] = bool(torch.isfinite(ref).all())
-
-    del sys.modules["triton"]
-    os.environ.pop("TRITON_INTERPRET", None)
-    gn = importlib.reload(gn)
-    out["cpu_without_interpreter_available"] = gn.fused_group_norm_available(x, 32)
-    out["library_imports_prefect_or_ray"] = any(m in sys.modules for m in ("prefect", "ray"))
-    print(json.dumps(out))
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def kernel_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    import json
-
-    out = tmp_path_factory.mktemp("kernels") / "results.pt"
-    run_child(_KERNEL_CHILD, json.dumps(CASES), str(out), interpret=True)
-    return torch.load(out, weights_only=False)
+    return run_program("group_norm", json.dumps(CASES), folder=tmp_path_factory.mktemp("kernels"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -276,19 +154,6 @@ def test_availability(kernel_results: dict) -> None:
     assert kernel_results["bad_shift_raises"] == [True, True, True]
 
 
-def test_module_works_without_triton() -> None:
-    import json
-
-    out = json.loads(run_child(_NO_TRITON_CHILD, interpret=True).strip().splitlines()[-1])
-    assert out == {
-        "no_triton_available": False,
-        "no_triton_raises": True,
-        "reference_runs": True,
-        "cpu_without_interpreter_available": False,
-        "library_imports_prefect_or_ray": False,
-    }
-
-
 def test_block_sizes_are_powers_of_two() -> None:
     """Compiled Triton needs power-of-two tl.arange sizes; the interpreter does not check them."""
     from imix2mix.kernels import group_norm as gn
@@ -296,19 +161,20 @@ def test_block_sizes_are_powers_of_two() -> None:
     def pow2(v: int) -> bool:
         return v >= 1 and v & (v - 1) == 0
 
-    assert pow2(gn.BLOCK_C) and pow2(gn.REDUCE_BLOCK_HW) and pow2(gn.APPLY_BLOCK_HW)
+    launch = GroupNormLaunch()
+    assert pow2(launch.block_c) and pow2(launch.reduce_block_hw) and pow2(launch.apply_block_hw)
     for n in (1, 2, 3, 5, 8, 17):
         for cg in (1, 2, 3, 10, 20, 30, 40, 60, 80, 96):
             for rows in (1, 2, 3, 7, 41, 100, 1000):
                 block_n = max(1 << (n - 1).bit_length(), 2)
                 for per_row in (1, block_n):
-                    block_rows, block_cg = gn._finish_blocks(rows * n, cg, per_row=per_row)
+                    block_rows, block_cg = gn._finish_blocks(rows * n, cg, launch, per_row=per_row)
                     assert pow2(block_rows) and pow2(block_cg) and block_cg >= cg, (n, cg, rows)
     for n, hw, c in ((5, 5184, 320), (5, 81, 2560), (2, 289, 96), (1, 1, 32)):
-        for block_hw, min_programs in ((gn.REDUCE_BLOCK_HW, gn.REDUCE_MIN_PROGRAMS), (gn.APPLY_BLOCK_HW, 1)):
-            rows, grid = gn._launch_grid(n, hw, c, block_hw, min_programs)
+        for block_hw, min_programs in ((launch.reduce_block_hw, launch.reduce_min_programs), (launch.apply_block_hw, 1)):
+            rows, grid = gn._launch_grid(n, hw, c, block_hw, min_programs, launch)
             assert rows % block_hw == 0 and grid[1] * rows >= hw > (grid[1] - 1) * rows
-            assert grid[0] == n and grid[2] * gn.BLOCK_C >= c
+            assert grid[0] == n and grid[2] * launch.block_c >= c
 
 
 @pytest.mark.parametrize("silu", [False, True])

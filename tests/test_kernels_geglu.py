@@ -1,8 +1,8 @@
 """The fused GEGLU gate (Triton) against torch's ops on the two halves, forward and backward.
 
 As for the other kernels, there is no GPU here: the kernels run under Triton's interpreter in a child
-process (``TRITON_INTERPRET=1`` must be set before Triton is imported), which saves the kernel's and
-the reference's outputs and gradients; the comparisons live here.
+process (:mod:`kernel_programs.geglu`), which saves the kernel's and the reference's outputs and
+gradients; the comparisons live here.
 
 What "the same" means: each torch op rounds to the tensor's dtype (GELU, then the product; in
 backward the two products and GELU's backward), and the kernel rounds at the same places, so almost
@@ -14,15 +14,14 @@ kernel) differ in the last fp32 digits, which is an fp32-level absolute error of
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
-from kernel_checks import check_low_precision, run_interpreted
+from kernel_checks import check_low_precision, run_program
 
-# (name, dtype, h shape, knobs): TILE = 64 with BLOCK_F = 16 gives several programs along both axes
+# (name, dtype, h shape, knobs: GegluLaunch fields): tile = 64 with block_f = 16 gives several programs along both axes
 # with ragged last tiles; F = 1280 (the student's narrowest inner width) spans three column tiles.
-SMALL = {"BLOCK_F": 16, "TILE": 64}
+SMALL = {"block_f": 16, "tile": 64}
 CASES = [
     ("bf16_f40", "bfloat16", [3, 7, 80], {}),
     ("bf16_f1280", "bfloat16", [37, 2560], {}),
@@ -31,82 +30,9 @@ CASES = [
     ("fp32_f48_small_tiles", "float32", [2, 13, 96], SMALL),
 ]
 
-_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    import imix2mix.kernels.geglu as gg
-    from imix2mix.seva.attention import FeedForward
-
-    cases = json.loads(sys.argv[1])
-    out_path = sys.argv[2]
-    torch.manual_seed(0)
-    defaults = {knob: getattr(gg, knob) for knob in ("BLOCK_F", "TILE")}
-    results = {}
-    for name, dtype, shape, knobs in cases:
-        dtype = getattr(torch, dtype)
-        for knob, value in {**defaults, **knobs}.items():
-            setattr(gg, knob, value)
-        # Gates over [-6, 6]: the tails (GELU ~ 0 and ~ x) and the curved middle.
-        h = (torch.randn(shape) * 2.5).to(dtype)
-        dout = torch.randn(*shape[:-1], shape[-1] // 2).to(dtype)
-        res = {}
-        for tag, fn in (("k", gg.geglu), ("r", gg.geglu_reference)):
-            hi = h.clone().requires_grad_(True)
-            y = fn(hi)
-            y.backward(dout)
-            res["y_" + tag], res["dh_" + tag] = y.detach(), hi.grad
-        res["y_contiguous"] = res["y_k"].is_contiguous()
-        # A non-contiguous output gradient (same values) must give the same dh.
-        hi = h.clone().requires_grad_(True)
-        dout_t = dout.reshape(-1, dout.shape[-1]).t().contiguous().t().reshape(dout.shape)
-        gg.geglu(hi).backward(dout_t)
-        res["dh_noncontiguous_dout"] = hi.grad
-        results[name] = res
-
-    for knob, value in defaults.items():
-        setattr(gg, knob, value)
-    # The student's feed-forward under bf16 autocast takes the kernel (the interpreter makes CPU
-    # tensors eligible) and matches the torch ops, parameter gradients included.
-    ff = FeedForward(32)
-    x = torch.randn(4, 9, 32).bfloat16()
-    import imix2mix.seva.attention as attention
-    calls = []
-    attention.geglu = lambda h: calls.append(h.shape) or gg.geglu(h)
-    grads = {}
-    for tag, available in (("k", gg.fused_geglu_available), ("r", lambda h: False)):
-        attention.fused_geglu_available = available
-        ff.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = ff(xi)
-        out.float().square().sum().backward()
-        grads[tag] = {"out": out.detach(), "x": xi.grad, **{n: p.grad for n, p in ff.named_parameters()}}
-    results["feed_forward"] = grads
-    results["feed_forward_kernel_calls"] = len(calls)
-
-    x = torch.randn(6, 64)
-    results["available"] = {
-        "contiguous": gg.fused_geglu_available(x),
-        "bf16_3d": gg.fused_geglu_available(torch.randn(2, 3, 64).bfloat16()),
-        "odd_width": gg.fused_geglu_available(torch.randn(6, 63)),
-        "transposed": gg.fused_geglu_available(x.t()),
-        "float64": gg.fused_geglu_available(x.double()),
-        "empty": gg.fused_geglu_available(torch.zeros(0, 64)),
-    }
-    try:
-        gg.geglu(torch.randn(6, 63))
-        results["odd_width_raises"] = False
-    except ValueError as exc:
-        results["odd_width_raises"] = "even last dimension" in str(exc)
-    torch.save(results, out_path)
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def kernel_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_interpreted(_CHILD, json.dumps(CASES), folder=tmp_path_factory.mktemp("geglu"))
+    return run_program("geglu", json.dumps(CASES), folder=tmp_path_factory.mktemp("geglu"))
 
 
 def _assert_same(k: torch.Tensor, r: torch.Tensor, label: str) -> None:

@@ -1,10 +1,9 @@
 """The fused LayerNorm (last dimension, low-precision output) Triton kernels against their torch reference.
 
-There is no GPU here, so the kernels run under the Triton interpreter.  ``TRITON_INTERPRET=1`` has to
-be set before Triton is imported (it decides at decoration time), and other tests in this process may
-have imported Triton already, so the kernels run in a child process: it computes the kernel's and the
-reference's outputs and gradients for every case and saves them with ``torch.save``; the comparisons
-(and their tolerances) live here.
+There is no GPU here, so the kernels run under the Triton interpreter, in a child process
+(:mod:`kernel_programs.layer_norm`, see :mod:`kernel_programs` for why): it computes the kernel's and
+the reference's outputs and gradients for every case and saves them; the comparisons (and their
+tolerances) live here.
 
 Rounding: the interpreter truncates on fp32 -> bf16 casts (CUDA rounds to nearest even), so the
 kernels round to bf16 by integer arithmetic themselves; the exact-match fractions asserted below would
@@ -14,22 +13,21 @@ fall to about one half if that rounding were truncation.
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
-from kernel_checks import check_low_precision, rel_to_max, run_child
+from kernel_checks import check_low_precision, rel_to_max, run_program
 import torch
 
-from imix2mix.kernels.layer_norm import layer_norm_reference
+from imix2mix.kernels.layer_norm import LayerNormLaunch, layer_norm_reference
 
 
 # One entry per kernel case: (name, x dtype, out dtype, shape, affine, param dtype, knobs, shift).
-# affine: which of weight ("w") and bias ("b") are given.  knobs: module constants to override for
+# affine: which of weight ("w") and bias ("b") are given.  knobs: LayerNormLaunch fields to change for
 # the case, so that small shapes still take every path: SMALL_TILES gives the forward several
 # programs of 4 rows (C <= 64) and each backward program 16 rows walked in 2-row tiles (several loop
 # iterations, a ragged last chunk and tile).  shift: a mean common to all channels; 300 against a
 # row variance of about 1-10 makes E[x^2] - E[x]^2 cancel away four of fp32's seven digits.
-SMALL_TILES = {"FWD_TILE": 256, "BWD_TILE": 128, "BWD_MAX_ROWS": 16, "BWD_MIN_PROGRAMS": 1}
+SMALL_TILES = {"fwd_tile": 256, "bwd_tile": 128, "bwd_max_rows": 16, "bwd_min_programs": 1}
 CASES = [
     ("fp32_fp32_c40", "float32", "float32", [2, 3, 7, 40], "wb", "float32", {}, 0.0),
     ("fp32_fp32_c96_large_mean", "float32", "float32", [37, 96], "wb", "float32", {}, 300.0),
@@ -45,112 +43,9 @@ CASES = [
 # The case whose backward is also run with a non-contiguous dy (must give the same gradients).
 NONCONTIGUOUS_DY_CASE = "bf16_bf16_c40_small_tiles"
 
-_KERNEL_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    import imix2mix.kernels.layer_norm as ln
-
-    cases = json.loads(sys.argv[1])
-    noncontiguous_dy_case = sys.argv[2]
-    out_path = sys.argv[3]
-    torch.manual_seed(0)
-    defaults = {knob: getattr(ln, knob) for knob in ("FWD_TILE", "BWD_TILE", "BWD_MAX_ROWS", "BWD_MIN_PROGRAMS")}
-    results = {}
-    for name, dtype, out_dtype, shape, affine, pdtype, knobs, shift in cases:
-        dtype, out_dtype, pdtype = getattr(torch, dtype), getattr(torch, out_dtype), getattr(torch, pdtype)
-        for knob, value in {**defaults, **knobs}.items():
-            setattr(ln, knob, value)
-        c = shape[-1]
-        # Per-row offsets and scales, so that the statistics differ between rows.
-        offset = torch.randn(*shape[:-1], 1) * 3 + shift
-        x = (torch.randn(*shape) * (0.5 + 3 * torch.rand(*shape[:-1], 1)) + offset).to(dtype)
-        weight = torch.randn(c).to(pdtype) if "w" in affine else None
-        bias = torch.randn(c).to(pdtype) if "b" in affine else None
-        dy = torch.randn(*shape).to(out_dtype)
-        res = {}
-        for tag, fn in (("k", ln.layer_norm_rows), ("r", ln.layer_norm_reference)):
-            xi = x.clone().requires_grad_(True)
-            wi = None if weight is None else weight.clone().requires_grad_(True)
-            bi = None if bias is None else bias.clone().requires_grad_(True)
-            y = fn(xi, wi, bi, 1e-5, out_dtype)
-            y.backward(dy)
-            res["y_" + tag] = y.detach()
-            res["dx_" + tag] = xi.grad
-            if wi is not None:
-                res["dw_" + tag] = wi.grad
-            if bi is not None:
-                res["db_" + tag] = bi.grad
-        res["y_contiguous"] = res["y_k"].is_contiguous()
-        # Ground truth in float64 (the same rounding to out_dtype), to judge both fp32 implementations.
-        w64, b64 = (None if p is None else p.double() for p in (weight, bias))
-        res["y_truth"] = torch.nn.functional.layer_norm(x.double(), (c,), w64, b64, 1e-5)
-        if name == noncontiguous_dy_case:
-            dy_t = dy.transpose(0, 1).contiguous().transpose(0, 1)  # same values, column-major
-            assert not dy_t.is_contiguous()
-            xi = x.clone().requires_grad_(True)
-            wi = weight.clone().requires_grad_(True)
-            bi = bias.clone().requires_grad_(True)
-            ln.layer_norm_rows(xi, wi, bi, 1e-5, out_dtype).backward(dy_t)
-            res["noncontiguous_dy"] = (xi.grad, wi.grad, bi.grad)
-        results[name] = res
-
-    for knob, value in defaults.items():
-        setattr(ln, knob, value)
-    x = torch.randn(6, 64)
-    results["available"] = {
-        "contiguous": ln.fused_layer_norm_available(x),
-        "three_d_bf16": ln.fused_layer_norm_available(torch.randn(2, 3, 64).to(torch.bfloat16)),
-        "transposed": ln.fused_layer_norm_available(x.t()),
-        "strided_last_dim": ln.fused_layer_norm_available(x[:, ::2]),
-        "float64": ln.fused_layer_norm_available(x.double()),
-        "int32": ln.fused_layer_norm_available(torch.zeros(6, 64, dtype=torch.int32)),
-        "c_8192": ln.fused_layer_norm_available(torch.zeros(1, 8192)),
-        "c_8193": ln.fused_layer_norm_available(torch.zeros(1, 8193)),
-        "empty": ln.fused_layer_norm_available(torch.zeros(0, 64)),
-        "zero_dim": ln.fused_layer_norm_available(torch.tensor(1.0)),
-    }
-    try:
-        ln.layer_norm_rows(x.t(), None, None, 1e-5, torch.float32)
-        results["transposed_raises"] = False
-    except ValueError:
-        results["transposed_raises"] = True
-    torch.save(results, out_path)
-    """
-)
-
-_NO_TRITON_CHILD = textwrap.dedent(
-    """
-    import importlib, json, os, sys
-    import torch
-
-    sys.modules["triton"] = None  # makes `import triton` raise ImportError
-    import imix2mix.kernels.layer_norm as ln
-
-    x = torch.randn(4, 64).to(torch.bfloat16)
-    out = {"no_triton_available": ln.fused_layer_norm_available(x)}
-    try:
-        ln.layer_norm_rows(x, None, None, 1e-5, torch.bfloat16)
-        out["no_triton_raises"] = False
-    except RuntimeError:
-        out["no_triton_raises"] = True
-    ref = ln.layer_norm_reference(x, None, None, 1e-5, torch.bfloat16)
-    out["reference_runs"] = bool(torch.isfinite(ref).all())
-
-    del sys.modules["triton"]
-    os.environ.pop("TRITON_INTERPRET", None)
-    ln = importlib.reload(ln)
-    out["cpu_without_interpreter_available"] = ln.fused_layer_norm_available(x)
-    print(json.dumps(out))
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def kernel_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("layer_norm") / "results.pt"
-    run_child(_KERNEL_CHILD, json.dumps(CASES), NONCONTIGUOUS_DY_CASE, str(out), interpret=True)
-    return torch.load(out, weights_only=False)
+    return run_program("layer_norm", json.dumps(CASES), NONCONTIGUOUS_DY_CASE, folder=tmp_path_factory.mktemp("layer_norm"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -228,16 +123,6 @@ def test_availability(kernel_results: dict) -> None:
     assert kernel_results["transposed_raises"]
 
 
-def test_module_works_without_triton() -> None:
-    out = json.loads(run_child(_NO_TRITON_CHILD, interpret=True).strip().splitlines()[-1])
-    assert out == {
-        "no_triton_available": False,
-        "no_triton_raises": True,
-        "reference_runs": True,
-        "cpu_without_interpreter_available": False,
-    }
-
-
 def test_block_sizes_are_powers_of_two() -> None:
     """Compiled Triton needs power-of-two tl.arange sizes; the interpreter does not check them."""
     from imix2mix.kernels import layer_norm as ln
@@ -245,14 +130,15 @@ def test_block_sizes_are_powers_of_two() -> None:
     def pow2(v: int) -> bool:
         return v >= 1 and v & (v - 1) == 0
 
-    assert pow2(ln.FWD_TILE) and pow2(ln.BWD_TILE) and pow2(ln.BWD_MAX_ROWS)
+    launch = LayerNormLaunch()
+    assert pow2(launch.fwd_tile) and pow2(launch.bwd_tile) and pow2(launch.bwd_max_rows)
     for c in (1, 3, 40, 96, 320, 640, 1280, 4096, 5000, 8192):
-        for tile in (ln.FWD_TILE, ln.BWD_TILE):
+        for tile in (launch.fwd_tile, launch.bwd_tile):
             block_rows, block_c = ln._block_rows(c, tile)
             assert pow2(block_rows) and pow2(block_c) and block_c >= c > block_c // 2
-        block_rows, _ = ln._block_rows(c, ln.BWD_TILE)
+        block_rows, _ = ln._block_rows(c, launch.bwd_tile)
         for r in (1, 7, 1620, 6480, 25920):
-            rows, programs = ln._backward_grid(r, block_rows)
+            rows, programs = ln._backward_grid(r, block_rows, launch)
             assert rows % block_rows == 0 and programs * rows >= r > (programs - 1) * rows
 
 

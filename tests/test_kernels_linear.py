@@ -1,21 +1,20 @@
 """The linear layer with a Triton bias-gradient sum against ``nn.Linear``, and the column sum alone.
 
-The kernels run under Triton's interpreter in a child process (see tests/test_kernels_layer_norm.py
-for why); it saves both implementations' outputs and gradients, and the comparisons live here.
+The kernels run under Triton's interpreter in a child process (:mod:`kernel_programs.linear`); it
+saves both implementations' outputs and gradients, and the comparisons live here.
 """
 
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
-from kernel_checks import run_interpreted
+from kernel_checks import run_program
 
-# (name, dtype, g shape, knobs): the small knobs give several row chunks and column slabs with
+# (name, dtype, g shape, knobs: ColumnSumLaunch fields): the small knobs give several row chunks and column slabs with
 # ragged last ones; 2560 columns is the student's widest bias (GEGLU's projection at 320 channels).
-SMALL = {"BLOCK_C": 16, "BLOCK_ROWS": 4, "MIN_CHUNK_ROWS": 8, "MIN_PROGRAMS": 64}
+SMALL = {"block_c": 16, "block_rows": 4, "min_chunk_rows": 8, "min_programs": 64}
 SUMS = [
     ("fp32_small_tiles", "float32", [203, 37], SMALL),
     ("bf16_small_tiles", "bfloat16", [203, 40], SMALL),
@@ -23,60 +22,9 @@ SUMS = [
     ("fp16_one_row", "float16", [1, 24], {}),
 ]
 
-_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    import imix2mix.kernels.linear as kl
-    from imix2mix.seva.layers import Linear
-
-    sums = json.loads(sys.argv[1])
-    out_path = sys.argv[2]
-    torch.manual_seed(0)
-    knobs_default = {k: getattr(kl, k) for k in ("BLOCK_C", "BLOCK_ROWS", "MIN_CHUNK_ROWS", "MIN_PROGRAMS")}
-    results = {}
-    for name, dtype, shape, knobs in sums:
-        for k, v in {**knobs_default, **knobs}.items():
-            setattr(kl, k, v)
-        # A common offset per column: an fp32 sum in the wrong order or precision would show.
-        g = (torch.randn(shape) + 3 * torch.randn(shape[1])).to(getattr(torch, dtype))
-        results[name] = {
-            "kernel": kl.column_sum(g, g.dtype),
-            "kernel_fp32": kl.column_sum(g, torch.float32),
-            "truth": g.double().sum(0),
-            "reference": g.sum(0),
-        }
-    for k, v in knobs_default.items():
-        setattr(kl, k, v)
-
-    calls = []
-    kernel = kl.column_sum
-    kl.column_sum = lambda g, dtype: calls.append(tuple(g.shape)) or kernel(g, dtype)
-    layer = Linear(48, 40)
-    plain = torch.nn.Linear(48, 40)
-    plain.load_state_dict(layer.state_dict())
-    x = torch.randn(3, 17, 48)
-    target = torch.randn(3, 17, 40)
-    for autocast in (False, True):
-        grads = {}
-        for tag, module in (("k", layer), ("r", plain)):
-            module.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = module(xi)
-            (out.float() * target).sum().backward()
-            grads[tag] = {"out": out.detach(), "x": xi.grad, "weight": module.weight.grad, "bias": module.bias.grad}
-        results[f"module_autocast_{autocast}"] = grads
-    results["column_sum_calls"] = calls
-    results["no_bias_available"] = kl.fused_bias_grad_available(x, None)
-    torch.save(results, out_path)
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_interpreted(_CHILD, json.dumps(SUMS), folder=tmp_path_factory.mktemp("linear"))
+    return run_program("linear", json.dumps(SUMS), folder=tmp_path_factory.mktemp("linear"))
 
 
 @pytest.mark.parametrize("case", SUMS, ids=[c[0] for c in SUMS])
@@ -112,6 +60,7 @@ def test_linear_matches_nn_linear_forward_and_backward(results: dict, autocast: 
 
 
 def test_linear_sums_the_bias_gradient_with_the_kernel(results: dict) -> None:
-    # one column sum per backward pass, over the rows of the flattened gradient
-    assert results["column_sum_calls"] == [(51, 40), (51, 40)]
+    # one call of the kernel per forward pass, whose backward is the kernel's (its column sum)
+    assert results["kernel_calls"] == 2
+    assert results["backward_functions"] == ["_LinearBackward", "_LinearBackward"]
     assert not results["no_bias_available"]

@@ -1,8 +1,8 @@
 """The short-sequence attention kernel (Triton; SEVA's time-mix over the views) against attention in
 float64, forward and backward.
 
-The kernels run under Triton's interpreter in a child process (see tests/test_kernels_layer_norm.py
-for why), which saves the kernel's results, torch's SDPA in the same dtype and SDPA in float64 (the
+The kernels run under Triton's interpreter in a child process (:mod:`kernel_programs.short_attention`),
+which saves the kernel's results, torch's SDPA in the same dtype and SDPA in float64 (the
 truth); the comparisons live here.  The kernel computes in fp32 and rounds only its outputs, so in
 half precision it must be about as close to the truth as torch's own half-precision attention.
 """
@@ -10,11 +10,10 @@ half precision it must be about as close to the truth as torch's own half-precis
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
-from kernel_checks import run_interpreted
+from kernel_checks import run_program
 
 # (name, dtype, (B, L, heads, head_dim)): L = 5 is SEVA's T (4 views + 1 target at N = 4); B not a
 # multiple of BLOCK_B leaves a ragged last program; head_dim 40 is not a power of two (masked lanes).
@@ -27,68 +26,9 @@ CASES = [
     ("bf16_L8_large_scores", "bfloat16", [6, 8, 2, 32]),
 ]
 
-_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    import imix2mix.kernels.short_attention as sa
-    import imix2mix.seva.attention as attention
-    from imix2mix.seva.attention import TransformerBlockTimeMix
-
-    cases = json.loads(sys.argv[1])
-    out_path = sys.argv[2]
-    torch.manual_seed(0)
-    results = {}
-    for name, dtype, (B, L, H, D) in cases:
-        dtype = getattr(torch, dtype)
-        spread = 6.0 if "large_scores" in name else 1.5  # large scores: a peaked softmax
-        q, k, v = [(torch.randn(B, L, H * D) * spread).to(dtype) for _ in range(3)]
-        do = torch.randn(B, L, H * D).to(dtype)
-        res = {}
-        for tag, fn, cast in (("k", sa.short_attention, dtype), ("torch", sa.short_attention_reference, dtype),
-                              ("truth", sa.short_attention_reference, torch.float64)):
-            ins = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
-            o = fn(*ins, H)
-            o.backward(do.to(cast))
-            res[tag] = [o.detach()] + [t.grad for t in ins]
-        results[name] = res
-
-    # SEVA's time-mix block (T = 5 views) under bf16 autocast takes the kernel for its self-attention
-    # and computes what it computes through SDPA, parameter gradients included.
-    calls = []
-    attention.short_attention = lambda q, k, v, heads: calls.append(tuple(q.shape)) or sa.short_attention(q, k, v, heads)
-    block = TransformerBlockTimeMix(64, 4, 16, 32)
-    x = torch.randn(12, 5, 64).bfloat16()
-    context = torch.randn(12, 1, 32)
-    target = torch.randn(12, 5, 64)
-    grads = {}
-    for tag, available in (("k", sa.short_attention_available), ("r", lambda *args: False)):
-        attention.short_attention_available = available
-        block.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = block(x, context)
-        (out.float() * target).sum().backward()
-        grads[tag] = {"out": out.float().detach(), **{n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}}
-    results["time_mix_block"] = grads
-    results["time_mix_kernel_calls"] = calls
-
-    q = torch.randn(4, 5, 64)
-    results["available"] = {
-        "ok": sa.short_attention_available(q, q, q, 4),
-        "too_long": sa.short_attention_available(torch.randn(2, 17, 64), torch.randn(2, 17, 64), torch.randn(2, 17, 64), 4),
-        "head_dim_too_wide": sa.short_attention_available(torch.randn(2, 5, 256), torch.randn(2, 5, 256), torch.randn(2, 5, 256), 1),
-        "heads_do_not_divide": sa.short_attention_available(q, q, q, 3),
-        "non_contiguous": sa.short_attention_available(q.transpose(0, 1).contiguous().transpose(0, 1), q, q, 4),
-        "mixed_dtypes": sa.short_attention_available(q, q.bfloat16(), q, 4),
-    }
-    torch.save(results, out_path)
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_interpreted(_CHILD, json.dumps(CASES), folder=tmp_path_factory.mktemp("short_attention"))
+    return run_program("short_attention", json.dumps(CASES), folder=tmp_path_factory.mktemp("short_attention"))
 
 
 def _relative(a: torch.Tensor, truth: torch.Tensor) -> float:
@@ -117,7 +57,7 @@ def test_output_and_gradients_match_float64_attention(results: dict, case: tuple
 
 
 def test_time_mix_block_takes_the_kernel_with_the_same_result(results: dict) -> None:
-    assert results["time_mix_kernel_calls"] == [(12, 5, 64)]  # its self-attention, once
+    assert results["time_mix_kernel_calls"] == 1  # its self-attention, once
     kernel, reference = results["time_mix_block"]["k"], results["time_mix_block"]["r"]
     assert sorted(kernel) == sorted(reference) and len(kernel) > 10
     largest = max(float(g.norm()) for g in reference.values())

@@ -2,17 +2,15 @@
 folded in) against torch's AdamW after ``clip_grad_norm_``, as autocast runs them: the reference's
 gradients are the bf16 gradients widened to fp32.
 
-The kernels run under Triton's interpreter in a child process (see tests/test_kernels_layer_norm.py
-for why); it saves both optimizers' states, and the comparisons live here.
+The kernels run under Triton's interpreter in a child process (:mod:`kernel_programs.adamw`); it
+saves both optimizers' states, and the comparisons live here.
 """
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
-from kernel_checks import run_interpreted
+from kernel_checks import run_program
 
 import dataclasses
 
@@ -22,81 +20,6 @@ from imix2mix.optim import matrix_parameters
 from imix2mix.kernels.adamw import ChunkPlan
 from imix2mix.presets import build_editor
 
-_CHILD = textwrap.dedent(
-    """
-    import sys
-    import torch
-    import imix2mix.kernels.adamw as ka
-    from imix2mix.optim import AdamWWithComputeCopies
-
-    out_path = sys.argv[1]
-    # Small chunks: tensors of a few hundred elements have full chunks and a ragged last one.
-    ka.CHUNK, ka.BLOCK = 256, 64
-    torch.manual_seed(0)
-    # (shape, bf16 copy?, group): a 4-D weight in channels-last, ragged sizes, one tensor under a chunk.
-    specs = [((700,), True, 0), ((3, 5), False, 0), ((16, 8, 3, 3), True, 0), ((40, 31), True, 1), ((300,), False, 1)]
-    reference = [torch.nn.Parameter(torch.randn(shape)) for shape, _, _ in specs]
-    reference[2].data = reference[2].data.contiguous(memory_format=torch.channels_last)
-    ours = [torch.nn.Parameter(p.detach().clone(memory_format=torch.preserve_format)) for p in reference]
-    # A master that is a view at an odd offset: the optimizer must take a dense, aligned copy.
-    storage = torch.randn(1 + 40 * 31)
-    ours[3].data = storage[1:].view(40, 31)
-    reference[3].data = ours[3].detach().clone()
-
-    def groups(params):
-        return [
-            {"params": [p for p, (_, _, g) in zip(params, specs) if g == 0]},
-            {"params": [p for p, (_, _, g) in zip(params, specs) if g == 1], "lr": 3e-2, "weight_decay": 0.0},
-        ]
-
-    hyper = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
-    torch_adamw = torch.optim.AdamW(groups(reference), **hyper)
-    optimizer = AdamWWithComputeCopies(
-        groups(ours), **hyper, compute_copies=[p for p, (_, copy, _) in zip(ours, specs) if copy]
-    )
-    results = {"dtypes": [str(p.dtype) for p in ours], "strides": [p.stride() for p in ours],
-               "master_strides": [optimizer.master(p).stride() for p in ours], "steps": []}
-    for step in range(4):
-        grads = [(torch.randn(shape) * 10).to(torch.bfloat16) for shape, _, _ in specs]
-        # A parameter without a gradient in one step is untouched, and its step count falls behind
-        # its kind's: the next step splits that kind in two launches.
-        skipped = 0 if step == 2 else None
-        for number, (r, o, g) in enumerate(zip(reference, ours, grads)):
-            if number == skipped:
-                r.grad = o.grad = None
-                continue
-            r.grad = g.float().contiguous(memory_format=torch.preserve_format)
-            if r.dim() == 4:
-                r.grad = r.grad.contiguous(memory_format=torch.channels_last)
-            # ours get the bf16 gradient (copied) or its fp32 widening, NCHW: a layout to fix up
-            o.grad = g if o.dtype == torch.bfloat16 else g.float()
-        max_norm = 0.5 if step != 3 else 1e9  # the last step unclipped
-        norm_reference = torch.nn.utils.clip_grad_norm_(reference, max_norm)
-        torch_adamw.step()
-        norm = optimizer.clip_and_step(max_norm)
-        results["steps"].append({
-            "norm": (float(norm_reference), float(norm)),
-            "masters": [optimizer.master(p).clone() for p in ours],
-            "copies": [p.detach().clone() for p in ours],
-            "reference": [p.detach().clone() for p in reference],
-            "exp_avg": [(torch_adamw.state[r]["exp_avg"].clone(), optimizer.state[o]["exp_avg"].clone())
-                        for r, o in zip(reference, ours) if torch_adamw.state[r]],
-        })
-    results["plans"] = len(optimizer._plans)
-    results["step_counts"] = [optimizer.state[p]["step"] for p in ours]
-    masters = [optimizer.master(p) for p in ours]
-    optimizer.release()
-    results["released_same_tensors"] = [p.data.data_ptr() == m.data_ptr() and p.dtype == torch.float32 for p, m in zip(ours, masters)]
-    try:
-        optimizer.clip_and_step(0.5)
-        results["after_release"] = "stepped"
-    except RuntimeError as error:
-        results["after_release"] = str(error)
-    torch.save(results, out_path)
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def tiny_editor():
     return build_editor("tiny", device="cpu")
@@ -104,7 +27,7 @@ def tiny_editor():
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_interpreted(_CHILD, folder=tmp_path_factory.mktemp("optim"))
+    return run_program("adamw", folder=tmp_path_factory.mktemp("optim"))
 
 
 def test_copied_parameters_compute_in_bf16_with_their_layout(results):
@@ -140,6 +63,8 @@ def test_parameters_without_gradient_are_skipped(results):
     assert results["step_counts"] == [3, 4, 4, 4, 4]
     # Four kinds (group × copied); then tensor 2 alone in step 2, and tensor 0 alone in step 3.
     assert results["plans"] == 6
+    # Chunks of 256 elements (the launch given to the optimizer): 3 + 5, 1, 5, 2, then 5 and 3.
+    assert results["chunks"] == 24
 
 
 def test_release_gives_back_the_fp32_masters(results):
@@ -199,3 +124,15 @@ def test_both_adamw_variants_reject_invalid_hyper_parameters(bad):
     for optimizer in (AdamWLowPrecisionStates, AdamWWithComputeCopies):
         with pytest.raises(ValueError, match="invalid AdamW hyper-parameters"):
             optimizer([torch.nn.Parameter(torch.zeros(4))], **bad)
+
+
+def test_the_optimizer_takes_the_plans_adamw_launch(tiny_editor):
+    from imix2mix.kernels.adamw import AdamWLaunch
+    from imix2mix.kernels.dispatch import TORCH
+
+    network = tiny_editor.student.network
+    launch = AdamWLaunch(chunk=256, block=64)
+    plan = dataclasses.replace(ExecutionPlan.eager("cpu"), weight_copies=True, student_kernels=TORCH.replace(adamw_launch=launch))
+    with execute(plan, network, None) as execution:
+        optimizer = execution.optimizer(list(network.parameters()), EditConfig())
+        assert optimizer.launch == launch

@@ -6,8 +6,8 @@ The algorithm (:mod:`imix2mix.modes`) never reads the acceleration options.  It 
 and those needs; :func:`execute` applies it to the student and the teacher and yields an
 :class:`Execution`, the only object the loop asks for its autocast, its student callable, its
 optimizer and its iteration marks.  On exit everything the plan changed is undone — memory format,
-gradient checkpointing, compiled code, captured graphs, weight copies — so a long-lived editor (one per
-Ray actor) runs the next scene exactly as that scene's config says.
+gradient checkpointing, compiled code, captured graphs, weight copies, kernel sets — so a long-lived
+editor (one per Ray actor) runs the next scene exactly as that scene's config says.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import torch
 from imix2mix.accel.graphs import GraphedStudent
 from imix2mix.config import EditConfig
 from imix2mix.kernels.adamw import fused_adamw_available
+from imix2mix.kernels.dispatch import TORCH, TRITON, KernelSet, install_kernels, kernels_installed
+from imix2mix.kernels.triton_support import triton_runs_on
 from imix2mix.optim import make_optimizer, matrix_parameters
 from imix2mix.teachers.base import Teacher
 
@@ -46,6 +48,12 @@ class ExecutionPlan:
     graph_teacher: bool  # the teacher's noise-prediction UNet pass replayed as a CUDA graph we capture
     weight_copies: bool  # bf16 weight copies written by the fused AdamW pass
     offload_after_use: bool
+    # What the fused ops run (imix2mix.kernels.dispatch), installed on the models for the run: the
+    # student's passes, its no-grad forwards outside the training step, the teacher's UNet; and the
+    # weight copies' AdamW launch sizes (student_kernels.adamw_launch).
+    student_kernels: KernelSet
+    eager_student_kernels: KernelSet
+    teacher_kernels: KernelSet
 
     @classmethod
     def resolve(cls, config: EditConfig, device: torch.device | str, needs: LoopNeeds) -> "ExecutionPlan":
@@ -66,7 +74,17 @@ class ExecutionPlan:
         weight_copies = (
             acceleration.bf16_weight_copies and needs.trains_student and bf16
             and runtime.optimizer == "adamw_fused" and fused_adamw_available(device)
+            and acceleration.kernels != "torch"
         )
+        # Triton kernels pay off where their launches are replayed from CUDA graphs ("auto"); never
+        # under torch.compile (inductor fuses torch's ops itself and cannot trace our launches).
+        triton = acceleration.kernels != "torch" and triton_runs_on(device) and compile_mode is None
+        torch_ops = dict.fromkeys(acceleration.torch_op_names(), "torch")
+
+        def kernels(captured: bool) -> KernelSet:
+            use = triton and (captured or acceleration.kernels == "triton")
+            return (TRITON if use else TORCH).replace(**torch_ops)
+
         return cls(
             device=device,
             autocast_dtype=torch.bfloat16 if bf16 else None,
@@ -77,6 +95,9 @@ class ExecutionPlan:
             graph_teacher=graph_teacher,
             weight_copies=weight_copies,
             offload_after_use=acceleration.offload_after_use and cuda,
+            student_kernels=kernels(graph_student),
+            eager_student_kernels=kernels(False),
+            teacher_kernels=kernels(graph_teacher),
         )
 
     @classmethod
@@ -85,7 +106,8 @@ class ExecutionPlan:
         return cls(
             device=torch.device(device), autocast_dtype=autocast_dtype, memory_format=torch.contiguous_format,
             gradient_checkpointing=False, compile_mode=None, graph_student=False, graph_teacher=False,
-            weight_copies=False, offload_after_use=False,
+            weight_copies=False, offload_after_use=False, student_kernels=TORCH, eager_student_kernels=TORCH,
+            teacher_kernels=TORCH,
         )
 
     @property
@@ -125,6 +147,7 @@ class Execution:
             params, config.runtime.optimizer, lr=method.lr, betas=tuple(method.betas), eps=method.eps,
             weight_decay=method.weight_decay,
             compute_copies=matrix_parameters(self.student) if self.plan.weight_copies else [],
+            launch=self.plan.student_kernels.adamw_launch,
         )
         self.optimizers.append(optimizer)
         return optimizer
@@ -134,10 +157,18 @@ class Execution:
         if self.plan.inductor_graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
-    def eager_forwards(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def eager_forwards(self) -> Iterator[None]:
         """No-grad student forwards outside the training step (the Euler steps between τ, about a
-        second per scene) run eagerly: compiling them would add graphs that take minutes cold."""
-        return torch.compiler.set_stance("force_eager") if self.plan.compile_mode else contextlib.nullcontext()
+        second per scene) run eagerly: compiling them would add graphs that take minutes cold, and
+        they take the eager kernel set (a captured training step's Triton kernels would cost launch
+        overhead here)."""
+        with contextlib.ExitStack() as stack:
+            if self.plan.compile_mode:
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
+            if self.plan.eager_student_kernels != self.plan.student_kernels:
+                stack.enter_context(kernels_installed(self.student, self.plan.eager_student_kernels))
+            yield
 
     def close(self) -> None:
         for optimizer in self.optimizers:
@@ -148,23 +179,31 @@ class Execution:
 @contextlib.contextmanager
 def execute(plan: ExecutionPlan, student: torch.nn.Module | None, teacher: Teacher | None) -> Iterator[Execution]:
     """Apply ``plan`` to the student network and the teacher for one run; undo all of it on exit,
-    also when the run fails."""
-    if student is not None:
-        student.enable_gradient_checkpointing(plan.gradient_checkpointing)
-        student.to(memory_format=plan.memory_format)  # in place: the same Parameter objects
-        if plan.compile_mode is not None:
-            # In place, so parameter names (and the pristine copy) stay valid; static shapes: a new
-            # number of views compiles once more rather than switching to slower dynamic kernels.
-            student.compile(dynamic=False, mode=plan.compile_mode)
-    if teacher is not None:
-        teacher.set_memory_format(plan.memory_format)
-        teacher.compile_noise_prediction(plan.compile_mode)
-        teacher.set_graph_capture(plan.graph_teacher)
+    also when the run (or applying the plan) fails."""
     execution = Execution(plan, student)
+    undo_student_kernels = None
+    teacher_kernels = None
     try:
+        if student is not None:
+            undo_student_kernels = install_kernels(student, plan.student_kernels)
+            student.enable_gradient_checkpointing(plan.gradient_checkpointing)
+            student.to(memory_format=plan.memory_format)  # in place: the same Parameter objects
+            if plan.compile_mode is not None:
+                # In place, so parameter names (and the pristine copy) stay valid; static shapes: a new
+                # number of views compiles once more rather than switching to slower dynamic kernels.
+                student.compile(dynamic=False, mode=plan.compile_mode)
+        if teacher is not None:
+            teacher_kernels = teacher.set_kernels(plan.teacher_kernels)
+            teacher.set_memory_format(plan.memory_format)
+            teacher.compile_noise_prediction(plan.compile_mode)
+            teacher.set_graph_capture(plan.graph_teacher)
         yield execution
     finally:
         execution.close()
+        if undo_student_kernels is not None:
+            undo_student_kernels()
+        if teacher_kernels is not None:
+            teacher.set_kernels(teacher_kernels)
         if student is not None:
             student._compiled_call_impl = None  # what nn.Module.compile set: eager calls again
             student.enable_gradient_checkpointing(False)

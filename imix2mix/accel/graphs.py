@@ -6,8 +6,6 @@ import contextlib
 
 import torch
 
-from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
-
 
 class _StudentWithFrameCount(torch.nn.Module):
     """The student with ``num_frames`` bound, so a CUDA-graph capture sees tensor arguments only."""
@@ -41,7 +39,7 @@ class GraphedStudent(torch.nn.Module):
         )
         for parameter in network.parameters():  # an earlier scene's gradients: free their memory first
             parameter.grad = None
-        with autocast, triton_kernels_for_graph_capture():
+        with autocast:  # the layers' kernel sets are the plan's (imix2mix.accel.execute installed them)
             # allow_unused_input: q, k and norm2 of the single-token cross-attentions get no gradient
             self.graphed = torch.cuda.make_graphed_callables(
                 _StudentWithFrameCount(network, num_frames), sample, allow_unused_input=True

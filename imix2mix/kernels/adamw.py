@@ -11,7 +11,7 @@ moments: ``p ← p − lr·wd·p``, ``m ← β₁m + (1−β₁)g``, ``v ← β�
 ``p ← p − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε)``, with ``g`` the gradient times the clip coefficient;
 square root and divisions IEEE-rounded as in torch's CUDA kernel.
 
-Layout: each tensor is cut into chunks of ``CHUNK`` elements of its storage.  The master, its moments,
+Layout: each tensor is cut into chunks of ``AdamWLaunch.chunk`` elements of its storage.  The master, its moments,
 its copy and its gradient are dense with the same strides, so storage element ``i`` is the same
 parameter entry in all five.  A chunk table gives each program its tensor and chunk; the tensors'
 addresses sit in an int64 table (:class:`ChunkPlan`), so one launch covers every tensor of a kind.
@@ -29,14 +29,22 @@ import torch
 
 from imix2mix.kernels.triton_support import DTYPE_KIND as _DTYPE_KIND
 from imix2mix.kernels.triton_support import HAS_TRITON as _HAS_TRITON
-from imix2mix.kernels.triton_support import interpreter_on as _interpreter_on
-from imix2mix.kernels.triton_support import tl, triton
+from imix2mix.kernels.triton_support import tl, triton, triton_runs_on
 
-# Elements per program and per loop step: 1.26 B parameters make about 40k programs; a step is 8
-# fp32 per thread at 4 warps (two 16-byte loads per tensor).  Not tuned.
-CHUNK = 32768
-BLOCK = 1024
-NUM_WARPS = 4
+
+@dataclass(frozen=True)
+class AdamWLaunch:
+    """Chunk and block sizes of the AdamW kernels (powers of two; ``chunk`` a multiple of ``block``).
+    Not tuned."""
+
+    # Elements per program: 1.26 B parameters make about 40k programs.
+    chunk: int = 32768
+    # Elements per loop step: 8 fp32 per thread at 4 warps (two 16-byte loads per tensor).
+    block: int = 1024
+    num_warps: int = 4
+
+
+DEFAULT_LAUNCH = AdamWLaunch()
 ALIGNMENT_BYTES = 16
 NO_COPY = -1  # the copy kind of tensors that have no low-precision copy (they compute in fp32)
 
@@ -136,7 +144,7 @@ if _HAS_TRITON:
 def fused_adamw_available(device: torch.device) -> bool:
     """Whether :func:`square_sums` and :func:`adamw_update` can run on ``device``: Triton, and CUDA
     (or the interpreter on CPU)."""
-    return _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _interpreter_on()))
+    return triton_runs_on(device)
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -157,6 +165,7 @@ class ChunkPlan:
     grad_kind: int
     copy_kind: int
     partial: torch.Tensor  # [chunks] fp32, the gradient's squared sums per chunk
+    launch: AdamWLaunch  # its chunk size laid the chunks out
 
     @staticmethod
     def build(
@@ -165,9 +174,11 @@ class ChunkPlan:
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         copies: list[torch.Tensor] | None,
+        launch: AdamWLaunch = DEFAULT_LAUNCH,
     ) -> "ChunkPlan":
         """Check that the tensors line up (same shape and strides, dense, aligned, the right dtypes)
-        and lay out their chunks.  ``copies`` None: the tensors compute in fp32."""
+        and lay out their chunks of ``launch.chunk`` elements.  ``copies`` None: the tensors compute
+        in fp32."""
         if not grads:
             raise ValueError("ChunkPlan needs at least one tensor")
         device = masters[0].device
@@ -190,7 +201,7 @@ class ChunkPlan:
             if problems:
                 raise ValueError(f"ChunkPlan: tensor {number} of shape {tuple(grad.shape)}: {'; '.join(problems)}")
         numel = [g.numel() for g in grads]
-        chunks_per_tensor = [triton.cdiv(n, CHUNK) if _HAS_TRITON else -(-n // CHUNK) for n in numel]
+        chunks_per_tensor = [-(-n // launch.chunk) for n in numel]
         chunk_tensor = torch.repeat_interleave(torch.arange(len(grads), dtype=torch.int32), torch.tensor(chunks_per_tensor))
         chunk_index = torch.cat([torch.arange(c, dtype=torch.int32) for c in chunks_per_tensor])
         addresses = [[t.data_ptr() for t in row] for row in (grads, masters, exp_avgs, exp_avg_sqs)]
@@ -203,6 +214,7 @@ class ChunkPlan:
             grad_kind=_DTYPE_KIND[grad_dtype],
             copy_kind=NO_COPY if copy_dtype is None else _DTYPE_KIND[copy_dtype],
             partial=torch.empty(len(chunk_tensor), dtype=torch.float32, device=device),
+            launch=launch,
         )
 
     @property
@@ -223,7 +235,7 @@ def square_sums(plan: ChunkPlan) -> torch.Tensor:
         return plan.partial
     _square_sum_kernel[(len(plan.partial),)](
         plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses[GRAD], plan.partial,
-        GRAD_KIND=plan.grad_kind, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        GRAD_KIND=plan.grad_kind, CHUNK=plan.launch.chunk, BLOCK=plan.launch.block, num_warps=plan.launch.num_warps,
     )
     return plan.partial
 
@@ -251,5 +263,6 @@ def adamw_update(
     _adamw_kernel[(len(plan.partial),)](
         plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses, plan.num_tensors, clip,
         lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5,
-        GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, CHUNK=plan.launch.chunk, BLOCK=plan.launch.block,
+        num_warps=plan.launch.num_warps,
     )

@@ -22,6 +22,8 @@ Triton is optional and, on CPU, interpreted: see :mod:`imix2mix.kernels.triton_s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -30,13 +32,21 @@ from imix2mix.kernels.triton_support import HAS_TRITON as _HAS_TRITON
 from imix2mix.kernels.triton_support import interpreter_on as _interpreter_on
 from imix2mix.kernels.triton_support import tl, triton
 
-# Output columns per tile (capped at F's next power of two) and elements per tile: 8 rows of 256
-# columns.  On an H100 at the 72² level (25920 × 2·1280, fwd + bwd, kernel time): 0.32 ms, against
-# 0.37 with 512 × 8 and 0.41–0.47 with 8192-element tiles at 8 warps; torch's ops 0.71 ms; the memory
-# floor 0.18 ms.
-BLOCK_F = 256
-TILE = 2048
-NUM_WARPS = 4
+
+@dataclass(frozen=True)
+class GegluLaunch:
+    """Tile sizes of the GEGLU kernels: 8 rows of 256 columns.  On an H100 at the 72² level
+    (25920 × 2·1280, fwd + bwd, kernel time): 0.32 ms, against 0.37 with 512 × 8 and 0.41–0.47 with
+    8192-element tiles at 8 warps; torch's ops 0.71 ms; the memory floor 0.18 ms."""
+
+    # Output columns per tile (capped at F's next power of two); a power of two.
+    block_f: int = 256
+    # Elements per tile (rows = tile // columns); a power of two.
+    tile: int = 2048
+    num_warps: int = 4
+
+
+DEFAULT_LAUNCH = GegluLaunch()
 
 if _HAS_TRITON:
 
@@ -98,24 +108,25 @@ def fused_geglu_available(h: torch.Tensor) -> bool:
     return bool(h.is_cuda or _interpreter_on())
 
 
-def _launch_shape(r: int, f: int) -> tuple[tuple[int, int], int, int]:
-    block_cols = min(BLOCK_F, triton.next_power_of_2(f))
-    block_rows = max(TILE // block_cols, 1)
+def _launch_shape(r: int, f: int, launch: GegluLaunch) -> tuple[tuple[int, int], int, int]:
+    block_cols = min(launch.block_f, triton.next_power_of_2(f))
+    block_rows = max(launch.tile // block_cols, 1)
     return (triton.cdiv(r, block_rows), triton.cdiv(f, block_cols)), block_rows, block_cols
 
 
 class _Geglu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, h: torch.Tensor, launch: GegluLaunch) -> torch.Tensor:  # type: ignore[override]
         f = h.shape[-1] // 2
         r = h.numel() // h.shape[-1]
         out = torch.empty((*h.shape[:-1], f), device=h.device, dtype=h.dtype)
-        grid, block_rows, block_cols = _launch_shape(r, f)
+        grid, block_rows, block_cols = _launch_shape(r, f, launch)
         _geglu_forward_kernel[grid](
             h, out, r, f, KIND=_DTYPE_KIND[h.dtype], BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-            num_warps=NUM_WARPS,
+            num_warps=launch.num_warps,
         )  # fmt: skip
         ctx.save_for_backward(h)
+        ctx.launch = launch
         return out
 
     @staticmethod
@@ -125,25 +136,25 @@ class _Geglu(torch.autograd.Function):
         r = h.numel() // h.shape[-1]
         dout = dout.to(h.dtype).contiguous()  # read as a row-major [rows, F] matrix
         dh = torch.empty_like(h)
-        grid, block_rows, block_cols = _launch_shape(r, f)
+        grid, block_rows, block_cols = _launch_shape(r, f, ctx.launch)
         _geglu_backward_kernel[grid](
             h, dout, dh, r, f, KIND=_DTYPE_KIND[h.dtype], BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-            num_warps=NUM_WARPS,
+            num_warps=ctx.launch.num_warps,
         )  # fmt: skip
-        return dh
+        return dh, None
 
 
-def geglu(h: torch.Tensor) -> torch.Tensor:
+def geglu(h: torch.Tensor, launch: GegluLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
     """``value * gelu(gate)`` for ``value, gate = h.chunk(2, -1)``, with the semantics of
     :func:`geglu_reference`, in one kernel per pass.  Autograd-capable; returns a contiguous tensor
-    of ``h``'s dtype.  Check :func:`fused_geglu_available` first."""
+    of ``h``'s dtype.  ``launch``: tile sizes.  Check :func:`fused_geglu_available` first."""
     if not fused_geglu_available(h):
         raise ValueError(
             "geglu needs Triton and a non-empty contiguous fp32/fp16/bf16 tensor with an even last "
             f"dimension on a CUDA device (or the Triton interpreter); got shape {tuple(h.shape)}, "
             f"dtype {h.dtype}, device {h.device}, strides {h.stride()}"
         )
-    return _Geglu.apply(h)
+    return _Geglu.apply(h, launch)
 
 
 def geglu_reference(h: torch.Tensor) -> torch.Tensor:

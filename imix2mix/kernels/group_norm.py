@@ -17,9 +17,10 @@ gradient, the sum of dx over H, W, comes from per-chunk partial sums written by 
 
 Layout: a channels-last ``[N, C, H, W]`` tensor is, in memory, a row-major ``[N, HW, C]`` matrix.
 The element-wise kernels run on grids ``(N, row chunks, channel blocks)``; a program walks its rows
-in ``[BLOCK_HW, BLOCK_C]`` tiles, contiguous along C (coalesced).  Per-(n, group) reductions go
-through small ``[N, chunks, C]`` fp32 buffers of per-column partial results, finished by a tiny
-per-group kernel (channels per group need not be a power of two: each column looks its group up).
+in ``[BLOCK_HW, BLOCK_C]`` tiles, contiguous along C (coalesced); sizes: :class:`GroupNormLaunch`.
+Per-(n, group) reductions go through small ``[N, chunks, C]`` fp32 buffers of per-column partial
+results, finished by a tiny per-group kernel (channels per group need not be a power of two: each
+column looks its group up).
 
 Forward: chunk statistics (one read of x) -> group mean/rstd -> normalise (read x, write y).
 Backward: per-column sums of g and g*x_hat (read x, dy) -> per-group coefficients and dweight/dbias
@@ -32,6 +33,8 @@ Triton is optional and, on CPU, interpreted: see :mod:`imix2mix.kernels.triton_s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -40,31 +43,37 @@ from imix2mix.kernels.triton_support import HAS_TRITON as _HAS_TRITON
 from imix2mix.kernels.triton_support import interpreter_on as _interpreter_on
 from imix2mix.kernels.triton_support import tl, triton
 
-# Tile and grid sizes, picked on an H100 (torch 2.11, Triton 3.6) over the SEVA shapes
-# (N = 5; C x HW = 320 x 5184 ... 2560 x 81), bf16, timing each kernel alone.
-# 64 channels of bf16 are one 128-byte line per row, and every SEVA width (320 ... 2560) is a
-# multiple of 64, so no lanes are masked off at full size.
-BLOCK_C = 64
-# The reducing kernels (statistics, backward sums) keep two [BLOCK_HW, BLOCK_C] fp32 accumulators
-# live: 16 rows leaves registers for more programs per SM (~20% faster than 32 for the backward sums).
-REDUCE_BLOCK_HW = 16
-# The applying kernels (normalise, dx) keep no accumulators: 32 rows, more bytes in flight per step.
-APPLY_BLOCK_HW = 32
-# Upper bound on the rows one program walks: long enough to amortise the per-program setup and keep
-# the partial buffers small at 72 x 72 latents.
-MAX_ROWS = 256
-# A grid's row chunks are halved (down to its BLOCK_HW) until it has at least this many programs,
-# so the small-HW, wide-C levels still spread over the 132 SMs of an H100 (4 or 8 per SM).
-REDUCE_MIN_PROGRAMS = 528
-APPLY_MIN_PROGRAMS = 1056
-# 2 warps beat 4 and 8 for every element-wise kernel here (by 5-20%), at these tile sizes.
-NUM_WARPS = 2
-# Elements per tile in the per-group finishing kernels: their inputs are a few KB, so they are
-# latency-bound, and one tile should cover all of a group's row chunks in one step where it can;
-# with 4 warps they ran 25-45% faster than with 2.
-FINISH_TILE = 2048
-FINISH_WARPS = 4
+@dataclass(frozen=True)
+class GroupNormLaunch:
+    """Tile and grid sizes of the GroupNorm kernels, picked on an H100 (torch 2.11, Triton 3.6) over
+    the SEVA shapes (N = 5; C x HW = 320 x 5184 ... 2560 x 81), bf16, timing each kernel alone.
+    Block sizes must be powers of two (``tl.arange``)."""
 
+    # 64 channels of bf16 are one 128-byte line per row, and every SEVA width (320 ... 2560) is a
+    # multiple of 64, so no lanes are masked off at full size.
+    block_c: int = 64
+    # The reducing kernels (statistics, backward sums) keep two [block_hw, block_c] fp32 accumulators
+    # live: 16 rows leaves registers for more programs per SM (~20% faster than 32 for the backward sums).
+    reduce_block_hw: int = 16
+    # The applying kernels (normalise, dx) keep no accumulators: 32 rows, more bytes in flight per step.
+    apply_block_hw: int = 32
+    # Upper bound on the rows one program walks: long enough to amortise the per-program setup and
+    # keep the partial buffers small at 72 x 72 latents.
+    max_rows: int = 256
+    # A grid's row chunks are halved (down to its block_hw) until it has at least this many programs,
+    # so the small-HW, wide-C levels still spread over the 132 SMs of an H100 (4 or 8 per SM).
+    reduce_min_programs: int = 528
+    apply_min_programs: int = 1056
+    # 2 warps beat 4 and 8 for every element-wise kernel here (by 5-20%), at these tile sizes.
+    num_warps: int = 2
+    # Elements per tile in the per-group finishing kernels: their inputs are a few KB, so they are
+    # latency-bound, and one tile should cover all of a group's row chunks in one step where it can;
+    # with 4 warps they ran 25-45% faster than with 2.
+    finish_tile: int = 2048
+    finish_warps: int = 4
+
+
+DEFAULT_LAUNCH = GroupNormLaunch()
 
 
 if _HAS_TRITON:
@@ -413,25 +422,36 @@ def fused_group_norm_available(x: torch.Tensor, num_groups: int) -> bool:
     return bool(x.is_cuda or _interpreter_on())
 
 
-def _finish_blocks(rows: int, cg: int, per_row: int = 1) -> tuple[int, int]:
+def _finish_blocks(rows: int, cg: int, launch: GroupNormLaunch, per_row: int = 1) -> tuple[int, int]:
     """Tile (rows, BLOCK_CG) of (buffer rows, group channels) for the per-group kernels: all rows in
-    one step where FINISH_TILE allows.  ``per_row``: extra elements a row costs (a one-hot column)."""
+    one step where ``launch.finish_tile`` allows.  ``per_row``: extra elements a row costs (a one-hot
+    column)."""
     block_cg = triton.next_power_of_2(cg)
-    budget = max(FINISH_TILE // (block_cg + per_row), 1)
+    budget = max(launch.finish_tile // (block_cg + per_row), 1)
     block_rows = min(triton.next_power_of_2(rows), 1 << (budget.bit_length() - 1))  # tl.arange: 2**k
     return max(block_rows, 2), block_cg
 
 
-def _launch_grid(n: int, hw: int, c: int, block_hw: int, min_programs: int) -> tuple[int, tuple[int, int, int]]:
+def _launch_grid(
+    n: int, hw: int, c: int, block_hw: int, min_programs: int, launch: GroupNormLaunch
+) -> tuple[int, tuple[int, int, int]]:
     """Rows per program and the grid (N, row chunks, channel blocks) of an element-wise kernel:
-    MAX_ROWS rows, halved while the grid has fewer than ``min_programs`` programs.  A function of
-    the shape alone, so a captured CUDA graph stays valid."""
-    c_blocks = triton.cdiv(c, BLOCK_C)
-    rows = MAX_ROWS
+    ``launch.max_rows`` rows, halved while the grid has fewer than ``min_programs`` programs.  A
+    function of the shape alone, so a captured CUDA graph stays valid."""
+    c_blocks = triton.cdiv(c, launch.block_c)
+    rows = launch.max_rows
     while rows > block_hw and n * triton.cdiv(hw, rows) * c_blocks < min_programs:
         rows //= 2
     rows = max(rows, block_hw)
     return rows, (n, triton.cdiv(hw, rows), c_blocks)
+
+
+def _reduce_grid(n: int, hw: int, c: int, launch: GroupNormLaunch) -> tuple[int, tuple[int, int, int]]:
+    return _launch_grid(n, hw, c, launch.reduce_block_hw, launch.reduce_min_programs, launch)
+
+
+def _apply_grid(n: int, hw: int, c: int, launch: GroupNormLaunch) -> tuple[int, tuple[int, int, int]]:
+    return _launch_grid(n, hw, c, launch.apply_block_hw, launch.apply_min_programs, launch)
 
 
 class _GroupNormNHWC(torch.autograd.Function):
@@ -445,6 +465,7 @@ class _GroupNormNHWC(torch.autograd.Function):
         eps: float,
         silu: bool,
         shift: torch.Tensor | None,
+        launch: GroupNormLaunch,
     ) -> torch.Tensor:
         n, c, h, w_ = x.shape
         hw = h * w_
@@ -458,38 +479,41 @@ class _GroupNormNHWC(torch.autograd.Function):
         if has_shift:
             shift = shift.contiguous()
         shift_arg = shift if has_shift else x  # an unread placeholder pointer without a shift
-        rows, grid = _launch_grid(n, hw, c, REDUCE_BLOCK_HW, REDUCE_MIN_PROGRAMS)
+        rows, grid = _reduce_grid(n, hw, c, launch)
         n_chunks = grid[1]
         chunk_mean = torch.empty((n, n_chunks, c), device=x.device, dtype=torch.float32)
         chunk_m2 = torch.empty_like(chunk_mean)
         _chunk_stats_kernel[grid](
             x, shift_arg, chunk_mean, chunk_m2, hw, c, rows,
-            HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=REDUCE_BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+            HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=launch.reduce_block_hw, BLOCK_C=launch.block_c,
+            num_warps=launch.num_warps,
         )  # fmt: skip
         mean = torch.empty((n, g), device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        block_k, block_cg = _finish_blocks(n_chunks, cg)
+        block_k, block_cg = _finish_blocks(n_chunks, cg, launch)
         _group_stats_kernel[(n, g)](
             chunk_mean, chunk_m2, mean, rstd, hw, c, cg, g, rows, n_chunks, float(hw * cg), float(eps),
-            BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=FINISH_WARPS,
+            BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=launch.finish_warps,
         )  # fmt: skip
 
         y = torch.empty_like(x, memory_format=torch.channels_last)
-        rows, grid = _launch_grid(n, hw, c, APPLY_BLOCK_HW, APPLY_MIN_PROGRAMS)
+        rows, grid = _apply_grid(n, hw, c, launch)
         _normalize_kernel[grid](
             x, shift_arg, y, weight_t, bias_t, mean, rstd, hw, c, cg, g, rows,
-            SILU=silu, HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=APPLY_BLOCK_HW, BLOCK_C=BLOCK_C,
-            num_warps=NUM_WARPS,
+            SILU=silu, HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=launch.apply_block_hw, BLOCK_C=launch.block_c,
+            num_warps=launch.num_warps,
         )  # fmt: skip
 
         ctx.save_for_backward(x, weight_t, bias_t, mean, rstd, shift)
         ctx.num_groups = g
         ctx.silu = silu
+        ctx.launch = launch
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
         x, weight_t, bias_t, mean, rstd, shift = ctx.saved_tensors
+        launch: GroupNormLaunch = ctx.launch
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         has_shift = shift is not None
         need_dshift = has_shift and ctx.needs_input_grad[6]
@@ -499,7 +523,7 @@ class _GroupNormNHWC(torch.autograd.Function):
         g = ctx.num_groups
         cg = c // g
         kind = _DTYPE_KIND[x.dtype]
-        rows, grid = _launch_grid(n, hw, c, REDUCE_BLOCK_HW, REDUCE_MIN_PROGRAMS)
+        rows, grid = _reduce_grid(n, hw, c, launch)
         n_chunks = grid[1]
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
@@ -507,18 +531,18 @@ class _GroupNormNHWC(torch.autograd.Function):
         s2 = torch.empty_like(s1)
         _backward_sums_kernel[grid](
             x, shift_arg, dy, weight_t, bias_t, mean, rstd, s1, s2, hw, c, cg, g, rows,
-            SILU=ctx.silu, HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=REDUCE_BLOCK_HW, BLOCK_C=BLOCK_C,
-            num_warps=NUM_WARPS,
+            SILU=ctx.silu, HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=launch.reduce_block_hw,
+            BLOCK_C=launch.block_c, num_warps=launch.num_warps,
         )  # fmt: skip
         coef_a = torch.empty((n, g), device=x.device, dtype=torch.float32)
         coef_b = torch.empty_like(coef_a)
         dweight = torch.empty(c, device=x.device, dtype=torch.float32)
         dbias = torch.empty_like(dweight)
         block_n = max(triton.next_power_of_2(n), 2)
-        block_r, block_cg = _finish_blocks(n * n_chunks, cg, per_row=block_n)
+        block_r, block_cg = _finish_blocks(n * n_chunks, cg, launch, per_row=block_n)
         _backward_group_kernel[(g,)](
             s1, s2, weight_t, coef_a, coef_b, dweight, dbias, n, c, cg, g, n_chunks, float(hw * cg),
-            BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_CG=block_cg, num_warps=FINISH_WARPS,
+            BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_CG=block_cg, num_warps=launch.finish_warps,
         )  # fmt: skip
         dweight = dweight.to(weight_t.dtype) if need_dw else None
         dbias = dbias.to(bias_t.dtype) if need_db else None
@@ -526,19 +550,19 @@ class _GroupNormNHWC(torch.autograd.Function):
         dx = dshift = None
         if need_dx or need_dshift:  # the shift's gradient is summed from dx
             dx = torch.empty_like(x, memory_format=torch.channels_last)
-            rows, grid = _launch_grid(n, hw, c, APPLY_BLOCK_HW, APPLY_MIN_PROGRAMS)
+            rows, grid = _apply_grid(n, hw, c, launch)
             # Per-(n, row chunk, column) sums of dx; without a shift, an unwritten placeholder.
             partial = torch.empty((n, grid[1], c), device=x.device, dtype=torch.float32) if has_shift else dx
             _backward_dx_kernel[grid](
                 x, shift_arg, dy, dx, partial, weight_t, bias_t, mean, rstd, coef_a, coef_b, hw, c, cg, g, rows,
-                SILU=ctx.silu, HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=APPLY_BLOCK_HW, BLOCK_C=BLOCK_C,
-                num_warps=NUM_WARPS,
+                SILU=ctx.silu, HAS_SHIFT=has_shift, KIND=kind, BLOCK_HW=launch.apply_block_hw,
+                BLOCK_C=launch.block_c, num_warps=launch.num_warps,
             )  # fmt: skip
             if need_dshift:
                 dshift = partial.sum(1).to(shift.dtype)
             if not need_dx:
                 dx = None
-        return dx, dweight, dbias, None, None, None, dshift
+        return dx, dweight, dbias, None, None, None, dshift, None
 
 
 def group_norm_nhwc(
@@ -549,13 +573,15 @@ def group_norm_nhwc(
     eps: float,
     silu: bool = False,
     shift: torch.Tensor | None = None,
+    launch: GroupNormLaunch = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """GroupNorm (+ SiLU) of a channels-last 4-D ``x`` (plus ``shift[:, :, None, None]``, if given)
     with the semantics of :func:`group_norm_reference`.
 
     Autograd-capable; ``weight`` / ``bias`` may be None (ones / zeros, no gradient); ``shift``, if
     given, is ``[N, C]`` of ``x.dtype`` and gets its gradient.  Returns a channels-last tensor of
-    ``x.dtype``.  Check :func:`fused_group_norm_available` first.
+    ``x.dtype``.  ``launch``: tile and grid sizes (the numbers do not depend on them beyond the
+    summation order).  Check :func:`fused_group_norm_available` first.
     """
     if not _HAS_TRITON:
         raise RuntimeError("group_norm_nhwc needs Triton, which failed to import")
@@ -572,7 +598,7 @@ def group_norm_nhwc(
             f"group_norm_nhwc's shift must be [N, C] = {tuple(x.shape[:2])} of {x.dtype} on {x.device}; "
             f"got shape {tuple(shift.shape)}, dtype {shift.dtype}, device {shift.device}"
         )
-    return _GroupNormNHWC.apply(x, weight, bias, num_groups, float(eps), bool(silu), shift)
+    return _GroupNormNHWC.apply(x, weight, bias, num_groups, float(eps), bool(silu), shift, launch)
 
 
 def group_norm_reference(

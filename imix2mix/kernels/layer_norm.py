@@ -26,6 +26,8 @@ Triton is optional and, on CPU, interpreted: see :mod:`imix2mix.kernels.triton_s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -36,21 +38,30 @@ from imix2mix.kernels.triton_support import tl, triton
 
 # Widest row handled: one row must fit in one program's registers (8192 fp32 = 64 per thread at 4 warps).
 MAX_C = 8192
-# Elements per forward tile (BLOCK_ROWS = FWD_TILE // BLOCK_C rows, at least 1): 8 / 4 / 2 rows at
-# C = 320 / 640 / 1280, about 32 fp32 registers per live tile per thread at 4 warps.  Not tuned.
-FWD_TILE = 4096
-# The backward keeps x, dy, x_hat and w * dy of a tile live at once: half the forward's tile.
-BWD_TILE = 2048
-# Upper bound on the rows one backward program walks (in tiles): long enough to amortise its setup
-# and keep the [programs, C] partial buffers a small fraction of x's size.
-BWD_MAX_ROWS = 64
-# Backward chunks are halved (down to one tile) until the grid has at least this many programs, so
-# the 1620-row levels still spread over the 132 SMs of an H100.
-BWD_MIN_PROGRAMS = 528
-# 4 warps for tiles of up to 4096 elements, 8 beyond (a single wide row), to bound registers/thread.
-NUM_WARPS = 4
-WIDE_NUM_WARPS = 8
 
+
+@dataclass(frozen=True)
+class LayerNormLaunch:
+    """Tile and grid sizes of the LayerNorm kernels (powers of two where they size a tile)."""
+
+    # Elements per forward tile (BLOCK_ROWS = fwd_tile // BLOCK_C rows, at least 1): 8 / 4 / 2 rows at
+    # C = 320 / 640 / 1280, about 32 fp32 registers per live tile per thread at 4 warps.  Not tuned.
+    fwd_tile: int = 4096
+    # The backward keeps x, dy, x_hat and w * dy of a tile live at once: half the forward's tile.
+    bwd_tile: int = 2048
+    # Upper bound on the rows one backward program walks (in tiles): long enough to amortise its
+    # setup and keep the [programs, C] partial buffers a small fraction of x's size.
+    bwd_max_rows: int = 64
+    # Backward chunks are halved (down to one tile) until the grid has at least this many programs,
+    # so the 1620-row levels still spread over the 132 SMs of an H100.
+    bwd_min_programs: int = 528
+    # 4 warps for tiles of up to 4096 elements, 8 beyond (a single wide row), to bound registers per
+    # thread.
+    num_warps: int = 4
+    wide_num_warps: int = 8
+
+
+DEFAULT_LAUNCH = LayerNormLaunch()
 
 
 if _HAS_TRITON:
@@ -185,16 +196,16 @@ def _block_rows(c: int, tile: int) -> tuple[int, int]:
     return max(tile // block_c, 1), block_c  # both powers of two: tile is one
 
 
-def _num_warps(block_rows: int, block_c: int) -> int:
-    return NUM_WARPS if block_rows * block_c <= 4096 else WIDE_NUM_WARPS
+def _num_warps(block_rows: int, block_c: int, launch: LayerNormLaunch) -> int:
+    return launch.num_warps if block_rows * block_c <= 4096 else launch.wide_num_warps
 
 
-def _backward_grid(r: int, block_rows: int) -> tuple[int, int]:
+def _backward_grid(r: int, block_rows: int, launch: LayerNormLaunch) -> tuple[int, int]:
     """Rows per backward program (a multiple of ``block_rows``) and the number of programs: up to
-    BWD_MAX_ROWS rows, halved while the grid has fewer than BWD_MIN_PROGRAMS programs.  A function of
-    the shape alone, so a captured CUDA graph stays valid."""
-    rows = max(BWD_MAX_ROWS, block_rows)
-    while rows > block_rows and triton.cdiv(r, rows) < BWD_MIN_PROGRAMS:
+    ``launch.bwd_max_rows`` rows, halved while the grid has fewer than ``launch.bwd_min_programs``
+    programs.  A function of the shape alone, so a captured CUDA graph stays valid."""
+    rows = max(launch.bwd_max_rows, block_rows)
+    while rows > block_rows and triton.cdiv(r, rows) < launch.bwd_min_programs:
         rows //= 2
     rows = max(rows, block_rows)
     return rows, triton.cdiv(r, rows)
@@ -209,6 +220,7 @@ class _LayerNormRows(torch.autograd.Function):
         bias: torch.Tensor | None,
         eps: float,
         out_dtype: torch.dtype,
+        launch: LayerNormLaunch,
     ) -> torch.Tensor:
         c = x.shape[-1]
         r = x.numel() // c  # x is contiguous: the kernels read it as a row-major [rows, C] matrix
@@ -217,16 +229,17 @@ class _LayerNormRows(torch.autograd.Function):
         y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
         mean = torch.empty(r, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        block_rows, block_c = _block_rows(c, FWD_TILE)
+        block_rows, block_c = _block_rows(c, launch.fwd_tile)
         # Absent parameters: any pointer will do (HAS_W / HAS_B = False never read it).
         _ln_forward_kernel[(triton.cdiv(r, block_rows),)](
             x, y, x if weight_t is None else weight_t, x if bias_t is None else bias_t, mean, rstd,
             r, c, float(eps),
             HAS_W=weight_t is not None, HAS_B=bias_t is not None, KIND=_DTYPE_KIND[out_dtype],
-            BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=_num_warps(block_rows, block_c),
+            BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=_num_warps(block_rows, block_c, launch),
         )  # fmt: skip
         ctx.save_for_backward(x, weight_t, mean, rstd)
         ctx.out_dtype = out_dtype
+        ctx.launch = launch
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -239,8 +252,8 @@ class _LayerNormRows(torch.autograd.Function):
         c = x.shape[-1]
         r = x.numel() // c
         dy = dy.to(ctx.out_dtype).contiguous()  # the kernel reads it as a row-major [rows, C] matrix
-        block_rows, block_c = _block_rows(c, BWD_TILE)
-        rows, programs = _backward_grid(r, block_rows)
+        block_rows, block_c = _block_rows(c, ctx.launch.bwd_tile)
+        rows, programs = _backward_grid(r, block_rows, ctx.launch)
         dx = torch.empty_like(x) if need_dx else None
         pdw = torch.empty((programs, c), device=x.device, dtype=torch.float32) if need_dw else None
         pdb = torch.empty((programs, c), device=x.device, dtype=torch.float32) if need_db else None
@@ -250,11 +263,11 @@ class _LayerNormRows(torch.autograd.Function):
                 mean if pdw is None else pdw, mean if pdb is None else pdb, r, c, rows,
                 HAS_W=weight_t is not None, NEED_DX=bool(need_dx), NEED_DW=bool(need_dw),
                 NEED_DB=bool(need_db), KIND=_DTYPE_KIND[x.dtype],
-                BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=_num_warps(block_rows, block_c),
+                BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=_num_warps(block_rows, block_c, ctx.launch),
             )  # fmt: skip
         dweight = pdw.sum(0).to(weight_t.dtype) if need_dw else None
         dbias = pdb.sum(0).to(ctx.bias_dtype) if need_db else None
-        return dx, dweight, dbias, None, None
+        return dx, dweight, dbias, None, None, None
 
 
 def layer_norm_rows(
@@ -263,12 +276,13 @@ def layer_norm_rows(
     bias: torch.Tensor | None,
     eps: float,
     out_dtype: torch.dtype,
+    launch: LayerNormLaunch = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """LayerNorm over the last dimension of ``x`` with the semantics of :func:`layer_norm_reference`.
 
     Autograd-capable; ``weight`` / ``bias`` ([C], fp32 or half) may be None (no affine, no gradient).
-    Returns a contiguous tensor of ``x``'s shape and ``out_dtype``.  Check
-    :func:`fused_layer_norm_available` first.
+    Returns a contiguous tensor of ``x``'s shape and ``out_dtype``.  ``launch``: tile and grid sizes.
+    Check :func:`fused_layer_norm_available` first.
     """
     if not _HAS_TRITON:
         raise RuntimeError("layer_norm_rows needs Triton, which failed to import")
@@ -288,7 +302,7 @@ def layer_norm_rows(
                 f"layer_norm_rows: {name} must be a float [{c}] tensor on {x.device}; "
                 f"got shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device}"
             )
-    return _LayerNormRows.apply(x, weight, bias, float(eps), out_dtype)
+    return _LayerNormRows.apply(x, weight, bias, float(eps), out_dtype, launch)
 
 
 def layer_norm_reference(

@@ -8,14 +8,16 @@ bias-gradient reductions took 7.7 ms of the iteration for about 2 ms worth of by
 the bias gradient's summation order changes (fp32 accumulation either way, rounded once to the
 bias's dtype).
 
-The column sum: programs tile the ``[rows, C]`` gradient into column slabs of ``BLOCK_C`` and row
-chunks; each program adds its chunk in fp32 and writes one row of a ``[chunks, C]`` fp32 partial
+The column sum: programs tile the ``[rows, C]`` gradient into column slabs and row chunks
+(:class:`ColumnSumLaunch`); each program adds its chunk in fp32 and writes one row of a ``[chunks, C]`` fp32 partial
 buffer, which one torch ``sum(0)`` reduces.  Shapes depend on the input's shape alone (CUDA graphs).
 
 Triton is optional and, on CPU, interpreted: see :mod:`imix2mix.kernels.triton_support`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +27,23 @@ from imix2mix.kernels.triton_support import HAS_TRITON as _HAS_TRITON
 from imix2mix.kernels.triton_support import interpreter_on as _interpreter_on
 from imix2mix.kernels.triton_support import tl, triton
 
-# A tile is BLOCK_ROWS × BLOCK_C (4096 elements, 16 bf16 per thread at 4 warps, 16-byte loads).
-BLOCK_C = 128
-BLOCK_ROWS = 32
-# Row chunks per column slab: enough programs to fill the GPU (MIN_PROGRAMS, 4 per SM on an H100),
-# but at least MIN_CHUNK_ROWS rows each so that the partial buffer stays small.  Not tuned.
-MIN_PROGRAMS = 528
-MIN_CHUNK_ROWS = 256
-NUM_WARPS = 4
+
+@dataclass(frozen=True)
+class ColumnSumLaunch:
+    """Tile and grid sizes of the column-sum kernel.  Not tuned beyond the tile."""
+
+    # A tile is block_rows × block_c (4096 elements, 16 bf16 per thread at 4 warps, 16-byte loads);
+    # both powers of two.
+    block_c: int = 128
+    block_rows: int = 32
+    # Row chunks per column slab: enough programs to fill the GPU (4 per SM on an H100), but at least
+    # min_chunk_rows rows each so that the partial buffer stays small.
+    min_programs: int = 528
+    min_chunk_rows: int = 256
+    num_warps: int = 4
+
+
+DEFAULT_LAUNCH = ColumnSumLaunch()
 
 if _HAS_TRITON:
 
@@ -64,40 +75,44 @@ def fused_bias_grad_available(x: torch.Tensor, bias: torch.Tensor | None) -> boo
     return bool(x.is_cuda or _interpreter_on())
 
 
-def column_sum(g: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def column_sum(g: torch.Tensor, out_dtype: torch.dtype, launch: ColumnSumLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
     """``g.sum(0)`` of a 2-D tensor, accumulated in fp32 and rounded to ``out_dtype``."""
     g = g.contiguous()
     r, c = g.shape
-    slabs = triton.cdiv(c, BLOCK_C)
-    chunk_rows = max(MIN_CHUNK_ROWS, triton.cdiv(r, max(MIN_PROGRAMS // slabs, 1)))
-    chunk_rows = triton.cdiv(chunk_rows, BLOCK_ROWS) * BLOCK_ROWS
+    slabs = triton.cdiv(c, launch.block_c)
+    chunk_rows = max(launch.min_chunk_rows, triton.cdiv(r, max(launch.min_programs // slabs, 1)))
+    chunk_rows = triton.cdiv(chunk_rows, launch.block_rows) * launch.block_rows
     chunks = max(triton.cdiv(r, chunk_rows), 1)
     partial = torch.empty((chunks, c), device=g.device, dtype=torch.float32)
     _column_sum_kernel[(chunks, slabs)](
-        g, partial, r, c, chunk_rows, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS
+        g, partial, r, c, chunk_rows, BLOCK_ROWS=launch.block_rows, BLOCK_C=launch.block_c,
+        num_warps=launch.num_warps,
     )
     return partial.sum(0).to(out_dtype)
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, launch: ColumnSumLaunch) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = bias.dtype
+        ctx.launch = launch
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_rows = grad.reshape(-1, grad.shape[-1])
         dx = grad.matmul(weight) if need_x else None
         dw = grad_rows.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
-        db = column_sum(grad_rows, ctx.bias_dtype) if need_b else None
-        return dx, dw, db
+        db = column_sum(grad_rows, ctx.bias_dtype, ctx.launch) if need_b else None
+        return dx, dw, db, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, launch: ColumnSumLaunch = DEFAULT_LAUNCH
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (inputs already in one dtype, outside autocast), with the bias
     gradient summed by :func:`column_sum`.  Check :func:`fused_bias_grad_available` first."""
     if not fused_bias_grad_available(x, bias):
@@ -107,4 +122,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
         )
     if not (x.dtype == weight.dtype == bias.dtype):
         raise ValueError(f"linear: x, weight and bias must share a dtype; got {x.dtype}, {weight.dtype}, {bias.dtype}")
-    return _Linear.apply(x, weight, bias)
+    return _Linear.apply(x, weight, bias, launch)

@@ -24,6 +24,7 @@ Triton is optional and, on CPU, interpreted: see :mod:`imix2mix.kernels.triton_s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,20 @@ from imix2mix.kernels.triton_support import tl, triton
 # several tensors in registers).
 MAX_LEN = 16
 MAX_HEAD_DIM = 128
-# Sequences per program: 16 × 8 (L = 5 padded) × 64 = 8192 fp32 per live tensor at 4 warps.  On an
-# H100 at the 72² level (fwd + bwd, kernel time): 0.72 ms with 4, 0.29 with 8, 0.16 with 16 (0.38 with
-# 16 at 8 warps); SDPA with its head transposes 1.15 ms; the memory floor 0.05 ms.
-BLOCK_B = 16
-NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class ShortAttentionLaunch:
+    """Sequences per program and warps of the short-attention kernels."""
+
+    # 16 × 8 (L = 5 padded) × 64 = 8192 fp32 per live tensor at 4 warps.  On an H100 at the 72² level
+    # (fwd + bwd, kernel time): 0.72 ms with 4, 0.29 with 8, 0.16 with 16 (0.38 with 16 at 8 warps);
+    # SDPA with its head transposes 1.15 ms; the memory floor 0.05 ms.  A power of two.
+    block_b: int = 16
+    num_warps: int = 4
+
+
+DEFAULT_LAUNCH = ShortAttentionLaunch()
 
 if _HAS_TRITON:
 
@@ -135,27 +145,27 @@ def short_attention_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return bool(q.is_cuda or _interpreter_on())
 
 
-def _launch(q: torch.Tensor, heads: int) -> tuple[tuple[int, int], dict]:
+def _launch(q: torch.Tensor, heads: int, launch: ShortAttentionLaunch) -> tuple[tuple[int, int], dict]:
     batch, length, width = q.shape
     head_dim = width // heads
     meta = dict(
         L=length, D=head_dim, LP=max(triton.next_power_of_2(length), 2), DP=triton.next_power_of_2(head_dim),
-        BLOCK_B=BLOCK_B, KIND=_DTYPE_KIND[q.dtype], num_warps=NUM_WARPS,
+        BLOCK_B=launch.block_b, KIND=_DTYPE_KIND[q.dtype], num_warps=launch.num_warps,
     )  # fmt: skip
-    return (triton.cdiv(batch, BLOCK_B), heads), meta
+    return (triton.cdiv(batch, launch.block_b), heads), meta
 
 
 class _ShortAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, launch: ShortAttentionLaunch) -> torch.Tensor:  # type: ignore[override]
         batch, length, width = q.shape
         scale = 1.0 / math.sqrt(width // heads)
         o = torch.empty_like(q)
         lse = torch.empty((batch, heads, length), device=q.device, dtype=torch.float32)
-        grid, meta = _launch(q, heads)
+        grid, meta = _launch(q, heads, launch)
         _short_attention_forward[grid](q, k, v, o, lse, batch, heads, scale, **meta)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.heads, ctx.scale = heads, scale
+        ctx.heads, ctx.scale, ctx.launch = heads, scale, launch
         return o
 
     @staticmethod
@@ -163,15 +173,17 @@ class _ShortAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         do = do.to(q.dtype).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grid, meta = _launch(q, ctx.heads)
+        grid, meta = _launch(q, ctx.heads, ctx.launch)
         _short_attention_backward[grid](q, k, v, o, do, lse, dq, dk, dv, q.shape[0], ctx.heads, ctx.scale, **meta)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
-def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def short_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, launch: ShortAttentionLaunch = DEFAULT_LAUNCH
+) -> torch.Tensor:
     """Multi-head self-attention (softmax scale ``head_dim ** -0.5``) of ``[B, L, heads·head_dim]``
     projections, returned in the same layout; the semantics of :func:`short_attention_reference`
-    computed in fp32.  Autograd-capable.  Check :func:`short_attention_available` first."""
+    computed in fp32.  Autograd-capable; ``launch``: sequences per program.  Check :func:`short_attention_available` first."""
     if not short_attention_available(q, k, v, heads):
         raise ValueError(
             f"short_attention needs Triton and contiguous [B, L <= {MAX_LEN}, heads·head_dim <= "
@@ -179,7 +191,7 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
             f"interpreter); got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, heads "
             f"{heads}, dtype {q.dtype}, device {q.device}"
         )
-    return _ShortAttention.apply(q, k, v, heads)
+    return _ShortAttention.apply(q, k, v, heads, launch)
 
 
 def short_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

@@ -8,10 +8,7 @@ whether a kernel is compiled or interpreted.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
-from collections.abc import Iterator
 
 import torch
 
@@ -38,34 +35,9 @@ def interpreter_on() -> bool:
     return KERNELS_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_KERNELS_IN_GRAPHS = contextvars.ContextVar("imix2mix_triton_kernels", default=False)
-
-
-@contextlib.contextmanager
-def triton_kernels_for_graph_capture() -> Iterator[None]:
-    """Inside: layers on CUDA take their Triton kernels.  Opened around a CUDA-graph capture and its
-    warm-up passes (the kernels compile there, before the capture), whose replays skip the Python
-    side of each launch."""
-    token = _KERNELS_IN_GRAPHS.set(True)
-    try:
-        yield
-    finally:
-        _KERNELS_IN_GRAPHS.reset(token)
-
-
-def use_triton_kernels() -> bool:
-    """Whether a layer should take its Triton kernel (when the kernel's ``*_available`` also agrees).
-
-    Only where launches are replayed from a CUDA graph (:func:`triton_kernels_for_graph_capture`),
-    or in the interpreter (tests).  Eagerly, each Triton launch costs tens of microseconds of Python,
-    more than the kernels save: on an H100 (N = 4) the eager ``fused`` mode took 0.413 s per
-    iteration with the kernels and 0.292 s with torch's ops, ``lean`` 0.687 vs 0.467 s, while the
-    graph-replayed default took 0.150 vs 0.211 s.  Never while ``torch.compile`` traces: inductor
-    fuses torch's ops itself.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    return interpreter_on() or _KERNELS_IN_GRAPHS.get()
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device``: Triton, and CUDA (or the interpreter on CPU)."""
+    return HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreter_on()))
 
 
 if HAS_TRITON:

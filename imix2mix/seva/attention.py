@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imix2mix.kernels.geglu import fused_geglu_available, geglu, geglu_reference
+from imix2mix.kernels.dispatch import UsesKernels
 from imix2mix.kernels.short_attention import MAX_LEN as SHORT_SEQUENCE_MAX_LEN
-from imix2mix.kernels.short_attention import short_attention, short_attention_available, short_attention_reference
-from imix2mix.kernels.triton_support import use_triton_kernels
 from imix2mix.seva.layers import GroupNorm32, LayerNorm32, Linear
 
 
@@ -39,10 +37,10 @@ class SdpaAttnProcessor:
     the student's iteration on an H100), and the projections of the time-mix blocks' context, one
     copy per spatial position, are computed once.
 
-    Self-attention over short sequences (the time-mix blocks' T views) takes the Triton kernel of
-    :mod:`imix2mix.kernels.short_attention` inside CUDA-graph captures
-    (:func:`~imix2mix.kernels.triton_support.use_triton_kernels`): flash tiles of 64+ rows are mostly
-    padding there.
+    Self-attention over short sequences (the time-mix blocks' T views) is the op ``short_attention``
+    when the attention layer's kernel set (:class:`~imix2mix.kernels.dispatch.UsesKernels`) gives it
+    a backend other than torch's (the Triton kernel of :mod:`imix2mix.kernels.short_attention`: flash
+    tiles of 64+ rows are mostly padding there).
     """
 
     def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -51,11 +49,10 @@ class SdpaAttnProcessor:
             out = attn.to_out(attn.to_v(context))  # [context rows, 1, C]
             return _rows_per_query_batch(out, batch).expand(batch, q_len, out.shape[-1])
         heads, head_dim = attn.heads, attn.head_dim
-        if context is None and q_len <= SHORT_SEQUENCE_MAX_LEN and use_triton_kernels():
+        kernels = attn.kernels
+        if context is None and q_len <= SHORT_SEQUENCE_MAX_LEN and kernels.short_attention != "torch":
             q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-            if short_attention_available(q, k, v, heads):
-                return attn.to_out(short_attention(q, k, v, heads))
-            return attn.to_out(short_attention_reference(q, k, v, heads))
+            return attn.to_out(kernels.run("short_attention", q, k, v, heads))
         context = x if context is None else _rows_per_query_batch(context, batch)
         kv_len = context.shape[1]
         q = attn.to_q(x).view(batch, q_len, heads, head_dim).transpose(1, 2)
@@ -75,7 +72,7 @@ def _rows_per_query_batch(context: torch.Tensor, batch: int) -> torch.Tensor:
     return context.repeat_interleave(batch // context.shape[0], dim=0)
 
 
-class Attention(nn.Module):
+class Attention(UsesKernels, nn.Module):
     """Self- or cross-attention with bias-free q/k/v projections (checkpoint names ``to_q`` … ``to_out.0``)."""
 
     def __init__(
@@ -104,12 +101,12 @@ class Attention(nn.Module):
         return self.processor(self, x, context)
 
 
-class GEGLU(nn.Module):
+class GEGLU(UsesKernels, nn.Module):
     """Linear to twice the width; the first half is gated by the exact (erf) GELU of the second half.
 
-    Inside CUDA-graph captures the gate is one fused Triton kernel per pass
-    (:mod:`imix2mix.kernels.geglu`, the same function as torch's ops on the halves); eagerly and under
-    ``torch.compile`` the plain ops run (inductor fuses them itself).  Also stands in for diffusers' ``GEGLU`` in the teacher (same ``proj``).
+    The gate is the op ``geglu`` of the layer's kernel set (the Triton backend,
+    :mod:`imix2mix.kernels.geglu`, is one fused kernel per pass, the same function as torch's ops on
+    the halves).  Also stands in for diffusers' ``GEGLU`` in the teacher (same ``proj``).
     """
 
     def __init__(self, dim_in: int, dim_out: int, device: torch.device | str | None = None) -> None:
@@ -126,10 +123,7 @@ class GEGLU(nn.Module):
         return geglu_module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj(x)
-        if use_triton_kernels() and fused_geglu_available(h):
-            return geglu(h)
-        return geglu_reference(h)
+        return self.kernels.run("geglu", self.proj(x))
 
 
 class FeedForward(nn.Module):

@@ -10,62 +10,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imix2mix.kernels.group_norm import fused_group_norm_available, group_norm_nhwc, group_norm_reference
-from imix2mix.kernels.layer_norm import fused_layer_norm_available, layer_norm_rows
-from imix2mix.kernels.linear import fused_bias_grad_available
-from imix2mix.kernels.linear import linear as fused_bias_grad_linear
-from imix2mix.kernels.triton_support import use_triton_kernels
+from imix2mix.kernels.dispatch import UsesKernels
 
 
-class GroupNorm32(nn.GroupNorm):
+class GroupNorm32(UsesKernels, nn.GroupNorm):
     """GroupNorm with fp32 statistics and affine, rounded to the input's dtype (bf16/fp16 autocast
     keeps fp32 statistics), optionally followed by SiLU, and optionally of ``x + shift[:, :, None, None]``
     (``shift``: ``[N, C]`` of ``x.dtype``, added in that dtype first).
 
-    Channels-last inputs on CUDA take one fused Triton kernel per pass
-    (:mod:`imix2mix.kernels.group_norm`) where launches are replayed from CUDA graphs
-    (:func:`~imix2mix.kernels.triton_support.use_triton_kernels`): torch's GroupNorm has no NHWC
-    kernel, so without it every convolution around a norm would transpose its input and output.
-    Under ``torch.compile`` the plain ops run and inductor fuses them itself.
+    The op ``group_norm`` of the layer's kernel set (:class:`~imix2mix.kernels.dispatch.UsesKernels`):
+    its Triton backend (:mod:`imix2mix.kernels.group_norm`) takes channels-last inputs in one fused
+    kernel per pass (torch's GroupNorm has no NHWC kernel, so without it every convolution around a
+    norm would transpose its input and output).
     """
 
     def forward(self, x: torch.Tensor, silu: bool = False, shift: torch.Tensor | None = None) -> torch.Tensor:
-        if use_triton_kernels() and fused_group_norm_available(x, self.num_groups):
-            return group_norm_nhwc(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu, shift=shift)
-        return group_norm_reference(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu, shift=shift)
+        return self.kernels.run("group_norm", x, self.weight, self.bias, self.num_groups, self.eps, silu=silu, shift=shift)
 
 
-class LayerNorm32(nn.LayerNorm):
+class LayerNorm32(UsesKernels, nn.LayerNorm):
     """LayerNorm as autocast runs it (fp32 statistics and affine), whose output under CUDA autocast is
     already rounded to the autocast dtype: in SEVA every consumer of a LayerNorm is a Linear, which
-    would round it to that dtype anyway.  Contiguous CUDA inputs in CUDA-graph captures take one fused
-    Triton kernel per pass (:mod:`imix2mix.kernels.layer_norm`) instead of casts around torch's fp32
-    kernel; elsewhere (eager, CPU, fp32, ``torch.compile``) it is ``nn.LayerNorm``.
+    would round it to that dtype anyway.  The op ``layer_norm`` of the layer's kernel set: its Triton
+    backend (:mod:`imix2mix.kernels.layer_norm`) takes contiguous inputs under autocast in one fused
+    kernel per pass instead of casts around torch's fp32 kernel; the torch backend is ``nn.LayerNorm``'s.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            torch.is_autocast_enabled(x.device.type)
-            and use_triton_kernels()
-            and fused_layer_norm_available(x)
-        ):
-            return layer_norm_rows(x, self.weight, self.bias, self.eps, torch.get_autocast_dtype(x.device.type))
-        return super().forward(x)
+        return self.kernels.run("layer_norm", x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and function) whose bias gradient is summed by a Triton
-    column-sum kernel in CUDA-graph captures (:mod:`imix2mix.kernels.linear`).  Under autocast it
-    casts input, weight and bias to the autocast dtype as autocast would; elsewhere (eager, CPU, no
-    bias, ``torch.compile``) it is ``nn.Linear``."""
+class Linear(UsesKernels, nn.Linear):
+    """``nn.Linear`` (same parameters and function) as the op ``linear`` of the layer's kernel set:
+    its Triton backend (:mod:`imix2mix.kernels.linear`) sums the bias gradient with a column-sum
+    kernel, casting as autocast would; the torch backend is ``nn.Linear``'s."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (use_triton_kernels() and fused_bias_grad_available(x, self.bias)):
-            return super().forward(x)
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        with torch.autocast(device_type, enabled=False):
-            return fused_bias_grad_linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
+        return self.kernels.run("linear", x, self.weight, self.bias)
 
 
 def replace_modules(module: nn.Module, source_type: type[nn.Module], build: Callable[[nn.Module], nn.Module]) -> int:

@@ -12,6 +12,7 @@ import torch
 
 from imix2mix.config import CrossViewAttention, TeacherConfig
 from imix2mix.edits import Edit
+from imix2mix.kernels.dispatch import KernelSet
 
 
 @runtime_checkable
@@ -60,3 +61,6 @@ class Teacher(Protocol):
     def compile_noise_prediction(self, mode: str | None) -> None: ...
 
     def set_graph_capture(self, enabled: bool) -> None: ...
+
+    def set_kernels(self, kernels: KernelSet) -> KernelSet:
+        """The kernel set of the fused ops of :meth:`predict_noise`'s network; returns the previous one."""

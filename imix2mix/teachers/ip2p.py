@@ -35,7 +35,7 @@ from imix2mix.config import TeacherConfig
 from imix2mix.edits import Edit
 from imix2mix.errors import MissingWeightsError
 from imix2mix.hub import resolve_dir
-from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
+from imix2mix.kernels.dispatch import TORCH, KernelSet, install_kernels
 from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import replace_modules, use_group_norm32
 from imix2mix.teachers import register_teacher
@@ -115,8 +115,8 @@ class InstructPix2PixTeacher:
     """Frozen IP2P: reference edits, dual-CFG ε̃ for SDS, VAE encode/decode.
 
     On CUDA the networks run in fp16 under ``torch.inference_mode`` (official numerics); on CPU in fp32.
-    The execution settings (memory format, compiled noise prediction, CUDA-graph replay) are set by
-    :mod:`imix2mix.accel` for the length of one run and reset afterwards.
+    The execution settings (memory format, compiled noise prediction, CUDA-graph replay, kernel set)
+    are set by :mod:`imix2mix.accel` for the length of one run and reset afterwards.
     """
 
     name = "ip2p"
@@ -136,13 +136,15 @@ class InstructPix2PixTeacher:
         self.graph_capture = False  # replay predict_noise's UNet pass as a CUDA graph (set by imix2mix.accel)
         self.attention_mode: CrossViewAttention = "none"
         set_cross_view_attention(self.unet, "none", self.key_view_state)
-        # The same functions as diffusers' modules; fused Triton kernels on CUDA (GroupNorm once channels-last).
+        # The same functions as diffusers' modules, whose ops run through a kernel set (set_kernels):
+        # fused Triton kernels on CUDA (GroupNorm once channels-last).
         use_group_norm32(self.unet)
         replace_modules(self.unet, DiffusersGEGLU, GEGLU.sharing_projection)
         for module in self.unet.modules():
             if isinstance(module, Transformer2DModel):
                 module._get_output_for_continuous_inputs = types.MethodType(_output_in_input_layout, module)
         self.memory_format = torch.contiguous_format
+        self.kernels: KernelSet = TORCH
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -210,6 +212,16 @@ class InstructPix2PixTeacher:
         """Replay :meth:`predict_noise`'s UNet pass as a CUDA graph captured once per scene and mode."""
         self.graph_capture = enabled
         self._captured = None
+
+    def set_kernels(self, kernels: KernelSet) -> KernelSet:
+        """The kernel set of the UNet's fused ops (its GroupNorms and GEGLUs) in every pass until set
+        again; a captured graph is recaptured.  Returns the previous set."""
+        previous = self.kernels
+        if kernels != previous:
+            install_kernels(self.unet, kernels)
+            self.kernels = kernels
+            self._captured = None
+        return previous
 
     def set_memory_format(self, memory_format: torch.memory_format) -> None:
         """The UNet's convolution weights in ``memory_format`` (channels-last: NHWC activations
@@ -331,14 +343,13 @@ class _CapturedUnet:
         self.input, self.timestep, self.text = model_input.clone(), timestep.clone(), text.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with triton_kernels_for_graph_capture():
-            with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN/cuBLAS pick their kernels
-                for _ in range(2):
-                    unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)[0]
+        with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN/cuBLAS pick their kernels, Triton compiles
+            for _ in range(2):
+                unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = unet(self.input, self.timestep, encoder_hidden_states=self.text, return_dict=False)[0]
 
     def __call__(self, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         self.input.copy_(model_input)
