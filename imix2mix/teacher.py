@@ -106,16 +106,20 @@ class InstructPix2PixTeacher:
     def from_pretrained(
         cls, source: str | Path = TEACHER_REPO, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> "InstructPix2PixTeacher":
-        """Load a diffusers IP2P folder (or hub id) once, without the safety checker."""
+        """Load a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder or hub id once, without the
+        safety checker: InstructPix2Pix or a checkpoint of its family (e.g. MagicBrush
+        ``vinesmsuic/magicbrush-jul7``).  Only safetensors weights are loaded."""
         folder = resolve_dir(source, what="InstructPix2Pix teacher", hint="It is public: `hf download timbrooks/instruct-pix2pix`.")
         device = torch.device(device)
         load_dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         try:
             pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-                folder, dtype=load_dtype, safety_checker=None, requires_safety_checker=False
+                folder, dtype=load_dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
             )
         except (OSError, ValueError) as exc:
-            raise MissingWeightsError(f"InstructPix2Pix teacher: '{folder}' is not a usable diffusers pipeline folder ({exc}).") from exc
+            raise MissingWeightsError(
+                f"InstructPix2Pix teacher: '{folder}' is not a usable diffusers pipeline folder with safetensors weights ({exc})."
+            ) from exc
         return cls(pipeline, device=device, dtype=load_dtype)
 
     @property
