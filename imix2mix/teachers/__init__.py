@@ -1,0 +1,1 @@
+"""Teachers: the frozen 2D editors that score distillation queries, and their building blocks."""
