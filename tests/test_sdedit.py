@@ -10,6 +10,7 @@ from imix2mix.seva import ClipImageConditioner, Seva, SevaAutoencoder, SevaConfi
 from imix2mix.seva.sampling import SDEDIT_DEFAULT_START, SDEDIT_STARTS, sdedit_views
 from imix2mix.seva.schedule import EulerEDMSampler, MultiviewCFG, SevaSchedule
 from imix2mix.seva.sdedit import SDEditSettings, sdedit_fusion
+from test_seva_sampling import rig  # cameras on an arc
 
 VIEWS, SIZE = 3, 64  # SEVA latents 8×8
 
@@ -18,17 +19,6 @@ VIEWS, SIZE = 3, 64  # SEVA latents 8×8
 def models() -> tuple[SevaDenoiser, SevaAutoencoder, ClipImageConditioner]:
     torch.manual_seed(0)
     return SevaDenoiser(Seva(SevaConfig.tiny()).eval()), SevaAutoencoder.tiny(), ClipImageConditioner.tiny(projection_dim=32)
-
-
-def rig(count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cameras on an arc looking at the origin (OpenCV c2w), 54° field of view."""
-    c2w = torch.eye(4).repeat(count, 1, 1)
-    for i, angle in enumerate(torch.linspace(-0.4, 0.4, count)):
-        c, s = torch.cos(angle), torch.sin(angle)
-        c2w[i, :3, :3] = torch.tensor([[c, 0, -s], [0, 1, 0], [s, 0, c]])
-        c2w[i, :3, 3] = -2.0 * c2w[i, :3, 2]
-    focal = 0.5 / torch.tan(torch.deg2rad(torch.tensor(27.0)))
-    return c2w, torch.tensor([[focal, 0, 0.5], [0, focal, 0.5], [0, 0, 1]]).repeat(count, 1, 1)
 
 
 def test_app_e1_defaults():

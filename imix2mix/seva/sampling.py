@@ -50,26 +50,40 @@ def sample_novel_views(
     the generator's device as the official sampler draws its first latent on the CPU.
     ``autocast_dtype`` runs the network under autocast (the official demo uses float16 on CUDA).
     """
-    cond = conditioning.cond
-    shape = (conditioning.num_frames, 4, *cond.replace.shape[-2:])
-    device = cond.replace.device
-    source_device = generator.device if generator is not None else torch.device("cpu")
-    standard_normal = torch.randn(shape, generator=generator, device=source_device).to(device)
+    shape = (conditioning.num_frames, 4, *conditioning.cond.replace.shape[-2:])
     sampler = EulerEDMSampler(denoiser.schedule, num_steps=num_steps)
+    start = sampler.initial_latent(_standard_normal(shape, generator, conditioning.cond.replace.device))
+    return _denoise_window(sampler, denoiser, conditioning, start, cfg, cfg_min, generator, noise, autocast_dtype)
+
+
+def _standard_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """N(0, 1) drawn on the generator's device (the CPU without one), as the official sampler draws."""
+    source_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=source_device).to(device)
+
+
+def _denoise_window(
+    sampler: EulerEDMSampler,
+    denoiser: SevaDenoiser,
+    conditioning: StudentConditioning,
+    x: torch.Tensor,
+    cfg: float,
+    cfg_min: float,
+    generator: torch.Generator | None,
+    noise: NoiseSource | None,
+    autocast_dtype: torch.dtype | None,
+    on_step: Callable[[int, StepRecord], None] | None = None,
+) -> torch.Tensor:
+    """Every sampler step from ``x`` with MultiviewCFG, optionally under autocast."""
+    cond = conditioning.cond
+    device = cond.replace.device
     precision = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
     with precision:
-        return sampler(
-            denoiser,
-            standard_normal,
-            cond,
-            cond.unconditional(),
-            MultiviewCFG(cfg, cfg_min),
-            num_frames=conditioning.num_frames,
-            cameras=conditioning.guidance_cameras,
-            noise=noise,
-            generator=generator,
+        return sampler.denoise(
+            denoiser, x, cond, cond.unconditional(), MultiviewCFG(cfg, cfg_min), num_frames=conditioning.num_frames,
+            cameras=conditioning.guidance_cameras, noise=noise, generator=generator, on_step=on_step,
         )
 
 
@@ -95,28 +109,10 @@ def sdedit_views(
     ε comes from ``generator`` (drawn on its device, like :func:`sample_novel_views`' first latent),
     then the per-step noise from ``generator`` or ``noise``.  ``on_step`` sees every step's record.
     """
-    cond = conditioning.cond
-    device = cond.replace.device
+    device = conditioning.cond.replace.device
     sampler = EulerEDMSampler(denoiser.schedule, num_steps=num_steps, start=start)
-    source_device = generator.device if generator is not None else torch.device("cpu")
-    epsilon = torch.randn(latents.shape, generator=generator, device=source_device).to(device)
-    noisy = latents.to(device).float() + sampler.sigmas(device)[0] * epsilon
-    precision = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    )
-    with precision:
-        return sampler.denoise(
-            denoiser,
-            noisy,
-            cond,
-            cond.unconditional(),
-            MultiviewCFG(cfg, cfg_min),
-            num_frames=conditioning.num_frames,
-            cameras=conditioning.guidance_cameras,
-            noise=noise,
-            generator=generator,
-            on_step=on_step,
-        )
+    noisy = latents.to(device).float() + sampler.sigmas(device)[0] * _standard_normal(latents.shape, generator, device)
+    return _denoise_window(sampler, denoiser, conditioning, noisy, cfg, cfg_min, generator, noise, autocast_dtype, on_step)
 
 
 @torch.no_grad()

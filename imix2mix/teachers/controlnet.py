@@ -38,7 +38,7 @@ from imix2mix.errors import ConfigError, MissingWeightsError
 from imix2mix.hub import resolve_dir
 from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import replace_modules, use_group_norm32
-from imix2mix.teacher import _CapturedUnet, _output_in_input_layout, resize_images
+from imix2mix.teacher import InstructPix2PixTeacher, _CapturedUnet, _output_in_input_layout, resize_images
 from imix2mix.teachers.control_images import CONTROL_KINDS, DEPTH_MODEL, ControlImages, load_control_images
 
 BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -158,6 +158,13 @@ class ControlNetTeacher:
         self._captured_context: ControlNetContext | None = None
         self.memory_format = torch.contiguous_format
 
+    # The same Stable Diffusion text encoder, noise schedule and VAE as the IP2P teacher: its methods.
+    encode_prompts = InstructPix2PixTeacher.encode_prompts
+    add_noise = InstructPix2PixTeacher.add_noise
+    decode = InstructPix2PixTeacher.decode
+    encode = InstructPix2PixTeacher.encode
+    scaling_factor = InstructPix2PixTeacher.scaling_factor
+
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
@@ -230,10 +237,6 @@ class ControlNetTeacher:
     def image_size(self) -> int:
         return self.latent_size * self.vae_scale_factor
 
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
     def to(self, device: torch.device | str) -> "ControlNetTeacher":
         self.device = torch.device(device)
         self.pipeline.to(self.device)
@@ -301,12 +304,6 @@ class ControlNetTeacher:
             )
         return caption
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tokenizer = self.pipeline.tokenizer
-        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-        return self.pipeline.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
-
     def control_images_for(self, views: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
         """Control images [N, 3, S, S] in [0, 1] of views [N, 3, H, W] in [−1, 1] resized to S."""
         pixels = resize_images(views.float(), image_size or self.image_size)
@@ -323,7 +320,7 @@ class ControlNetTeacher:
             caption=caption,
         )
 
-    # -- full-pipeline edit ---------------------------------------------------------------------
+    # -- full-pipeline edit and score distillation -----------------------------------------------
     def pipeline_inputs(self, views: torch.Tensor, caption: str, *, image_size: int | None = None) -> dict[str, Any]:
         """The ControlNet pipeline's arguments for N views [N, 3, H, W] in [−1, 1] at size S."""
         self.check_caption(caption)
@@ -343,12 +340,6 @@ class ControlNetTeacher:
         with self.plain_attention(), torch.inference_mode():
             edited = self.pipeline(**inputs, num_inference_steps=steps, generator=generator, output_type="pt").images
         return (edited[0].float() * 2 - 1).clone()
-
-    # -- score distillation ---------------------------------------------------------------------
-    def add_noise(self, latents: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
-        """z_t = √ᾱ_t ẑ0 + √(1−ᾱ_t) ε with the teacher's own ``alphas_cumprod``."""
-        alpha_bar = self.alphas_cumprod[t]
-        return alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
 
     def predict_noise(self, noisy_latents: torch.Tensor, t: int, context: ControlNetContext, *, key_view: int = 0) -> torch.Tensor:
         """Text-CFG ε̃ for N views: ε_u + s(ε_text − ε_u); fp32, no graph.
@@ -377,17 +368,6 @@ class ControlNetTeacher:
             eps_text, eps_uncond = eps.chunk(2)
             guided = eps_uncond + self.config.guidance_scale * (eps_text - eps_uncond)
         return guided.clone()  # a normal tensor: it is saved for backward by the SDS surrogate
-
-    # -- VAE ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B, 4, h, w] → images [B, 3, S, S] in [−1, 1] (fp32)."""
-        images = [self.vae.decode((z[None] / self.scaling_factor).to(self.dtype)).sample for z in latents]
-        return torch.cat(images).float().clamp(-1, 1)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, S, S] in [−1, 1] → scaled latent means; differentiable."""
-        return self.vae.encode(images.to(self.dtype)).latent_dist.mean * self.scaling_factor
 
 
 # ---------------------------------------------------------------------------------------------
