@@ -38,7 +38,8 @@ for folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # the package, and the sib
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from imix2mix.distill import Edit, EditConfig  # noqa: E402
+from imix2mix.config import EditConfig  # noqa: E402
+from imix2mix.edits import Edit  # noqa: E402
 from imix2mix.presets import build_editor, default_config  # noqa: E402
 from imix2mix.scene import Scene, View  # noqa: E402
 
@@ -99,15 +100,16 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
     device = editor.device
     result = Measurement(name=name, n_views=n_views, overrides=overrides)
     config = base.overridden(overrides)
-    scene = synthetic_scene(n_views, max(config.student_image_size, 64))
+    scene = synthetic_scene(n_views, max(config.method.student_image_size, 64))
     edit = Edit("turn him into a knight")
-    distillation = None
+    prepared = None
     try:
         _release(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        distillation = editor.prepare_distillation(scene, edit, config)
+        prepared = editor.prepare_distillation(scene, edit, config)
+        distillation = prepared.__enter__()
         _sync(device)
         result.setup_seconds = time.perf_counter() - started
 
@@ -143,8 +145,9 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
     except torch.OutOfMemoryError as exc:
         result.error = f"out of memory: {str(exc).splitlines()[0]}"
     finally:
-        editor.finish_distillation(distillation)
-        distillation = None  # its graphs and optimizer state go before the next configuration
+        if prepared is not None:
+            prepared.__exit__(None, None, None)  # the plan undone: weight copies, graphs, formats
+        prepared = distillation = None  # its graphs and optimizer state go before the next configuration
         _release(device)
     return result
 
@@ -233,7 +236,7 @@ KERNEL_SWITCHES: dict[str, tuple[str, str]] = {
     "layer_norm": ("imix2mix.seva.layers", "fused_layer_norm_available"),
     "group_norm": ("imix2mix.seva.layers", "fused_group_norm_available"),
     "short_attention": ("imix2mix.seva.attention", "short_attention_available"),
-    "adamw": ("imix2mix.distill", "fused_adamw_available"),  # bf16 weight copies, AdamWWithComputeCopies
+    "adamw": ("imix2mix.accel", "fused_adamw_available"),  # bf16 weight copies, AdamWWithComputeCopies
 }
 
 

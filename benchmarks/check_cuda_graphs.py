@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_edit import KERNEL_SWITCHES, disable_kernels, synthetic_scene  # noqa: E402
-from imix2mix.distill import Edit  # noqa: E402
+from imix2mix.edits import Edit  # noqa: E402
 from imix2mix.presets import build_editor  # noqa: E402
 
 

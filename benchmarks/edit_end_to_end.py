@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imix2mix.distill import Edit  # noqa: E402
+from imix2mix.edits import Edit  # noqa: E402
 from imix2mix.presets import build_editor  # noqa: E402
 from imix2mix.scene import load_scene  # noqa: E402
 

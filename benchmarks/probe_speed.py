@@ -386,7 +386,7 @@ def teacher(args, device: torch.device) -> None:
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
-    from imix2mix.teacher import InstructPix2PixTeacher
+    from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
     unet = InstructPix2PixTeacher(pipeline, device=device, dtype=dtype).unet  # our norms, GEGLUs, layouts
     blocks = [m for m in unet.modules() if isinstance(m, Transformer2DModel)]
@@ -459,7 +459,7 @@ def optimizer(args, device: torch.device) -> None:
     # AdamWWithComputeCopies (the default): bf16 gradients of the matrix weights, their bf16 copies
     # written by the update, the clip folded in.  CUDA only: interpreted, one step of the tiny
     # student takes two minutes.
-    from imix2mix.distill import matrix_parameters
+    from imix2mix.optim import matrix_parameters
     from imix2mix.kernels.adamw import fused_adamw_available
     from imix2mix.optim import AdamWWithComputeCopies
 

@@ -13,7 +13,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${IMIX2MIX_COLLECTION:?set IMIX2MIX_COLLECTION to the collection root edited nightly}"
 export IMIX2MIX_REPO="$repo"
 export IMIX2MIX_OUTPUT="${IMIX2MIX_OUTPUT:-$repo/outputs}"
-export IMIX2MIX_PRESET="${IMIX2MIX_PRESET:-tiny}"
+export IMIX2MIX_PRESET="${IMIX2MIX_PRESET:-full}"  # full: the official weights; tiny: random-weight models that only exercise the pipeline
 pool="imix2mix-process"  # the name prefect.yaml uses
 
 cd "$repo"
@@ -23,4 +23,4 @@ else
     prefect work-pool create "$pool" --type process
 fi
 prefect --no-prompt deploy --all
-echo "deployed; start a worker with: prefect worker start --pool $pool"
+echo "deployed with preset $IMIX2MIX_PRESET; start a worker with: prefect worker start --pool $pool"

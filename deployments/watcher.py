@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imix2mix.errors import ConfigError
+from imix2mix.errors import ConfigError, ImixError
 from imix2mix.watching import SCENE_READY_EVENT, ReadyScene, SceneWatch, WatchSettings
 
 logger = logging.getLogger(__name__)
@@ -33,11 +33,21 @@ def require_prefect_api() -> str:
     return url
 
 
-def emit_scene_ready(ready: ReadyScene) -> None:
-    """Send the event to the Prefect API in ``PREFECT_API_URL`` (the deployment's trigger matches it)."""
-    from prefect.events import emit_event
+class AnnouncementError(ImixError):
+    """The Prefect server did not accept a scene's event (unreachable, refused); the scene is not marked announced."""
 
-    event = emit_event(
+
+def emit_scene_ready(ready: ReadyScene) -> None:
+    """Send the event to the Prefect API in ``PREFECT_API_URL`` and wait until the server accepted it.
+
+    Prefect's ``emit_event`` only queues an event for a background sender, so a server that is down
+    would lose it silently; this posts it to the API's ``/events`` endpoint and raises
+    :class:`AnnouncementError` unless the server answered that it recorded it.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.events import Event
+
+    event = Event(
         event=SCENE_READY_EVENT,
         resource={
             "prefect.resource.id": ready.resource_id,
@@ -46,9 +56,13 @@ def emit_scene_ready(ready: ReadyScene) -> None:
         },
         payload=ready.event_payload(),
     )
-    if event is None:
-        logger.warning("no Prefect API is configured (set PREFECT_API_URL); the event for %s was not sent",
-                       ready.scene.uri)
+    try:
+        with get_client(sync_client=True) as client:
+            response = client.request("POST", "/events", json=[event.model_dump(mode="json")])
+            response.raise_for_status()
+    except Exception as exc:  # noqa: BLE001 (connection refused, DNS, HTTP errors: all mean "not sent")
+        raise AnnouncementError(f"the Prefect API at {require_prefect_api()} did not accept the event for "
+                                f"{ready.scene.uri}: {type(exc).__name__}: {exc}") from exc
 
 
 def _start_notifications(root: Path, wake: threading.Event):  # noqa: ANN202 (watchdog observer)
@@ -78,7 +92,8 @@ def watch(
 ) -> int:
     """Announce ready scenes under ``root`` until ``stop`` is set (or after one scan with ``once``).
 
-    Returns how many scenes were announced.
+    Returns how many scenes were announced.  A scene whose event the server did not accept is retried
+    at the next scan; with ``once``, :class:`AnnouncementError` is raised after the scan instead.
     """
     settings = settings or WatchSettings()
     stop = stop or threading.Event()
@@ -94,10 +109,21 @@ def watch(
     announced = 0
     try:
         while True:
+            failures = []
             for ready in scene_watch.scan(clock()):
-                logger.info("scene ready: %s (content %s)", ready.scene.uri, ready.content_hash[:12])
-                emit(ready)
+                logger.info("scene ready: %s (inputs hash %s, edits hash %s)", ready.scene.uri,
+                            ready.content_hash[:12], ready.edits_hash[:12])
+                try:
+                    emit(ready)
+                except AnnouncementError as exc:
+                    logger.error("%s; it will be announced on the next try", exc)
+                    failures.append(ready.scene.scene_id)
+                    continue
+                scene_watch.mark_announced(ready)
                 announced += 1
+            if once and failures:
+                raise AnnouncementError(f"{len(failures)} scene(s) not announced ({', '.join(failures)}): the Prefect "
+                                        "API did not accept their events; run the watcher again once it is reachable")
             if once or stop.is_set():
                 return announced
             # Notifications end the wait early; the timeout catches quiet periods and remote roots.

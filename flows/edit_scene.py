@@ -8,27 +8,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, runtime
+from prefect.states import State
 
-from flows.edit_collection import execute_plan, pipeline_settings
+from flows.edit_collection import folder_name, execute_plan, pipeline_settings
 from tasks.plan import EditsParameter, plan_runs
 from imix2mix.collection import find_scene, open_root
 
 
-@flow(name="edit-scene", log_prints=False)
+def scene_run_name() -> str:
+    """``edit-scene · face · full``: the scene folder's name and the preset."""
+    parameters = runtime.flow_run.parameters
+    return f"edit-scene · {folder_name(str(parameters['scene_uri']))} · {parameters.get('preset', 'full')}"
+
+
+@flow(name="edit-scene", flow_run_name=scene_run_name, log_prints=False)
 def edit_scene(
     scene_uri: str,
     root: str,
     edits: EditsParameter = None,
     output_root: str = "outputs",
-    preset: str = "tiny",
+    preset: str = "full",
     config_overrides: dict[str, Any] | None = None,
     ray_address: str | None = None,
     device: str = "auto",
     workers: int | None = None,
     cache_dir: str | None = None,
     weights_dir: str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Edit the scene folder ``scene_uri`` of the collection ``root`` with its ``edits.yaml`` (plus ``edits``)."""
     settings = pipeline_settings(output_root, preset, config_overrides, ray_address, None, device, workers, cache_dir,
                                  weights_dir)

@@ -15,13 +15,11 @@ keeps diffusers' :class:`AttnProcessor2_0`.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-CrossViewAttention = Literal["rcv", "extended", "none"]
+from imix2mix.config import CrossViewAttention
 
 
 class KeyViewState:

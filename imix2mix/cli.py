@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from imix2mix.errors import ImixError
+from imix2mix.logs import quiet_third_party_notices
 
 # Orchestrating commands (collection, watch) import Prefect and Ray lazily inside their handlers,
 # so the library stays usable without them.
@@ -19,7 +20,19 @@ COMMAND_MODULES = (
     "imix2mix.commands.scene",
     "imix2mix.commands.edit",
     "imix2mix.commands.pipeline",
+    "imix2mix.commands.evaluate",
+    "imix2mix.commands.manifests",
 )
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, unless its help already names it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    for command in subparsers.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

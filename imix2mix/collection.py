@@ -29,16 +29,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import re
 import shutil
-import tempfile
 import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
@@ -46,8 +46,9 @@ import yaml
 
 from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError, SceneError
-from imix2mix.files import atomic_write_text
+from imix2mix.files import atomic_write_text, temporary_folder
 from imix2mix.images import IMAGE_SUFFIXES
+from imix2mix.storage import OutputRoot, claim_file, open_output_root, release_claim
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ EDIT_FILE_NAMES = ("edits.yaml", "edits.yml", "edits.json")
 READY_MARKER = "_READY"  # the storage watcher's "upload complete" marker (imix2mix.watching)
 # Files of a scene folder that are not its inputs: what to edit (each edit has its own identity) and the marker.
 NOT_SCENE_INPUTS = (READY_MARKER, *EDIT_FILE_NAMES)
+# How the caller's overrides (``--set``, the flows' ``config_overrides``) are named in error messages.
+BASE_OVERRIDES_SOURCE = "config_overrides (--set)"
 # Folders under a root that are never scenes: hidden ones, our own bookkeeping (``_cache``) and outputs.
 _NOT_A_SCENE = re.compile(r"^[._]")
 
@@ -218,6 +221,8 @@ def _scene_files(scene: SceneRef) -> list[dict[str, Any]]:
     for path, info in sorted(fs.find(scene.path, detail=True, withdirs=False).items()):
         if not scene.root.contains(path):
             raise SceneError(scene.uri, f"{path} points outside the collection root; refusing to read it")
+        if info.get("type") == "directory" or (scene.root.is_local and os.path.isdir(path)):
+            continue  # a symlinked folder (fsspec lists it as a file): its files count under their real path
         files.append({**info, "name": path})
     return files
 
@@ -239,16 +244,17 @@ def listing_fingerprint(scene: SceneRef) -> str:
     return digest.hexdigest()
 
 
-def folder_content_hash(scene: SceneRef, exclude: Collection[str] = ()) -> str:
+def folder_content_hash(scene: SceneRef, exclude: Collection[str] = (), include: Collection[str] | None = None) -> str:
     """sha256 over the relative names and bytes of every file in the scene folder, except those whose
-    path relative to the folder is in ``exclude``.  Files resolving outside the root are refused
-    (:class:`SceneError`).  The storage watcher and the planner both use this one function.
+    path relative to the folder is in ``exclude`` (or, given ``include``, only those in it).  Files
+    resolving outside the root are refused (:class:`SceneError`).  The storage watcher and the planner
+    both use this one function.
     """
     fs = scene.root.fs
     digest = hashlib.sha256(b"imix2mix-folder-v1")
     for info in _scene_files(scene):
         relative = posixpath.relpath(info["name"], scene.path)
-        if relative in exclude:
+        if relative in exclude or (include is not None and relative not in include):
             continue
         digest.update(relative.encode("utf-8") + b"\0")
         with fs.open(info["name"], "rb") as handle:
@@ -286,6 +292,11 @@ def scene_content_hash(scene: SceneRef, cache_dir: str | os.PathLike[str] | None
     return value
 
 
+def edit_files_hash(scene: SceneRef) -> str:
+    """:func:`folder_content_hash` of the scene's edit files alone (what to edit, not what is edited)."""
+    return folder_content_hash(scene, include=EDIT_FILE_NAMES)
+
+
 def fetch_scene(scene: SceneRef, cache_dir: str | os.PathLike[str]) -> Path:
     """A local folder holding the scene's files.
 
@@ -300,8 +311,7 @@ def fetch_scene(scene: SceneRef, cache_dir: str | os.PathLike[str]) -> Path:
     destination = Path(cache_dir) / "inputs" / key / scene.scene_id
     if destination.is_dir():
         return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{scene.scene_id}-", dir=destination.parent))
+    staging = temporary_folder(destination.parent, f".{scene.scene_id}-")
     try:
         for info in _scene_files(scene):
             relative = posixpath.relpath(info["name"], scene.path)
@@ -359,11 +369,28 @@ class EditDocument:
 
 
 def slugify(text: str, max_length: int = 40) -> str:
-    """Lower-case ASCII words joined by ``-`` (``"Turn him into a knight!"`` → ``turn-him-into-a-knight``)."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    slug = slug[:max_length].rstrip("-")
+    """Lower-case words of letters and digits joined by ``-``, in any script (``"Turn him into a knight!"`` →
+    ``turn-him-into-a-knight``, ``"把他变成骑士"`` → ``把他变成骑士``); ``edit`` when nothing is left."""
+    normalized = unicodedata.normalize("NFKC", text).lower()
+    words = "".join(char if char.isalnum() else " " for char in normalized).split()
+    slug = "-".join(words)[:max_length].rstrip("-")
     return slug or "edit"
+
+
+RUN_HASH_LENGTH = 12  # hex digits of the run identity in an output folder's name
+
+
+def run_folder_name(instruction: str, config_hash: str, preset: str) -> str:
+    """The output folder of one run under ``<out>/<scene>/``: ``<instruction slug>-<short run identity>``.
+
+    The identity covers what changes the result: the instruction, the full config hash (CFG scales,
+    seed, method, mode and ablation settings, see ``EditConfig.config_hash``) and the preset (which
+    models).  Runs of one edit with other settings get their own folders; instructions that slugify
+    alike never share one.  ``edit``, ``preview`` and ``collection`` all name folders with it.
+    """
+    identity = json.dumps({"instruction": instruction, "config_hash": config_hash, "preset": preset},
+                          sort_keys=True, ensure_ascii=False)
+    return f"{slugify(instruction)}-{hashlib.sha256(identity.encode('utf-8')).hexdigest()[:RUN_HASH_LENGTH]}"
 
 
 def _fail(source: str, reason: str) -> ConfigError:
@@ -381,8 +408,8 @@ def _optional_text(value: Any, where: str, source: str) -> str | None:
 def _optional_scale(value: Any, where: str, source: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _fail(source, f"{where} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise _fail(source, f"{where} must be a positive finite number, got {value!r}")
     return float(value)
 
 
@@ -515,6 +542,18 @@ class SceneEdit:
 
     edit: EditSpec
     config_overrides: Mapping[str, Any] = field(hash=False)
+    # Where the overrides came from, general to specific: (what names it, its overrides), so a bad
+    # value is reported with the file (or parameter) that set it.
+    override_sources: tuple[tuple[str, Mapping[str, Any]], ...] = field(default=(), hash=False, compare=False)
+
+    def explain(self, base_config: Any, error: ConfigError) -> str:
+        """``error`` (from applying the merged overrides) prefixed with the first source that is wrong alone."""
+        for source, overrides in self.override_sources:
+            try:
+                base_config.overridden(dict(overrides))
+            except ConfigError as own:
+                return f"{source}: {own}"
+        return str(error)
 
 
 def edits_for_scene(
@@ -530,20 +569,24 @@ def edits_for_scene(
     :class:`ConfigError` naming the scene's edit file when it is invalid.
     """
     scene_document = scene_edit_document(scene)
-    shared = {
-        **(base_overrides or {}),
-        **(collection_edits.config if collection_edits else {}),
-        **(scene_document.config if scene_document else {}),
-    }
+    sources = [(BASE_OVERRIDES_SOURCE, base_overrides or {})]
+    sources += [(f"{document.source}, config", document.config) for document in (collection_edits, scene_document)
+                if document is not None]
+    shared = {key: value for _, overrides in sources for key, value in overrides.items()}
+
+    def scene_edit(edit: EditSpec, document: EditDocument) -> SceneEdit:
+        own = (f"{document.source}, edit {edit.instruction!r}, config", edit.config)
+        return SceneEdit(edit, {**shared, **edit.config}, tuple(sources) + (own,))
+
     planned: dict[str, SceneEdit] = {}
     if collection_edits is not None:
         scene_caption = scene_document.source_caption if scene_document else None
         for edit in collection_edits.edits:
             if edit.source_caption is None and scene_caption is not None:
                 edit = replace(edit, source_caption=scene_caption)
-            planned[edit.edit_id] = SceneEdit(edit, {**shared, **edit.config})
+            planned[edit.edit_id] = scene_edit(edit, collection_edits)
     for edit in scene_document.edits if scene_document else ():
-        planned[edit.edit_id] = SceneEdit(edit, {**shared, **edit.config})  # the scene's own spec wins
+        planned[edit.edit_id] = scene_edit(edit, scene_document)  # the scene's own spec wins
     return list(planned.values())
 
 
@@ -606,20 +649,32 @@ class PlannedRun:
 
     scene: SceneRef
     edit: EditSpec
-    config: Any = field(repr=False)  # imix2mix.distill.EditConfig with the edit's overrides applied
+    config: Any = field(repr=False)  # imix2mix.config.EditConfig with the edit's overrides applied
     config_hash: str
-    output_dir: Path
+    output_root: OutputRoot = field(repr=False, compare=False)
+    folder_name: str  # run_folder_name(instruction, config_hash, preset)
     previous_run: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
     scene_content_hash: str | None = None  # scene_content_hash() at planning; None when it could not be read
+    claimed_by: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)  # another batch's claim
 
     @property
-    def output_subdir(self) -> Path:
+    def output_subdir(self) -> PurePosixPath:
         """The output folder relative to the output root, as the manifests record it."""
-        return Path(self.scene.scene_id) / self.edit.edit_id
+        return PurePosixPath(self.scene.scene_id) / self.folder_name
+
+    @property
+    def output_dir(self) -> str:
+        """The output folder as users see it (a local path or a URL)."""
+        return self.output_root.uri_of(self.output_subdir.as_posix())
+
+    @property
+    def claim(self) -> str:
+        """The claim file that keeps two batches on one output root from running this run twice."""
+        return f"{self.scene.scene_id}/.{self.folder_name}.claim"
 
     @property
     def skip(self) -> bool:
-        return self.previous_run is not None
+        return self.previous_run is not None or self.claimed_by is not None
 
     @property
     def label(self) -> str:
@@ -656,7 +711,8 @@ class CollectionPlan:
 def _runs_holding_output_dirs(succeeded: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     """output_dir → run_id of the latest success written there.
 
-    Every config of an edit publishes into the same folder, so only the latest success is still on disk.
+    Every run of one identity (instruction, config, preset) publishes into the same folder, e.g. again
+    after the scene's photos changed, so only the latest success there is still on disk.
     """
     def finished(row: Mapping[str, Any]) -> datetime:
         return row.get("finished_at") or datetime.min.replace(tzinfo=timezone.utc)
@@ -688,23 +744,25 @@ def plan_collection(
     base_config: Any,
     *,
     preset: str,
-    output_root: str | os.PathLike[str],
+    output_root: str | os.PathLike[str] | OutputRoot,
     succeeded: Mapping[tuple[str, str, str], Mapping[str, Any]],
     base_overrides: Mapping[str, Any] | None = None,
     content_cache_dir: str | os.PathLike[str] | None = None,
 ) -> CollectionPlan:
     """Every (scene, edit) with its effective config; runs that already succeeded are marked skipped.
 
-    ``base_config`` is the preset's :class:`~imix2mix.distill.EditConfig`; ``succeeded`` maps
+    ``base_config`` is the preset's :class:`~imix2mix.config.EditConfig`; ``succeeded`` maps
     (scene_id, edit_id, config_hash) to the manifest row of the latest success.  A success counts only
     for the same preset, for the scene's current contents (its ``scene_content_hash`` equals
     :func:`scene_content_hash` now: a scene uploaded again under the same name with other photos or
     poses is edited again; a row without one, written before the column existed, does not count), and
-    while its output folder still holds its result: the folder exists and no later success (of the same
-    edit with other settings or photos) replaced it.  ``content_cache_dir`` caches the content hashes
+    while its output folder still holds its result: the folder is published
+    (:meth:`~imix2mix.storage.OutputRoot.is_published`) and no later success (of the same run on other
+    photos) replaced it.  ``content_cache_dir`` caches the content hashes
     by listing.  A scene whose edit file or config overrides are invalid becomes a
     :class:`SceneProblem`; the other scenes are planned normally.
     """
+    output_root = open_output_root(output_root)
     holding = _runs_holding_output_dirs(succeeded.values())
     runs: list[PlannedRun] = []
     problems: list[SceneProblem] = []
@@ -716,7 +774,8 @@ def plan_collection(
                 try:
                     config = base_config.overridden(dict(item.config_overrides)).for_edit(item.edit.to_edit())
                 except ConfigError as exc:
-                    raise ConfigError(f"{scene.uri}, edit {item.edit.instruction!r}: {exc}") from exc
+                    raise ConfigError(f"scene {scene.scene_id}, edit {item.edit.instruction!r}: "
+                                      f"{item.explain(base_config, exc)}") from exc
                 config_hash = config.config_hash()
                 previous = succeeded.get((scene.scene_id, item.edit.edit_id, config_hash))
                 if previous is not None and (
@@ -725,12 +784,12 @@ def plan_collection(
                     or previous.get("scene_content_hash") != content_hash
                     or not previous.get("output_dir")
                     or holding.get(previous["output_dir"]) != previous.get("run_id")
-                    or not (Path(output_root) / previous["output_dir"]).is_dir()
+                    or not output_root.is_published(previous["output_dir"])
                 ):
                     previous = None
                 scene_runs.append(PlannedRun(
-                    scene=scene, edit=item.edit, config=config, config_hash=config_hash,
-                    output_dir=Path(output_root) / scene.scene_id / item.edit.edit_id, previous_run=previous,
+                    scene=scene, edit=item.edit, config=config, config_hash=config_hash, output_root=output_root,
+                    folder_name=run_folder_name(item.edit.instruction, config_hash, preset), previous_run=previous,
                     scene_content_hash=content_hash,
                 ))
         except (ConfigError, SceneError) as exc:
@@ -741,3 +800,37 @@ def plan_collection(
                                                 "or pass collection-wide edits)"))
         runs.extend(scene_runs)
     return CollectionPlan(tuple(runs), tuple(problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# Claims: two batches on one output root never run the same run twice
+# --------------------------------------------------------------------------------------------------
+
+# A claim older than this is taken over even if its owner's host cannot be asked whether the process
+# lives (a batch renews its claims when a run starts, so only a run longer than this can lose one).
+CLAIM_STALE_SECONDS = 6 * 3600
+
+
+def claim_runs(plan: CollectionPlan, batch: str | None = None,
+               stale_seconds: float = CLAIM_STALE_SECONDS) -> CollectionPlan:
+    """``plan`` with a claim taken on each run to do; a run another live batch has claimed is marked
+    ``claimed_by`` (skipped) instead.  Stale claims (their process is gone on this host, or older
+    than ``stale_seconds``) are taken over.  Release each claim with :func:`release_run` when done."""
+    runs = []
+    for run in plan.runs:
+        if not run.skip:
+            owner = claim_file(run.output_root, run.claim, stale_seconds, run=run.label, batch=batch)
+            if owner is not None:
+                run = replace(run, claimed_by=owner)
+        runs.append(run)
+    return replace(plan, runs=tuple(runs))
+
+
+def claim_note(owner: Mapping[str, Any]) -> str:
+    """Why a claimed run is skipped, e.g. ``claimed by another batch (host gpu1, pid 4242)``."""
+    return f"claimed by another batch (host {owner.get('host')}, pid {owner.get('pid')})"
+
+
+def release_run(run: PlannedRun) -> None:
+    """Give up this process's claim on ``run`` (no-op when it holds none)."""
+    release_claim(run.output_root, run.claim)

@@ -1,19 +1,26 @@
 """Parquet manifests of a collection's output root: ``manifests/{scenes,runs,views}.parquet``.
 
-Schemas are explicit (see ``docs/manifests.md``).  Every write is a read-modify-write of the whole
-table under an exclusive ``fcntl.flock`` on ``manifests/.lock`` (several scenes may finish at once,
-in threads or processes), and lands atomically: a temporary file in the same folder, fsynced, then
-``os.replace``.  Rows are upserted by each table's key.  A manifest that cannot be read is never
-overwritten: the next write moves it aside to ``<name>.corrupt-<UTC time>.parquet`` and warns.
+Schemas are explicit (see ``docs/manifests.md``).  The output root is a local folder or an fsspec URL
+(:mod:`imix2mix.storage`).  Every write is a read-modify-write of the whole table under an exclusive
+lock (:meth:`ManifestStore.locked`; several scenes may finish at once, in threads or processes), and
+lands atomically: locally a temporary file in the same folder, fsynced, then ``os.replace``; on an
+object store one PUT.  Rows are upserted by each table's key.  The file replaced by a write is kept
+as ``<name>.previous.parquet``, and a reader falls back to it when the current file cannot be read.
+A manifest that cannot be read is never overwritten: the next write moves it aside to
+``<name>.corrupt-<UTC time>.parquet``, warns, and continues from the previous generation.
+:func:`rebuild_manifests` rebuilds the rows of succeeded runs from their ``run.json`` files.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
-import shutil
+import posixpath
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imix2mix.errors import ImixError
+from imix2mix.storage import OutputRoot, claim_file, open_output_root, release_claim
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +80,20 @@ RUNS_SCHEMA = pa.schema(
         pa.field("clip_cons", pa.float64()),
         pa.field("output_dir", pa.string()),  # relative to the output root (the folder holding manifests/)
         pa.field("flow_run_id", pa.string()),
+        # imix2mix.evaluation: epipolar consistency (edited / source consistent pair fractions) and the no-edit check
+        pa.field("epipolar_score", pa.float64()),
+        pa.field("epipolar_consistent_fraction", pa.float64()),
+        pa.field("epipolar_source_fraction", pa.float64()),
+        pa.field("epipolar_median_px", pa.float64()),
+        pa.field("changed_fraction", pa.float64()),
+        pa.field("no_edit", pa.bool_()),
     ]
 )
+
+# Columns a skipped row repeats from the success it points at.
+RUN_RESULT_COLUMNS = ("clip_sim", "clip_dir", "clip_cons", "iterations", "device_name", "epipolar_score",
+                      "epipolar_consistent_fraction", "epipolar_source_fraction", "epipolar_median_px",
+                      "changed_fraction", "no_edit")
 
 VIEWS_SCHEMA = pa.schema(
     [
@@ -85,6 +105,24 @@ VIEWS_SCHEMA = pa.schema(
         pa.field("output_path", pa.string()),  # relative to the output root
         pa.field("clip_sim", pa.float64()),
         pa.field("clip_dir", pa.float64()),
+    ]
+)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("scene_id", pa.string(), nullable=False),
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("views", pa.string(), nullable=False),  # edited | source
+        pa.field("view_i", pa.int32(), nullable=False),
+        pa.field("view_j", pa.int32(), nullable=False),
+        pa.field("matches", pa.int32()),
+        pa.field("median_px", pa.float64()),
+        pa.field("under_2px", pa.float64()),
+        pa.field("under_4px", pa.float64()),
+        pa.field("under_8px", pa.float64()),
+        pa.field("status", pa.string()),  # consistent | inconsistent | insufficient
+        pa.field("clip_cons", pa.float64()),  # the pair's CLIP consistency (edited rows only)
     ]
 )
 
@@ -105,13 +143,14 @@ class TableSpec:
 SCENES = TableSpec("scenes", SCENES_SCHEMA, ("scene_id",))
 RUNS = TableSpec("runs", RUNS_SCHEMA, ("run_id",))
 VIEWS = TableSpec("views", VIEWS_SCHEMA, ("run_id", "view_index"))
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SCENES, RUNS, VIEWS)}
+PAIRS = TableSpec("pairs", PAIRS_SCHEMA, ("run_id", "views", "view_i", "view_j"))
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SCENES, RUNS, VIEWS, PAIRS)}
 
 
 class ManifestError(ImixError):
     """A manifest file exists but cannot be read as its table."""
 
-    def __init__(self, path: Path, reason: str):
+    def __init__(self, path: Path | str, reason: str):
         self.path = path
         super().__init__(f"{path}: {reason}")
 
@@ -145,41 +184,110 @@ def rows_to_table(spec: TableSpec | str, rows: Sequence[Mapping[str, Any]]) -> p
     return pa.Table.from_pydict(columns, schema=spec.schema)
 
 
+LOCK_STALE_SECONDS = 600  # a manifest lock object older than this on an object store is taken over
+
+
 class ManifestStore:
-    """The manifests of one output root (``<output_root>/manifests``)."""
+    """The manifests of one output root (``<output_root>/manifests``), a local folder or an fsspec URL.
 
-    def __init__(self, output_root: str | os.PathLike[str]):
-        self.folder = Path(output_root) / "manifests"
+    Each table keeps its previous good generation beside it (``<name>.previous.parquet``); reading a
+    table that is unreadable (truncated, corrupt) falls back to it.
+    """
 
-    def path(self, spec: TableSpec | str) -> Path:
-        return self.folder / _table(spec).file_name
+    def __init__(self, output_root: str | os.PathLike[str] | OutputRoot):
+        self.root = open_output_root(output_root)
+        self.folder = Path(self.root.fs_path("manifests"))  # local roots; on object stores its fsspec path
+
+    def _relative(self, spec: TableSpec | str, generation: str = "") -> str:
+        spec = _table(spec)
+        return f"manifests/{spec.name}{generation}.parquet"
+
+    def path(self, spec: TableSpec | str) -> Path | str:
+        """The table's file: a local path, or its URL on an object store."""
+        relative = self._relative(spec)
+        return self.root.local_path(relative) if self.root.is_local else self.root.uri_of(relative)
+
+    def previous_path(self, spec: TableSpec | str) -> Path | str:
+        relative = self._relative(spec, PREVIOUS)
+        return self.root.local_path(relative) if self.root.is_local else self.root.uri_of(relative)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Exclusive lock shared by every writer of this folder (threads and processes alike)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "a+") as handle:
+        """Exclusive lock shared by every writer of this root (threads and processes alike).
+
+        Locally an ``fcntl.flock`` on ``manifests/.lock``.  On an object store an ``flock`` on a local
+        file serialises this machine's writers, and the lock object ``manifests/.lock`` (a claim:
+        created only if absent, taken over when stale) the machines sharing the root.
+        """
+        if self.root.is_local:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock_file = self.folder / ".lock"
+        else:
+            digest = hashlib.sha256(self.root.uri.encode()).hexdigest()[:24]
+            lock_file = Path(tempfile.gettempdir()) / "imix2mix-locks" / f"{digest}.lock"
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_file, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                if self.root.is_local:
+                    yield
+                else:
+                    with self._lock_object():
+                        yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _lock_object(self) -> Iterator[None]:
+        relative = "manifests/.lock"
+        while claim_file(self.root, relative, LOCK_STALE_SECONDS, purpose="manifests") is not None:
+            time.sleep(0.2)  # another machine writes; a write holds the lock for about a second
+        try:
+            yield
+        finally:
+            release_claim(self.root, relative)
+
+    def _read_file(self, spec: TableSpec, relative: str) -> pa.Table | None:
+        """The table in ``relative``; None when the file does not exist."""
+        where = self.root.uri_of(relative)
+        try:
+            data = self.root.read_bytes(relative)
+        except FileNotFoundError:
+            return None
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(where, f"cannot be read as Parquet ({exc})") from exc
+        return _conform(table, spec, where)
+
+    def _read_with_fallback(self, spec: TableSpec) -> tuple[pa.Table, bool]:
+        """(table, current file good): the current file, else its previous generation with a warning."""
+        try:
+            table = self._read_file(spec, self._relative(spec))
+            return (spec.schema.empty_table() if table is None else table), True
+        except ManifestError as exc:
+            try:
+                previous = self._read_file(spec, self._relative(spec, PREVIOUS))
+            except ManifestError:
+                previous = None
+            if previous is None:
+                raise
+            logger.warning("%s; reading its previous generation %s (%d rows)", exc, self.previous_path(spec),
+                           previous.num_rows)
+            return previous, False
 
     def read(self, spec: TableSpec | str) -> pa.Table:
         """The whole table (empty when the file does not exist yet).
 
-        Raises :class:`ManifestError` when the file is unreadable or its columns do not match.
-        Reading needs no lock: writers replace the file atomically.
+        A table that cannot be read falls back to its previous generation; with none, raises
+        :class:`ManifestError` naming the file.  ``views`` rows of runs the ``runs`` table does not
+        hold are left out.  Reading needs no lock: writers replace the file atomically.
         """
         spec = _table(spec)
-        path = self.path(spec)
-        if not path.exists():
-            return spec.schema.empty_table()
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise ManifestError(path, f"cannot be read as Parquet ({exc})") from exc
-        return _conform(table, spec, path)
+        table = self._read_with_fallback(spec)[0]
+        if spec is VIEWS:
+            table = _views_of_runs(table, self._read_with_fallback(RUNS)[0])
+        return table
 
     def read_rows(self, spec: TableSpec | str) -> list[dict[str, Any]]:
         return self.read(spec).to_pylist()
@@ -189,22 +297,65 @@ class ManifestStore:
         self.upsert_many({_table(spec).name: rows})
 
     def upsert_many(self, changes: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
-        """Upsert into several tables under one lock (e.g. a run and its views)."""
+        """Upsert into several tables under one lock (e.g. a run and its views); ``runs`` is written before
+        ``views``, and ``views`` keeps only rows of runs the ``runs`` table holds."""
+        tables = {name: rows_to_table(_table(name), rows) for name, rows in changes.items()}  # refuse bad rows first
         with self.locked():
-            for name, rows in changes.items():
-                spec = _table(name)
-                new = rows_to_table(spec, rows)
+            runs = None
+            for spec in sorted((_table(name) for name in tables), key=lambda spec: list(TABLES).index(spec.name)):
                 existing = self._read_for_update(spec)
-                merged = _upsert(existing, new, spec.key)
-                _atomic_write_table(merged, self.path(spec))
+                merged = _upsert(existing, tables[spec.name], spec.key)
+                if spec is RUNS:
+                    runs = merged
+                if spec is VIEWS:
+                    merged = _views_of_runs(merged, runs if runs is not None else self._read_for_update(RUNS))
+                self._write(spec, merged)
 
     def _read_for_update(self, spec: TableSpec) -> pa.Table:
+        """The table to update: the current file, else its previous generation, else empty.  A file that
+        cannot be read is never overwritten: it is moved aside first."""
         try:
-            return self.read(spec)
+            table, current_good = self._read_with_fallback(spec)
         except ManifestError as exc:
-            aside = move_aside(self.path(spec))
+            aside = self._move_aside(spec)
             logger.warning("%s; moved it aside to %s and starting a new %s manifest", exc, aside, spec.name)
             return spec.schema.empty_table()
+        if not current_good:
+            aside = self._move_aside(spec)
+            logger.warning("%s manifest: moved the unreadable file aside to %s; continuing from its previous "
+                           "generation", spec.name, aside)
+        return table
+
+    def _move_aside(self, spec: TableSpec) -> str:
+        stamp = utc_now().strftime("%Y%m%dT%H%M%S%fZ")
+        aside = self._relative(spec, f".corrupt-{stamp}")
+        if self.root.is_local:
+            os.replace(self.root.local_path(self._relative(spec)), self.root.local_path(aside))
+        else:
+            self.root.copy_file(self._relative(spec), aside)
+            self.root.remove(self._relative(spec))
+        return self.root.uri_of(aside)
+
+    def _write(self, spec: TableSpec, table: pa.Table) -> None:
+        """Keep the current (good) file as the previous generation, then replace it atomically."""
+        relative = self._relative(spec)
+        if self.root.exists(relative):
+            self.root.copy_file(relative, self._relative(spec, PREVIOUS))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self.root.write_bytes(relative, sink.getvalue().to_pybytes())
+        if self.root.is_local:
+            _fsync_folder(self.folder)
+
+
+PREVIOUS = ".previous"  # <name>.previous.parquet: the generation before the last write
+
+
+def _views_of_runs(views: pa.Table, runs: pa.Table) -> pa.Table:
+    """``views`` without rows whose run is not in ``runs``."""
+    known = set(runs.column("run_id").to_pylist())
+    keep = [run_id in known for run_id in views.column("run_id").to_pylist()]
+    return views.filter(pa.array(keep, pa.bool_())) if not all(keep) else views
 
 
 def _conform(table: pa.Table, spec: TableSpec, path: Path) -> pa.Table:
@@ -241,27 +392,61 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    try:
-        pq.write_table(table, temporary, compression="zstd")
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        _fsync_folder(path.parent)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+# --------------------------------------------------------------------------------------------------
+# Rows kept in run.json, and rebuilding the tables from them
+# --------------------------------------------------------------------------------------------------
 
 
-def move_aside(path: Path) -> Path:
-    """Rename an unusable file to ``<stem>.corrupt-<UTC time>.<suffix>`` beside it; returns the new path."""
-    stamp = utc_now().strftime("%Y%m%dT%H%M%S%fZ")
-    aside = path.with_name(f"{path.stem}.corrupt-{stamp}{path.suffix}")
-    os.replace(path, aside)
-    return aside
+def rows_to_json(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Manifest rows by table as JSON data (timestamps as ISO 8601), for a run's ``run.json``."""
+    return {name: [{key: value.isoformat() if isinstance(value, datetime) else value for key, value in row.items()}
+                   for row in table_rows] for name, table_rows in rows.items()}
+
+
+def rows_from_json(data: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The inverse of :func:`rows_to_json` (unknown tables are ignored)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for name, table_rows in data.items():
+        if name not in TABLES:
+            continue
+        timestamps = {f.name for f in TABLES[name].schema if pa.types.is_timestamp(f.type)}
+        rows[name] = [{key: datetime.fromisoformat(value) if key in timestamps and isinstance(value, str) else value
+                       for key, value in row.items()} for row in table_rows]
+    return rows
+
+
+RUN_JSON_PATTERN = "*/*/run.json"  # <scene>/<run folder>/run.json under an output root
+
+
+def rebuild_manifests(output_root: str | os.PathLike[str] | OutputRoot) -> dict[str, int]:
+    """Rebuild the manifests from the run folders: every published folder's ``run.json`` written by a
+    collection run holds its own scene, run and view rows; they are upserted into what the tables still
+    hold (the current files, else their previous generation; unreadable files are moved aside).
+    Returns the number of rows recovered per table, and ``skipped`` run.json files (not written by a
+    collection run, or unreadable)."""
+    store = ManifestStore(output_root)
+    root = store.root
+    recovered: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
+    skipped = 0
+    for relative in root.glob(RUN_JSON_PATTERN):
+        folder = posixpath.dirname(relative)
+        if posixpath.basename(folder).startswith(".") or not root.is_published(folder):
+            continue  # staging folders and half-published ones
+        try:
+            manifest = json.loads(root.read_bytes(relative)).get("manifest")
+            rows = rows_from_json(manifest) if isinstance(manifest, Mapping) else None
+        except (ValueError, UnicodeDecodeError, TypeError, AttributeError):
+            rows = None
+        if not rows:
+            skipped += 1
+            continue
+        for name, table_rows in rows.items():
+            recovered[name] += table_rows
+    # The latest scene row per scene wins; runs and views are keyed by run.
+    scenes = {row["scene_id"]: row for row in sorted(recovered[SCENES.name], key=lambda row: row["ingested_at"])}
+    recovered[SCENES.name] = list(scenes.values())
+    store.upsert_many({name: rows for name, rows in recovered.items()})
+    return {**{name: len(rows) for name, rows in recovered.items()}, "skipped": skipped}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,36 +471,6 @@ def succeeded_runs(store: ManifestStore) -> dict[tuple[str, str, str], dict[str,
 
 def new_run_id() -> str:
     return uuid.uuid4().hex
-
-
-# --------------------------------------------------------------------------------------------------
-# Publishing a run's output folder
-# --------------------------------------------------------------------------------------------------
-
-
-def staging_dir(final_dir: Path) -> Path:
-    """A fresh empty folder beside ``final_dir`` to write a run's outputs into before publishing."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.staging-", dir=final_dir.parent))
-
-
-def publish_dir(staging: Path, final_dir: Path) -> None:
-    """Replace ``final_dir`` by the complete ``staging`` folder.
-
-    The previous outputs stay in place until the new ones are complete, so a run that fails
-    half-way never destroys the last good result.
-    """
-    previous = None
-    if final_dir.exists():
-        previous = final_dir.with_name(f".{final_dir.name}.previous-{uuid.uuid4().hex[:8]}")
-        os.replace(final_dir, previous)
-    os.replace(staging, final_dir)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-
-
-def discard_dir(staging: Path) -> None:
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,10 +512,12 @@ def run_row(
     metrics: Any = None,
     output_dir: str | os.PathLike[str] | None = None,
     flow_run_id: str | None = None,
+    evaluation: Any = None,
 ) -> dict[str, Any]:
-    """The ``runs`` row of a :class:`~imix2mix.collection.PlannedRun` (with its result once it succeeded)."""
+    """The ``runs`` row of a :class:`~imix2mix.collection.PlannedRun` (with its result once it succeeded;
+    ``evaluation``: its :class:`~imix2mix.evaluation.RunEvaluation`)."""
     finished_at = finished_at or utc_now()
-    return {
+    return {**_evaluation_columns(evaluation),
         "run_id": run_id,
         "scene_id": run.scene.scene_id,
         "edit_id": run.edit.edit_id,
@@ -385,6 +542,38 @@ def run_row(
         "output_dir": None if output_dir is None else os.fspath(output_dir),
         "flow_run_id": flow_run_id,
     }
+
+
+def _evaluation_columns(evaluation: Any) -> dict[str, Any]:
+    if evaluation is None:
+        return {}
+    epipolar = evaluation.epipolar
+    return {
+        "epipolar_score": epipolar.score,
+        "epipolar_consistent_fraction": epipolar.edited.consistent_fraction,
+        "epipolar_source_fraction": epipolar.source.consistent_fraction,
+        "epipolar_median_px": epipolar.edited.median_px,
+        "changed_fraction": evaluation.change.changed_fraction,
+        "no_edit": evaluation.no_edit,
+    }
+
+
+def pair_rows(run: Any, *, run_id: str, evaluation: Any, metrics: Any = None) -> list[dict[str, Any]]:
+    """One ``pairs`` row per view pair (i < j) of the edited views and of the source views."""
+    if evaluation is None:
+        return []
+    clip = list(metrics.pair_consistency) if metrics is not None else []
+    rows = []
+    for name, view_set in (("edited", evaluation.epipolar.edited), ("source", evaluation.epipolar.source)):
+        for index, pair in enumerate(view_set.pairs):
+            rows.append({
+                "run_id": run_id, "scene_id": run.scene.scene_id, "edit_id": run.edit.edit_id, "views": name,
+                "view_i": pair.i, "view_j": pair.j, "matches": pair.matches, "median_px": pair.median_px,
+                "under_2px": pair.under_2px, "under_4px": pair.under_4px, "under_8px": pair.under_8px,
+                "status": pair.status,
+                "clip_cons": clip[index] if name == "edited" and index < len(clip) else None,
+            })
+    return rows
 
 
 def view_rows(

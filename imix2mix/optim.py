@@ -1,4 +1,9 @@
-"""imix2mix's two AdamW variants beside torch's.
+"""The student's optimizers: torch's AdamW and imix2mix's two variants, behind one interface.
+
+Every optimizer :func:`make_optimizer` returns has ``clip_and_step(max_norm) -> norm`` (clip the
+gradients' total norm, then step; the norm before clipping as a device scalar) and ``set_lr(lr)``, so
+the loop never asks which variant it holds, and ``close()``, which ends what the optimizer changed in
+the model (weight copies).
 
 :class:`AdamWWithComputeCopies` (the default on CUDA): torch's AdamW update on fp32 master weights,
 whose chosen parameters compute from bf16 copies written by the update itself.  Same numerics as
@@ -17,6 +22,59 @@ import torch
 from imix2mix.kernels.adamw import ALIGNMENT_BYTES, ChunkPlan, adamw_update, is_dense, square_sums
 
 
+class ClipAndStep:
+    """The loop's optimizer interface, for optimizers that clip with ``clip_grad_norm_`` and then step."""
+
+    param_groups: list[dict]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = lr
+
+    def clip_and_step(self, max_norm: float | None) -> torch.Tensor:
+        params = [p for group in self.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm)
+        self.step()
+        return norm
+
+    def close(self) -> None:
+        """Nothing to undo: the parameters were never changed in kind."""
+
+
+class AdamW(ClipAndStep, torch.optim.AdamW):
+    """torch's AdamW (``fused``/``foreach`` as torch's) with the loop's interface."""
+
+
+def matrix_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights and biases of ``module``'s Linear and Conv layers: the parameters autocast rounds
+    to its dtype at every use (norms and embeddings compute in fp32)."""
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return [p for m in module.modules() if isinstance(m, layers) for p in m.parameters(recurse=False)]
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter],
+    name: str,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    compute_copies: list[torch.nn.Parameter] = (),
+) -> "AdamW | AdamWLowPrecisionStates | AdamWWithComputeCopies":
+    """The optimizer called ``name`` (``EditConfig.runtime.optimizer``); ``compute_copies`` (only with
+    ``adamw_fused``): the parameters that compute from bf16 copies (:class:`AdamWWithComputeCopies`)."""
+    hyper = adamw_defaults(lr, betas, eps, weight_decay)
+    if name == "adamw_bf16_states":
+        return AdamWLowPrecisionStates(params, **hyper)
+    if compute_copies:
+        if name != "adamw_fused":
+            raise ValueError(f"bf16 weight copies need the adamw_fused update (got {name})")
+        return AdamWWithComputeCopies(params, **hyper, compute_copies=compute_copies, compute_dtype=torch.bfloat16)
+    variant = {"adamw": {}, "adamw_fused": {"fused": True}, "adamw_foreach": {"foreach": True}}[name]
+    return AdamW(params, **hyper, **variant)
+
+
 def adamw_defaults(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict:
     """The param-group defaults of an AdamW, checked as torch's AdamW checks them."""
     if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
@@ -24,7 +82,7 @@ def adamw_defaults(lr: float, betas: tuple[float, float], eps: float, weight_dec
     return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
-class AdamWLowPrecisionStates(torch.optim.Optimizer):
+class AdamWLowPrecisionStates(ClipAndStep, torch.optim.Optimizer):
     """Same update rule as ``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments), but
     ``exp_avg`` and ``exp_avg_sq`` live in ``state_dtype`` (bfloat16 by default): half the optimizer
     memory of fp32 AdamW (2.5 GB instead of 10 GB for SEVA's 1.26 B parameters).  **This changes the
@@ -99,7 +157,7 @@ class AdamWLowPrecisionStates(torch.optim.Optimizer):
 CLIP_EPS = 1e-6
 
 
-class AdamWWithComputeCopies(torch.optim.Optimizer):
+class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
     """torch's AdamW (decoupled weight decay, bias-corrected moments, fp32 master weights and
     moments) with gradient-norm clipping folded in, where the parameters in ``compute_copies`` hold a
     ``compute_dtype`` copy of their master weight between steps.
@@ -226,6 +284,11 @@ class AdamWWithComputeCopies(torch.optim.Optimizer):
                 state_p.grad = None
                 state_p.data = state["master"]
         self.released = True
+
+    def close(self) -> None:
+        """:meth:`release`, once."""
+        if not self.released:
+            self.release()
 
     def master(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The fp32 master weight behind ``p``."""

@@ -3,7 +3,8 @@
 Short side → ``size`` with area interpolation (up or down), centre crop to size×size, K scaled by
 the per-axis resize factors (they differ slightly because of the ceil), shifted by the crop and
 normalised by the crop size.  :func:`paste_back` inverts the framing so that an edited square lands
-in the original photo.
+in the original photo.  Only :func:`prepare_view` needs torch (imported there): the geometry
+(:func:`crop_box`, :func:`crop_intrinsics`, :func:`paste_back`) serves the torch-free evaluation too.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from imix2mix.errors import ImixError
 from imix2mix.scene import Scene, View
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SIZE = 576
 
@@ -83,6 +87,9 @@ def crop_intrinsics(K: np.ndarray, box: CropBox) -> np.ndarray:
 
 
 def prepare_view(view: View, size: int = DEFAULT_SIZE) -> PreparedView:
+    import torch  # here, not at the top: the crop geometry is used torch-free (evaluation in the flow process)
+    import torch.nn.functional as F
+
     box = crop_box(view.height, view.width, size)
     pixels = torch.from_numpy(np.array(view.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     resized = F.interpolate(pixels[None], size=box.resized_hw, mode="area")[0]

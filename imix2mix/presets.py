@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +28,25 @@ from diffusers import (
 )
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from imix2mix.distill import EditConfig, Editor
+from imix2mix.config import PRESETS, EditConfig, TeacherConfig, WeightSources, default_config  # noqa: F401  (re-exported)
+from imix2mix.editor import Editor
 from imix2mix.errors import ConfigError
 from imix2mix.metrics import ClipMetricsModel
 from imix2mix.seva import Seva, SevaConfig
 from imix2mix.seva.autoencoder import SevaAutoencoder
 from imix2mix.seva.conditioner import ClipImageConditioner, vit_h14_config
 from imix2mix.seva.loading import load_seva, save_seva
-from imix2mix.teacher import InstructPix2PixTeacher
+from imix2mix.students import SevaStudent
+from imix2mix.teachers import teacher_class
+from imix2mix.teachers.base import Teacher
+from imix2mix.teachers.control_images import CannyControl, build_random_depth_control
+from imix2mix.teachers.controlnet import (
+    ControlNetArchitecture,
+    ControlNetTeacher,
+    ControlNetTeacherConfig,
+    build_random_controlnet_pipeline,
+)
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
 # ---------------------------------------------------------------------------------------------
 # Random-init architectures (same classes for full size and tiny)
@@ -188,51 +200,6 @@ def build_random_metrics_clip(arch: MetricsClipArchitecture, seed: int = 0, devi
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WeightSources:
-    """Where each model's weights come from: a Hugging Face id or a local path (file or folder)."""
-
-    seva: str = "stabilityai/stable-virtual-camera"
-    seva_filename: str = "modelv1.1.safetensors"
-    seva_vae: str = "stabilityai/stable-diffusion-2-1-base"
-    seva_vae_subfolder: str | None = "vae"
-    clip_h: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    teacher: str = "timbrooks/instruct-pix2pix"
-    clip_metrics: str = "openai/clip-vit-large-patch14"
-
-    @classmethod
-    def local(cls, folder: str | Path) -> "WeightSources":
-        """The layout :func:`save_editor_weights` writes (and ``--weights-dir`` expects)::
-
-            folder/seva/modelv1.1.safetensors   folder/seva_vae/    folder/clip_h/
-            folder/teacher/ (diffusers IP2P pipeline)                folder/clip_metrics/
-        """
-        folder = Path(folder)
-        return cls(
-            seva=str(folder / "seva"), seva_vae=str(folder / "seva_vae"), seva_vae_subfolder=None,
-            clip_h=str(folder / "clip_h"), teacher=str(folder / "teacher"), clip_metrics=str(folder / "clip_metrics"),
-        )
-
-
-PRESETS = ("full", "tiny")
-
-
-def default_config(preset: str) -> EditConfig:
-    """The EditConfig a preset runs with unless told otherwise.
-
-    ``tiny``: 128² student images (16² latents), 96² teacher images (12² latents), and a short
-    schedule (6 τ values, k_initial 4, k 2 → 14 iterations; 4 teacher steps) so a CPU run takes seconds.
-    """
-    if preset == "full":
-        return EditConfig()
-    if preset == "tiny":
-        return EditConfig(
-            student_image_size=128, teacher_image_size=96, distill_dt=195, k=2, k_initial=4, warmup_steps=4,
-            teacher_steps=4, student_only_steps=4, log_every=1,
-        )
-    raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
-
-
 def build_editor(
     preset: str = "tiny",
     device: torch.device | str = "cpu",
@@ -241,7 +208,7 @@ def build_editor(
     metrics: bool = True,
     seed: int = 0,
 ) -> Editor:
-    """Build an :class:`~imix2mix.distill.Editor` with every model loaded once.
+    """Build an :class:`~imix2mix.editor.Editor` with every model loaded once.
 
     * ``full``: official weights from ``weights`` (default :class:`WeightSources`); with
       ``random_weights=True`` the full-size architectures with random init and no files.
@@ -250,7 +217,9 @@ def build_editor(
     """
     config = default_config(preset)
     device = torch.device(device)
-    if preset == "tiny" or random_weights:
+    random = preset == "tiny" or random_weights
+    weights = weights or WeightSources()
+    if random:
         tiny = preset == "tiny"
         with random_init(seed, device):  # (the tiny builders also seed torch's global generator)
             if tiny:
@@ -260,32 +229,68 @@ def build_editor(
                 # SEVA's SD-2.1-base VAE has the SD-1.5 VAE architecture (config sample_size 768)
                 seva_vae = SevaAutoencoder(AutoencoderKL(**{**TeacherArchitecture.sd15().vae, "sample_size": 768}))
                 clip_image = ClipImageConditioner(CLIPVisionModelWithProjection(vit_h14_config()))
-        teacher_pipeline = build_random_teacher_pipeline(TeacherArchitecture.tiny() if tiny else TeacherArchitecture.sd15(), seed, device)
-        teacher = InstructPix2PixTeacher(teacher_pipeline, device=device)
         clip_metrics = (
             build_random_metrics_clip(MetricsClipArchitecture.tiny() if tiny else MetricsClipArchitecture.vit_l14(), seed, device)
             if metrics else None
         )
-        random = True
     else:
-        weights = weights or WeightSources()
         student = load_seva(weights.seva, filename=weights.seva_filename, dtype=torch.float32, device=device)
         seva_vae = SevaAutoencoder.from_pretrained(weights.seva_vae, subfolder=weights.seva_vae_subfolder, device=device)
         clip_image = ClipImageConditioner.from_pretrained(weights.clip_h, device=device)
-        teacher = InstructPix2PixTeacher.from_pretrained(weights.teacher, device=device)
         clip_metrics = ClipMetricsModel.from_pretrained(weights.clip_metrics, device=device) if metrics else None
-        random = False
+    teacher_loader = TeacherLoader(preset=preset, random_weights=random, weights=weights, device=device, seed=seed)
     return Editor(
-        teacher=teacher, student=student, seva_vae=seva_vae.to(device), clip_image=clip_image.to(device),
-        clip_metrics=clip_metrics, device=device, default_config=config, preset=preset, random_weights=random,
+        teacher=teacher_loader(config.teacher), student=SevaStudent(student, device), seva_vae=seva_vae.to(device),
+        clip_image=clip_image.to(device), clip_metrics=clip_metrics, device=device, default_config=config, preset=preset,
+        random_weights=random, teacher_loader=teacher_loader,
     )
+
+
+@dataclass(frozen=True)
+class TeacherLoader:
+    """Builds the teacher a run's :class:`~imix2mix.config.TeacherConfig` names, as the preset says:
+    random weights of the preset's architecture, or the weights of ``model_id`` (a hub id or a local
+    folder; default: the preset's :class:`WeightSources`).  For the ControlNet teachers ``model_id`` is
+    the ControlNet; SD-1.5 and the depth estimator come from :class:`WeightSources`."""
+
+    preset: str
+    random_weights: bool
+    weights: WeightSources
+    device: torch.device
+    seed: int = 0
+
+    def __call__(self, settings: TeacherConfig) -> Teacher:
+        cls = teacher_class(settings.name)
+        if cls is InstructPix2PixTeacher:
+            if self.random_weights:
+                arch = TeacherArchitecture.tiny() if self.preset == "tiny" else TeacherArchitecture.sd15()
+                return InstructPix2PixTeacher(build_random_teacher_pipeline(arch, self.seed, self.device), device=self.device)
+            return InstructPix2PixTeacher.from_pretrained(settings.model_id or self.weights.teacher, device=self.device)
+        if issubclass(cls, ControlNetTeacher):
+            return self._controlnet_teacher(cls, settings)
+        raise ConfigError(f"no preset builds teacher '{settings.name}'")  # pragma: no cover - every registered teacher is handled
+
+
+    def _controlnet_teacher(self, cls: type[ControlNetTeacher], settings: TeacherConfig) -> ControlNetTeacher:
+        if self.random_weights:
+            tiny = self.preset == "tiny"
+            arch = ControlNetArchitecture.from_teacher_architecture(TeacherArchitecture.tiny() if tiny else TeacherArchitecture.sd15())
+            if tiny:
+                arch = dataclasses.replace(arch, conditioning_channels=(8, 8, 16, 16))
+            control = CannyControl() if cls.control == "canny" else build_random_depth_control(tiny, self.seed, self.device)
+            return cls(build_random_controlnet_pipeline(arch, self.seed, self.device), control, device=self.device)
+        source = settings.model_id or getattr(self.weights, f"controlnet_{cls.control}")
+        config = ControlNetTeacherConfig(
+            control=cls.control, base_model=self.weights.sd15, controlnet_model=source, depth_model=self.weights.depth_estimator,
+        )
+        return ControlNetTeacher.from_pretrained(config, device=self.device)
 
 
 def save_editor_weights(editor: Editor, folder: str | Path) -> WeightSources:
     """Write an editor's models in the official formats under ``folder`` (the
     :meth:`WeightSources.local` layout) and return the sources that load them back."""
     folder = Path(folder)
-    save_seva(editor.student, folder / "seva")  # keeps the SevaConfig in the metadata (tiny widths)
+    save_seva(editor.student.network, folder / "seva")  # keeps the SevaConfig in the metadata (tiny widths)
     editor.seva_vae.vae.save_pretrained(folder / "seva_vae")
     editor.clip_image.model.save_pretrained(folder / "clip_h")
     editor.teacher.pipeline.save_pretrained(folder / "teacher")

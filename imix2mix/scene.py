@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -482,14 +482,23 @@ def load_scene(path: str | Path, loader: LoaderName | None = "auto", **sfm_optio
 # Writing a scene's cameras as a nerfstudio transforms.json
 
 
-def transforms_dict(scene: Scene, root: Path | None = None) -> dict[str, Any]:
-    """The scene's cameras as nerfstudio ``transforms.json`` content (OpenGL c2w, per-frame intrinsics)."""
+def transforms_dict(scene: Scene, root: Path | None = None, file_paths: Sequence[str] | None = None) -> dict[str, Any]:
+    """The scene's cameras as nerfstudio ``transforms.json`` content (OpenGL c2w, per-frame intrinsics).
+
+    Frames name the views' files relative to ``root``, or ``file_paths`` (one per view, e.g. edited
+    images of the same size written beside the file) when given.
+    """
     root = Path(root if root is not None else scene.root or ".")
+    if file_paths is not None and len(file_paths) != len(scene.views):
+        raise SceneError(None, f"{len(file_paths)} file paths for {len(scene.views)} views")
     frames = []
-    for view in scene.views:
-        if view.path is None:
+    for index, view in enumerate(scene.views):
+        if file_paths is not None:
+            file_path = file_paths[index]
+        elif view.path is None:
             raise SceneError(None, f"view {view.name} has no file path to write into transforms.json")
-        file_path = os.path.relpath(view.path.resolve(), root.resolve())
+        else:
+            file_path = os.path.relpath(view.path.resolve(), root.resolve())
         frames.append(
             {
                 "file_path": Path(file_path).as_posix(),

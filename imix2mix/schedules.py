@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from scipy.stats import truncnorm
 
-TeacherTimestepSchedule = Literal["truncnorm", "uniform", "tau_matched"]
+from imix2mix.config import TeacherTimestepSchedule
+
+if TYPE_CHECKING:
+    from imix2mix.config import MethodConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,10 @@ class StudentSchedule:
     distill_dt: int = 25
     k: int = 50
     k_initial: int = 200
+
+    @classmethod
+    def from_method(cls, method: "MethodConfig") -> "StudentSchedule":
+        return cls(t_max=method.t_max, t_min=method.t_min, distill_dt=method.distill_dt, k=method.k, k_initial=method.k_initial)
 
     @property
     def num_timesteps(self) -> int:
@@ -139,6 +146,13 @@ class LearningRateSchedule:
     def official(cls, *, lr: float, final_lr: float, min_lr: float, warmup_steps: int, distill_dt: int, k: int) -> "LearningRateSchedule":
         decay = int((1000 / distill_dt) * k - warmup_steps)
         return cls(lr=lr, final_lr=final_lr, min_lr=min_lr, warmup_steps=warmup_steps, decay_steps=max(decay, 1))
+
+    @classmethod
+    def from_method(cls, method: "MethodConfig") -> "LearningRateSchedule":
+        return cls.official(
+            lr=method.lr, final_lr=method.final_lr, min_lr=method.min_lr, warmup_steps=method.warmup_steps,
+            distill_dt=method.distill_dt, k=method.k,
+        )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:

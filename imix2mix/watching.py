@@ -1,9 +1,10 @@
 """Deciding when a scene folder that lands in storage is complete, and remembering what was announced.
 
 A scene folder is *ready* when it holds a ``_READY`` marker file, or when its listing (names, sizes,
-mtimes / etags) has not changed for a quiet period.  A ready scene is announced at most once per
-*content hash* of its files (the marker excluded); announcements are remembered in a JSON state file
-that survives restarts.  Scenes are found with :func:`imix2mix.collection.list_scenes`, so folders and
+mtimes / etags) has not changed for a quiet period.  A ready scene is announced once per content: its
+inputs hash (photos and poses, as the planner computes it) and its edit files' hash; announcements
+are remembered in a JSON state file that survives restarts, once the server accepted them.  Scenes
+are found with :func:`imix2mix.collection.list_scenes`, so folders and
 files that resolve outside the root are never read.
 
 The clock is always passed in (``now``, epoch seconds), so the logic is tested without sleeping.  Sending the
@@ -21,8 +22,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from imix2mix import collection
-from imix2mix.collection import READY_MARKER, CollectionRoot, SceneRef, list_scenes, listing_fingerprint, open_root
+from imix2mix.collection import (
+    READY_MARKER,
+    CollectionRoot,
+    SceneRef,
+    edit_files_hash,
+    list_scenes,
+    listing_fingerprint,
+    open_root,
+    scene_content_hash,
+)
 from imix2mix.errors import SceneError
 from imix2mix.files import atomic_write_text
 
@@ -41,14 +50,25 @@ class WatchSettings:
 
 @dataclass(frozen=True)
 class ReadyScene:
-    """A complete scene folder to announce."""
+    """A complete scene folder to announce.
+
+    ``content_hash`` is the scene's inputs hash (photos and poses: :func:`imix2mix.collection.scene_content_hash`),
+    the one the planner logs and ``runs.parquet`` records as ``scene_content_hash``; ``edits_hash`` covers
+    its edit files.  A scene is announced again when either changes.
+    """
 
     scene: SceneRef
     content_hash: str
+    edits_hash: str
 
     @property
     def resource_id(self) -> str:
         return f"{SCENE_RESOURCE_PREFIX}{self.scene.scene_id}"
+
+    @property
+    def announcement(self) -> str:
+        """What the ledger remembers as announced."""
+        return f"{self.content_hash}+{self.edits_hash}"
 
     def event_payload(self) -> dict[str, str]:
         return {
@@ -56,15 +76,8 @@ class ReadyScene:
             "root": self.scene.root.uri,
             "scene_id": self.scene.scene_id,
             "content_hash": self.content_hash,
+            "edits_hash": self.edits_hash,
         }
-
-
-def folder_content_hash(scene: SceneRef, marker: str = READY_MARKER) -> str:
-    """sha256 over the relative names and bytes of every file in the scene folder except the marker.
-
-    Edit files count: a scene whose ``edits.yaml`` changes is announced again (its new edits then run).
-    """
-    return collection.folder_content_hash(scene, exclude=(marker,))
 
 
 @dataclass
@@ -146,15 +159,16 @@ def default_state_file(root_uri: str, cache_dir: str | os.PathLike[str]) -> Path
 class SceneWatch:
     """One watched root: scan it to get the scenes that became ready since the last announcement.
 
-    ``scan(now)`` records the returned scenes in the ledger before returning them (at most once: a
-    scene whose announcement is lost is not announced again until its content changes).
+    ``scan(now)`` returns the ready scenes not yet announced with their current contents; the caller
+    calls :meth:`mark_announced` once the Prefect server accepted a scene's event, so a scene whose
+    event could not be sent is returned again by the next scan.
     """
 
     root: CollectionRoot
     ledger: AnnouncementLedger
     settings: WatchSettings = field(default_factory=WatchSettings)
     tracker: ReadinessTracker = field(init=False)
-    _hashed: dict[tuple[str, str], str] = field(init=False, default_factory=dict)
+    _hashed: dict[tuple[str, str], tuple[str, str]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tracker = ReadinessTracker(self.settings)
@@ -171,19 +185,21 @@ class SceneWatch:
                 listing = listing_fingerprint(scene)
                 if not self.tracker.is_ready(scene, listing, now, newest_modification(scene)):
                     continue
-                content_hash = self._content_hash(scene, listing)
+                hashes = self._hashes(scene, listing)
             except (SceneError, OSError) as exc:
                 logger.warning("not announcing scene %s: %s", scene.uri, exc)
                 continue
-            if self.ledger.already_announced(scene.scene_id, content_hash):
-                continue
-            self.ledger.record(scene.scene_id, content_hash)
-            ready.append(ReadyScene(scene, content_hash))
+            candidate = ReadyScene(scene, *hashes)
+            if not self.ledger.already_announced(scene.scene_id, candidate.announcement):
+                ready.append(candidate)
         return ready
 
-    def _content_hash(self, scene: SceneRef, listing: str) -> str:
-        """Contents are hashed once per listing: rescans of an unchanged folder read no bytes."""
+    def mark_announced(self, ready: ReadyScene) -> None:
+        self.ledger.record(ready.scene.scene_id, ready.announcement)
+
+    def _hashes(self, scene: SceneRef, listing: str) -> tuple[str, str]:
+        """(inputs hash, edits hash), computed once per listing: rescans of an unchanged folder read no bytes."""
         key = (scene.scene_id, listing)
         if key not in self._hashed:
-            self._hashed[key] = folder_content_hash(scene, self.settings.marker)
+            self._hashed[key] = (scene_content_hash(scene), edit_files_hash(scene))
         return self._hashed[key]

@@ -9,11 +9,13 @@ from typing import Any
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
-from imix2mix.collection import PlannedRun
+from imix2mix.collection import PlannedRun, release_run
 from imix2mix.errors import ConfigError
-from imix2mix.manifests import discard_dir, new_run_id, publish_dir, staging_dir, utc_now
-from imix2mix.outputs import write_edit_outputs
-from tasks.manifest import record_failure, record_success
+from imix2mix.evaluation import evaluate_result
+from imix2mix.manifests import new_run_id, rows_to_json, utc_now
+from imix2mix.outputs import view_file, write_edit_outputs
+from imix2mix.storage import OutputRoot
+from tasks.manifest import record_failure, record_success, success_rows
 from tasks.metrics import ProgressArtifact, publish_run_artifacts
 from tasks.retries import retry_on_storage_errors
 from tasks.settings import PipelineSettings
@@ -28,7 +30,7 @@ def current_run_ids() -> tuple[str, str | None]:
 
 @task(name="edit", task_run_name="{run.label}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_on_storage_errors)
-def edit_run(run: PlannedRun, scene: Any, scene_folder: Path, pool: EditWorkerPool, output_root: Path,
+def edit_run(run: PlannedRun, scene: Any, scene_folder: Path, pool: EditWorkerPool, output_root: OutputRoot,
              preset: str) -> dict[str, Any]:
     """Edit one scene on a pooled actor and publish the results; a failure is recorded, then raised."""
     logger = get_run_logger()
@@ -36,26 +38,36 @@ def edit_run(run: PlannedRun, scene: Any, scene_folder: Path, pool: EditWorkerPo
     started_at = utc_now()
     staging = None
     try:
-        progress = ProgressArtifact(run)
-        logger.info("%s: distilling (config %s) into %s", run.label, run.config_hash[:12], run.output_dir)
-        outcome = pool.run(scene, run.edit.to_edit(), run.config, on_progress=progress.update)
-        progress.finish()
-        staging = staging_dir(run.output_dir)
-        written = write_edit_outputs(outcome.result, scene, staging, outcome.metrics)
-        publish_dir(staging, run.output_dir)
-        staging = None
-        row = record_success(output_root, run, run_id=run_id, preset=preset, started_at=started_at, scene=scene,
-                             scene_folder=scene_folder, outcome=outcome,
-                             view_files=[path.name for path in written.views], flow_run_id=flow_run_id)
-    except Exception as exc:
+        try:
+            progress = ProgressArtifact(run)
+            logger.info("%s: distilling (config %s) into %s", run.label, run.config_hash[:12], run.output_dir)
+            outcome = pool.run(scene, run.edit.to_edit(), run.config, on_progress=progress.update)
+            progress.finish()
+            evaluation = evaluate_result(outcome.result, scene, outcome.metrics)
+            if evaluation.no_edit:
+                logger.warning("%s: no edit happened: %s", run.label, evaluation.change.reason)
+            staging = output_root.staging(run.output_subdir.as_posix())
+            rows = success_rows(run, run_id=run_id, preset=preset, started_at=started_at, finished_at=utc_now(),
+                                scene=scene, scene_folder=scene_folder, outcome=outcome,
+                                view_files=[view_file(index) for index in range(len(scene.views))],
+                                flow_run_id=flow_run_id, evaluation=evaluation)
+            written = write_edit_outputs(outcome.result, scene, staging, outcome.metrics, evaluation=evaluation,
+                                         extra={"manifest": rows_to_json(rows)})
+            output_root.publish(staging, run.output_subdir.as_posix())
+            row = record_success(output_root, rows)
+        except Exception as exc:
+            record_failure(output_root, run, run_id=run_id, preset=preset, started_at=started_at, error=exc,
+                           flow_run_id=flow_run_id)
+            raise
+        # Locally the staging folder is the published one now; on object stores it is still the local copy.
+        local = output_root.local_path(run.output_subdir.as_posix()) if output_root.is_local else staging
+        publish_run_artifacts(run, outcome, local / written.contact_sheet.name)
+    finally:
         if staging is not None:
-            discard_dir(staging)
-        record_failure(output_root, run, run_id=run_id, preset=preset, started_at=started_at, error=exc,
-                       flow_run_id=flow_run_id)
-        raise
-    publish_run_artifacts(run, outcome, run.output_dir / written.contact_sheet.name)
-    logger.info("%s: done in %.1f s (%d iterations, CLIP dir %s)", run.label, row["wall_seconds"],
-                row["iterations"], _fmt(row["clip_dir"]))
+            output_root.discard(staging)
+        release_run(run)
+    logger.info("%s: done in %.1f s (%d iterations, CLIP dir %s, epipolar score %s)", run.label,
+                row["wall_seconds"], row["iterations"], _fmt(row["clip_dir"]), _fmt(row["epipolar_score"]))
     return row
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from prefect import get_run_logger
+from prefect import get_run_logger, runtime
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -23,8 +23,11 @@ _THUMBNAIL_WIDTH = 768  # the contact sheet is embedded in the artifact: keep it
 
 
 def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys allow lower-case letters, digits and dashes only."""
-    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:120]
+    """A key unique to this flow run (the Artifacts page lists the latest version of each key, so a key
+    shared by every run would hide earlier runs).  Prefect keys allow lower-case letters, digits and dashes."""
+    flow_run_id = str(runtime.flow_run.id or "")[:8]
+    text = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
+    return f"{text[:120 - len(flow_run_id) - 1]}-{flow_run_id}".strip("-")
 
 
 class ProgressArtifact:
@@ -61,16 +64,15 @@ class ProgressArtifact:
 def publish_run_artifacts(run: PlannedRun, outcome: Any, contact_sheet: Path) -> None:
     """A table of the run's CLIP metrics (overall and per view) and a markdown view of the contact sheet."""
     metrics = outcome.metrics
-    key = artifact_key(run.scene.scene_id, run.edit.edit_id)
     if metrics is not None:
         rows = [{"view": "all", "clip_sim": metrics.clip_sim, "clip_dir": metrics.clip_dir,
                  "clip_cons": metrics.clip_cons}]
         rows += [{"view": index, "clip_sim": view.clip_sim, "clip_dir": view.clip_dir, "clip_cons": view.clip_cons}
                  for index, view in enumerate(metrics.views)]
-        create_table_artifact(table=rows, key=f"metrics-{key}", description=f"CLIP metrics of {run.label}")
+        create_table_artifact(table=rows, key=artifact_key("metrics", run.scene.scene_id, run.edit.edit_id), description=f"CLIP metrics of {run.label}")
     result = outcome.result
     create_markdown_artifact(
-        key=f"contact-sheet-{key}",
+        key=artifact_key("contact-sheet", run.scene.scene_id, run.edit.edit_id),
         description=f"Contact sheet of {run.label}",
         markdown="\n".join([
             f"### {run.label}",
@@ -94,7 +96,31 @@ def _thumbnail_data_uri(path: Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+_STATUS_ORDER = {"failed": 0, "succeeded": 1, "skipped": 2}
+_EDIT_WIDTH, _NOTE_WIDTH = 40, 140  # characters: the table fits a browser window without scrolling
+
+
+def _short(text: str | None, width: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The batch's rows for the UI: failures and their reasons first, short columns, rounded numbers."""
+    ordered = sorted(rows, key=lambda row: (_STATUS_ORDER.get(row["status"], 3), row["scene"], row["edit"] or ""))
+    return [{"status": row["status"], "scene": row["scene"], "edit": _short(row["edit"], _EDIT_WIDTH),
+             "reason": _short(row["note"], _NOTE_WIDTH), "seconds": _rounded(row["seconds"]),
+             "clip_sim": _rounded(row["clip_sim"]), "clip_dir": _rounded(row["clip_dir"]),
+             "clip_cons": _rounded(row["clip_cons"]), "output": row["output"] or ""}
+            for row in ordered]
+
+
 def publish_summary(rows: list[dict[str, Any]], key: str) -> None:
-    """The batch's table: one row per (scene, edit) with its status, time and metrics."""
-    create_table_artifact(table=rows or [{"status": "nothing to do"}], key=key,
-                          description="Runs of this batch (skipped = already done with the same config)")
+    """The batch's table: one row per (scene, edit) with its status, reason, time and metrics."""
+    create_table_artifact(table=summary_table(rows) or [{"status": "nothing to do"}], key=key,
+                          description="Runs of this batch, failures first (skipped = already done with the same "
+                                      "config); full reasons in runs.parquet and the flow run's logs")

@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.transactions import CommitMode, transaction
 
 from imix2mix.collection import SceneRef, load_scene_cached
 from imix2mix.manifests import SCENES, ManifestStore, scene_row
@@ -27,6 +28,11 @@ def pose_scene(scene: SceneRef, folder: Path, cache_dir: Path, output_root: Path
 
 @task(name="prepare", task_run_name="prepare · {scene.scene_id}", cache_policy=NO_CACHE)
 def prepare_scene(scene: SceneRef, cache_dir: Path, output_root: Path) -> tuple[Path, Any]:
-    """Ingest then pose one scene (two nested task runs); returns (local folder, Scene)."""
-    folder = ingest_scene(scene, cache_dir)
+    """Ingest then pose one scene (two nested task runs); returns (local folder, Scene).
+
+    The ingest commits its own transaction: otherwise a failing pose step rolls back this task's
+    transaction, and Prefect shows the finished ingest as "RolledBack" instead of Completed.
+    """
+    with transaction(commit_mode=CommitMode.EAGER):
+        folder = ingest_scene(scene, cache_dir)
     return folder, pose_scene(scene, folder, cache_dir, output_root)

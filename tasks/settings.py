@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imix2mix.storage import OutputRoot
+
 
 def default_cache_dir() -> Path:
     """``$IMIX2MIX_CACHE``, else ``$XDG_CACHE_HOME/imix2mix`` (``~/.cache/imix2mix``).
@@ -22,8 +24,8 @@ def default_cache_dir() -> Path:
 class PipelineSettings:
     """Where outputs and caches go, which models to load, and how Ray is reached."""
 
-    output_root: Path
-    preset: str = "tiny"
+    output_root: OutputRoot  # a local folder or an fsspec URL (imix2mix.storage)
+    preset: str = "full"
     device: str = "auto"  # auto (GPU when the Ray cluster has one) | cuda | cpu
     workers: int | None = None  # EditWorker actors; default one per GPU, or 1 on CPU
     concurrency: int | None = None  # (scene, edit) runs in flight; default = workers

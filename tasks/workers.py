@@ -1,6 +1,6 @@
 """The Ray side of the pipeline: a cluster connection and a pool of ``EditWorker`` actors.
 
-Each actor builds one :class:`~imix2mix.distill.Editor` when it starts (models loaded once) and serves
+Each actor builds one :class:`~imix2mix.editor.Editor` when it starts (models loaded once) and serves
 many scenes; ``Editor.edit`` resets the student per scene.  The pool lends actors to callers (Prefect
 task threads), polls the running actor for progress, replaces an actor that dies and retries its
 scene (bounded).  Errors raised by the edit itself (a bad scene, CUDA out of memory) are returned to
@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -76,6 +77,7 @@ def connect_ray(settings: RaySettings) -> bool:
         temp_dir = None
     if temp_dir is not None:
         temp_dir.mkdir(parents=True, exist_ok=True)
+    use_own_auth_token(os.environ)
     logger.info("starting a local Ray cluster (session files in %s)", temp_dir or "Ray's default folder")
     ray.init(
         num_cpus=settings.num_cpus,
@@ -87,6 +89,21 @@ def connect_ray(settings: RaySettings) -> bool:
         log_to_driver=False,
     )
     return True
+
+
+def use_own_auth_token(environ: MutableMapping[str, str]) -> None:
+    """A local throw-away cluster gets token authentication with a fresh token of its own, passed to its
+    processes in the environment.  Left to Ray, it prints a notice on every start and writes the token to
+    ``~/.ray/auth_token`` (world-readable).  A user's own ``RAY_AUTH_MODE`` / token wins."""
+    if "RAY_AUTH_MODE" in environ:
+        return
+    environ["RAY_AUTH_MODE"] = "token"
+    environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    # Ray read its settings when it was imported; it refreshes them the same way when it turns token
+    # authentication on itself (ray/_private/authentication/authentication_token_setup.py).
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def cluster_gpus() -> int:
@@ -102,11 +119,16 @@ def cluster_gpus() -> int:
 class WorkerSpec:
     """What every actor of a pool loads; actors with the same spec are interchangeable."""
 
-    preset: str = "tiny"
+    preset: str = "full"
     device: str = "cpu"  # "cuda" (one GPU per actor) or "cpu"
     weights: Any = None  # imix2mix.presets.WeightSources, or None for the preset's defaults
     random_weights: bool = False
     torch_threads: int | None = 1  # small CPU boxes thrash with more threads per actor
+    gpus: int | None = None  # Ray GPUs reserved per actor; default 1 on cuda (one actor per GPU), 0 on cpu
+
+    @property
+    def gpus_per_actor(self) -> int:
+        return self.gpus if self.gpus is not None else int(self.device.startswith("cuda"))
 
     @property
     def key(self) -> str:
@@ -119,7 +141,7 @@ class WorkerSpec:
 class EditOutcome:
     """What an actor returns for one (scene, edit): the engine result and its CLIP metrics."""
 
-    result: Any  # imix2mix.distill.EditResult
+    result: Any  # imix2mix.editor.EditResult
     metrics: Any  # imix2mix.metrics.SceneMetrics | None
     worker: str  # the actor's name
     attempts: int = 1
@@ -134,6 +156,9 @@ class EditWorker:
     """
 
     def __init__(self, spec: WorkerSpec, name: str):
+        from imix2mix.logs import quiet_third_party_notices
+
+        quiet_third_party_notices()
         import torch
 
         from imix2mix.presets import build_editor
@@ -147,7 +172,10 @@ class EditWorker:
 
     @ray.method(concurrency_group="status")
     def ready(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": os.getpid(), "device": str(self.editor.device)}
+        """Who this actor is and what Ray gave it (its GPU ids; CUDA_VISIBLE_DEVICES is set to them)."""
+        return {"name": self.name, "pid": os.getpid(), "device": str(self.editor.device),
+                "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def edit(self, scene: Any, edit: Any, config: Any) -> EditOutcome:
         self._progress = None
@@ -227,17 +255,17 @@ class EditWorkerPool:
         self.start_timeout_s = start_timeout_s
         self.detached = detached
         self._slots: list[_Slot] = []
+        self.worker_info: dict[str, dict[str, Any]] = {}  # actor name → ready() at start
         self._idle: queue.Queue[_Slot] = queue.Queue()
         self._started = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _options(self, name: str) -> dict[str, Any]:
-        gpu = self.spec.device.startswith("cuda")
         return {
             "name": name,
             "namespace": RAY_NAMESPACE,
             "get_if_exists": True,  # another pool (or flow run) may have made it: share it
-            "num_gpus": 1 if gpu else 0,
+            "num_gpus": self.spec.gpus_per_actor,
             "num_cpus": 1,
             "max_restarts": 0,  # the pool replaces dead actors itself, so it knows to retry the scene
             **({"lifetime": "detached"} if self.detached else {}),
@@ -272,8 +300,11 @@ class EditWorkerPool:
             except RayActorError as exc:
                 raise (_start_failure(exc) or exc) from None
             slots = [_Slot(index, name, actor) for index, (name, actor) in enumerate(zip(names, actors))]
+            self.worker_info = {}
             for slot, info in zip(slots, infos):
-                logger.info("edit worker %s ready (pid %s, %s)", slot.name, info["pid"], info["device"])
+                logger.info("edit worker %s ready (pid %s, %s%s)", slot.name, info["pid"], info["device"],
+                            f", GPU {','.join(info['gpu_ids'])}" if info["gpu_ids"] else "")
+                self.worker_info[slot.name] = info
                 self._slots.append(slot)
                 self._idle.put(slot)
         return self

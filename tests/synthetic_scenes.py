@@ -59,9 +59,9 @@ _PLANES = [  # origin, in-plane axes a and b, extent (m) along a and b, texture 
 ]
 
 
-@lru_cache(maxsize=1)
-def _textures() -> tuple[np.ndarray, ...]:
-    return tuple(_make_texture(1024, seed) for seed in range(6))
+@lru_cache(maxsize=2)
+def _textures(first_seed: int = 0) -> tuple[np.ndarray, ...]:
+    return tuple(_make_texture(1024, seed) for seed in range(first_seed, first_seed + 6))
 
 
 def _look_at(centre: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -77,14 +77,16 @@ def _look_at(centre: np.ndarray, target: np.ndarray) -> np.ndarray:
     return c2w
 
 
-def render(K: np.ndarray, c2w: np.ndarray, width: int, height: int) -> np.ndarray:
+def render(K: np.ndarray, c2w: np.ndarray, width: int, height: int, texture_seed: int = 0) -> np.ndarray:
+    """Ray-cast the room; ``texture_seed`` picks another set of surface textures (the same geometry
+    painted differently: a 3D-consistent change of every view)."""
     centre, rotation = c2w[:3, 3], c2w[:3, :3]
     u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     pixels = np.stack([u, v, np.ones_like(u)], -1).reshape(-1, 3).T
     directions = (rotation @ (np.linalg.inv(K) @ pixels)).T
     best = np.full(len(directions), np.inf)
     out = np.zeros((len(directions), 3), np.float32) + 0.5
-    textures = _textures()
+    textures = _textures(texture_seed)
     for origin, axis_a, axis_b, extent, texture_index in _PLANES:
         normal = np.cross(axis_a, axis_b)
         denominator = directions @ normal

@@ -19,7 +19,7 @@ from kernel_checks import run_child
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
 from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import GroupNorm32
-from imix2mix.teacher import InstructPix2PixTeacher
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
 
 # The interpreter runs each Triton program in Python: one program per sample and channel block here
@@ -110,7 +110,7 @@ def test_tiny_student_channels_last_matches_nchw_forward_and_backward():
 TEACHER = """
 import json, torch
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
-from imix2mix.teacher import InstructPix2PixTeacher
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
 teacher = InstructPix2PixTeacher(build_random_teacher_pipeline(TeacherArchitecture.tiny(), seed=0))
 g = torch.Generator().manual_seed(2)

@@ -130,7 +130,7 @@ def test_edit_id_is_stable_and_depends_on_what_changes_pixels() -> None:
     assert base.edit_id == EditSpec("turn him into a knight", target_caption="a knight").edit_id
     assert base.edit_id != EditSpec("turn him into a knight", text_cfg=6.0).edit_id
     assert base.edit_id != EditSpec("turn him into a knight", seed=1).edit_id
-    assert slugify("  Ünïcode & spaces!! ") == "unicode-spaces"
+    assert slugify("  Ünïcode & spaces!! ") == "ünïcode-spaces"
     assert slugify("!!!") == "edit"
 
 
@@ -141,7 +141,7 @@ def test_edit_id_is_stable_and_depends_on_what_changes_pixels() -> None:
         ({"edit": ["x"]}, "unknown top-level key"),
         ({"edits": [{"prompt": "x"}]}, r"edits\[0\] has unknown key"),
         ({"edits": [{"target_caption": "x"}]}, r"edits\[0\] needs an 'instruction'"),
-        ({"edits": [{"instruction": "x", "text_cfg": "high"}]}, r"edits\[0\].text_cfg must be a positive number"),
+        ({"edits": [{"instruction": "x", "text_cfg": "high"}]}, r"edits\[0\].text_cfg must be a positive finite number"),
         ({"edits": [{"instruction": "x", "seed": -1}]}, r"edits\[0\].seed must be a non-negative integer"),
         ({"edits": [{"instruction": "x", "seed": True}]}, r"edits\[0\].seed"),
         ({"edits": ["x", "x"]}, r"edits\[1\] repeats edits\[0\]"),
@@ -187,7 +187,7 @@ def test_scene_and_collection_edits_merge(collection: Path) -> None:
 
 
 def test_a_success_is_skipped_only_while_its_result_is_in_the_output_folder(collection: Path, tmp_path: Path) -> None:
-    from imix2mix.distill import EditConfig
+    from imix2mix.config import EditConfig
 
     (collection / "face" / "edits.yaml").write_text("edits: [make it snowy]\n")
     scenes = [find_scene(collection, "face")]
@@ -219,7 +219,7 @@ def test_a_success_is_skipped_only_while_its_result_is_in_the_output_folder(coll
 
 def test_a_success_is_skipped_only_for_the_same_photos_and_poses(collection: Path, tmp_path: Path) -> None:
     """A scene uploaded again under the same name with other photos is edited again (regression)."""
-    from imix2mix.distill import EditConfig
+    from imix2mix.config import EditConfig
 
     face = collection / "face"
     (face / "edits.yaml").write_text("edits: [make it snowy]\n")
@@ -307,3 +307,41 @@ def test_sfm_poses_are_cached_by_photo_content(tmp_path: Path) -> None:
     for before, after in zip(first.views, second.views):
         assert after.c2w[0, 3] == pytest.approx(before.c2w[0, 3] + 1.0)
         assert (after.K == before.K).all()
+
+
+def test_a_scene_with_non_finite_or_out_of_range_overrides_fails_alone_naming_file_and_key(collection: Path,
+                                                                                             tmp_path: Path) -> None:
+    """``lr: .nan`` in one scene's edits.yaml used to abort the whole plan with a JSON error."""
+    from imix2mix.config import EditConfig
+
+    (collection / "face" / "edits.yaml").write_text("edits:\n  - instruction: make it snowy\n    config: {lr: .nan}\n")
+    (collection / "person-small" / "edits.yaml").write_text("config: {seed: -1}\nedits: [make it snowy]\n")
+    (collection / "notes" / "images").mkdir()
+    shutil.copy(SCENES / "face" / "images" / "frame_00001.jpg", collection / "notes" / "images")
+    (collection / "notes" / "edits.yaml").write_text("edits: [make it snowy]\n")
+    plan = plan_collection(list_scenes(collection), None, EditConfig(), preset="full", output_root=tmp_path / "out",
+                           succeeded={})
+    assert [run.scene.scene_id for run in plan.runs] == ["notes"]
+    problems = {problem.scene.scene_id: problem.error for problem in plan.problems}
+    assert sorted(problems) == ["face", "person-small"]
+    assert problems["face"].startswith(f"scene face, edit 'make it snowy': {collection / 'face' / 'edits.yaml'}, edit ")
+    assert "setting 'lr' expects a finite number, got nan" in problems["face"]
+    assert f"{collection / 'person-small' / 'edits.yaml'}, config: " in problems["person-small"]
+    assert "seed must be ≥ 0" in problems["person-small"]
+    # The caller's own overrides are named as such.
+    plan = plan_collection([find_scene(collection, "notes")], None, EditConfig(), preset="full",
+                           output_root=tmp_path / "out", succeeded={}, base_overrides={"text_cfg": "inf"})
+    (problem,) = plan.problems
+    assert "config_overrides (--set): EditConfig: setting 'text_cfg' expects a finite number" in problem.error
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_an_edit_document_refuses_non_finite_guidance(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"edits\[0\].text_cfg must be a positive finite number"):
+        parse_edit_document(yaml_load(f"edits: [{{instruction: x, text_cfg: {value}}}]"), "/data/face/edits.yaml")
+
+
+def yaml_load(text: str) -> object:
+    import yaml
+
+    return yaml.safe_load(text)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from imix2mix.config import TeacherConfig
+from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError, MissingWeightsError
 from imix2mix.presets import TeacherArchitecture
 from imix2mix.teachers.control_images import CannyControl
@@ -17,6 +19,8 @@ from imix2mix.teachers.controlnet import (
 
 VIEWS = 3
 CAPTION = "a photo of a face in the snow"
+EDIT = Edit("make it snowy", target_caption=CAPTION)
+SETTINGS = TeacherConfig(name="controlnet_canny", image_size=96, steps=3)
 
 
 def tiny_architecture() -> ControlNetArchitecture:
@@ -43,7 +47,7 @@ def test_sizes_and_schedule(teacher):
 
 
 def test_prepare_computes_caption_embeddings_and_one_control_image_per_view(teacher, originals):
-    context = teacher.prepare(CAPTION, originals)
+    context = teacher.prepare(EDIT, originals, SETTINGS)
     assert context.num_views == VIEWS
     assert context.text_embeddings.shape == (2, 77, 32)
     assert not torch.allclose(context.text_embeddings[0], context.text_embeddings[1])
@@ -53,19 +57,19 @@ def test_prepare_computes_caption_embeddings_and_one_control_image_per_view(teac
     assert not torch.equal(context.control_images[0], context.control_images[1])
 
 
-@pytest.mark.parametrize("caption", ["", "   "])
+@pytest.mark.parametrize("caption", [None, "", "   "])
 def test_a_missing_caption_is_a_clear_error(teacher, originals, caption):
     with pytest.raises(ConfigError, match="target caption is required"):
-        teacher.prepare(caption, originals)
+        teacher.prepare(Edit("make it snowy", target_caption=caption), originals, SETTINGS)
     with pytest.raises(ConfigError, match="target caption is required"):
-        teacher.edit_image(originals[0], caption, steps=2, generator=torch.Generator().manual_seed(0))
+        teacher.edit_image(originals[0], Edit("make it snowy", target_caption=caption), SETTINGS, torch.Generator().manual_seed(0))
 
 
 def test_text_cfg_matches_two_separate_controlnet_and_unet_calls(teacher, originals):
-    context = teacher.prepare(CAPTION, originals)
+    context = teacher.prepare(EDIT, originals, SETTINGS)
     z_t = torch.randn(VIEWS, 4, 12, 12, generator=torch.Generator().manual_seed(4))
-    t, scale = 600, teacher.config.guidance_scale
-    assert scale == 7.5
+    t, scale = 600, context.guidance_scale
+    assert scale == SETTINGS.text_cfg == 7.5
     teacher.set_cross_view_attention("none")
     guided = teacher.predict_noise(z_t, t, context)
     assert guided.shape == (VIEWS, 4, 12, 12) and guided.dtype == torch.float32 and torch.isfinite(guided).all()
@@ -80,12 +84,12 @@ def test_text_cfg_matches_two_separate_controlnet_and_unet_calls(teacher, origin
     eps_text, eps_uncond = branch(context.text_embeddings[0]), branch(context.text_embeddings[1])
     torch.testing.assert_close(guided, eps_uncond + scale * (eps_text - eps_uncond), rtol=1e-4, atol=1e-4)
     # the control images matter: a blank control changes the prediction
-    blank = context.__class__(context.text_embeddings, torch.zeros_like(context.control_images), CAPTION)
+    blank = context.__class__(context.text_embeddings, torch.zeros_like(context.control_images), CAPTION, scale)
     assert not torch.allclose(teacher.predict_noise(z_t, t, blank), guided, atol=1e-4)
 
 
 def test_cross_view_attention_in_unet_and_controlnet_with_two_cfg_groups(teacher, originals):
-    context = teacher.prepare(CAPTION, originals)
+    context = teacher.prepare(EDIT, originals, SETTINGS)
     z_t = torch.randn(VIEWS, 4, 12, 12, generator=torch.Generator().manual_seed(5))
     teacher.set_cross_view_attention("none")
     plain = teacher.predict_noise(z_t, 700, context)
@@ -109,16 +113,16 @@ def test_cross_view_attention_in_unet_and_controlnet_with_two_cfg_groups(teacher
 def test_reference_edit_is_the_pipelines_sample_and_seeded(teacher, originals):
     teacher.set_cross_view_attention("rcv")
     try:
-        a = teacher.edit_image(originals[0], CAPTION, steps=3, generator=torch.Generator().manual_seed(1))
-        b = teacher.edit_image(originals[0], CAPTION, steps=3, generator=torch.Generator().manual_seed(1))
-        c = teacher.edit_image(originals[1], CAPTION, steps=3, generator=torch.Generator().manual_seed(1))
+        a = teacher.edit_image(originals[0], EDIT, SETTINGS, torch.Generator().manual_seed(1))
+        b = teacher.edit_image(originals[0], EDIT, SETTINGS, torch.Generator().manual_seed(1))
+        c = teacher.edit_image(originals[1], EDIT, SETTINGS, torch.Generator().manual_seed(1))
         assert teacher.attention_mode == "rcv"
     finally:
         teacher.set_cross_view_attention("none")
     assert a.shape == (3, 96, 96) and a.min() >= -1 and a.max() <= 1
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)  # another view: another control image
-    control = teacher.control_images_for(originals[:1])
+    control = teacher.control_images_for(originals[:1], 96)
     with torch.inference_mode():
         direct = teacher.pipeline(
             CAPTION, image=control, height=96, width=96, num_inference_steps=3, guidance_scale=7.5,
@@ -135,14 +139,14 @@ def test_decode_and_encode_shapes(teacher):
 
 def test_from_pretrained_round_trip_and_clear_errors(tmp_path, teacher, originals):
     config = teacher.save_pretrained(tmp_path / "saved")
-    assert (tmp_path / "saved" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "saved" / "controlnet_canny" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = ControlNetTeacher.from_pretrained(config)
     for model, reference in ((loaded.unet, teacher.unet), (loaded.controlnet, teacher.controlnet)):
         for key, value in reference.state_dict().items():
             torch.testing.assert_close(model.state_dict()[key], value)
     z_t = torch.randn(VIEWS, 4, 12, 12)
     torch.testing.assert_close(
-        loaded.predict_noise(z_t, 500, loaded.prepare(CAPTION, originals)), teacher.predict_noise(z_t, 500, teacher.prepare(CAPTION, originals))
+        loaded.predict_noise(z_t, 500, loaded.prepare(EDIT, originals, SETTINGS)), teacher.predict_noise(z_t, 500, teacher.prepare(EDIT, originals, SETTINGS))
     )
     with pytest.raises(MissingWeightsError, match="no-controlnet-here"):
         ControlNetTeacher.from_pretrained(ControlNetTeacherConfig(base_model=config.base_model, controlnet_model=str(tmp_path / "no-controlnet-here")))

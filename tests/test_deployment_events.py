@@ -166,7 +166,12 @@ def test_a_scene_ready_event_starts_an_edit_scene_run_that_succeeds(site: Site) 
     (site.inbox / "face" / "_READY").touch()
     state = site.inbox.parent / "watch-state.json"
     watch = [str(BIN / "imix2mix"), "watch", str(site.inbox), "--once", "--state", str(state), "--quiet", "3600"]
-    watcher = site.cli(*watch)
+    # The API unreachable first: the watcher says so, fails, and remembers nothing.
+    unreachable = subprocess.run(watch, env={**site.env, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"},
+                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert unreachable.returncode != 0 and "did not accept the event for" in unreachable.stderr
+    assert "not announced (face)" in unreachable.stderr and not state.exists()
+    watcher = site.cli(*watch)  # the next try announces it
     assert watcher.returncode == 0, watcher.stderr
     assert "announced 1 scene(s)" in watcher.stdout
 

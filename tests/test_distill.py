@@ -10,23 +10,22 @@ import torch.nn.functional as F
 from conftest import SCENES
 
 from imix2mix.attention import ExtendedAttnProcessor, RandomCrossViewAttnProcessor
-from imix2mix.distill import (
-    Distillation,
-    Edit,
-    EditConfig,
-    LearnedAlignment,
-    RunRandomness,
-    sds_surrogate_loss,
-)
+from imix2mix.accel import ExecutionPlan, LoopNeeds
+from imix2mix.config import EditConfig
+from imix2mix.edits import Edit
+from imix2mix.modes.distill import Distillation, LearnedAlignment, sds_surrogate_loss
+from imix2mix.randomness import RunRandomness
+from imix2mix.students import SevaStudent
+from imix2mix.config import MethodConfig
 from imix2mix.errors import ConfigError
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
-from imix2mix.schedules import TauMatchedTimesteps, TruncatedNormalTimesteps, UniformTimesteps
+from imix2mix.schedules import LearningRateSchedule, StudentSchedule, TauMatchedTimesteps, TruncatedNormalTimesteps, UniformTimesteps
 from imix2mix.scene import load_scene
 from imix2mix.seva import Seva, SevaConfig
 from imix2mix.seva.camera import build_student_conditioning
 from imix2mix.seva.schedule import SevaDenoiser, SevaSchedule
 from imix2mix.preprocess import prepare_views
-from imix2mix.teacher import InstructPix2PixTeacher
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
 # ---------------------------------------------------------------------------------------------
 # EditConfig
@@ -45,20 +44,21 @@ def test_defaults_equal_method_md():
         gradient_checkpointing=False, compile=False,
     )
     config = EditConfig()
-    assert {key: getattr(config, key) for key in expected} == expected
+    assert {key: config.setting(key) for key in expected} == expected
     assert config.total_iterations == 2150
-    assert len(config.student_schedule.taus) == 40
-    assert config.lr_schedule.decay_steps == 1800
+    assert len(StudentSchedule.from_method(config.method).taus) == 40
+    assert LearningRateSchedule.from_method(config.method).decay_steps == 1800
 
 
 def test_overridden_parses_strings_and_validates():
     config = EditConfig().overridden(
         {"k": "7", "lr": "2e-4", "compile": "true", "reference_index": "2", "betas": "0.8,0.99", "alignment": "learned"}
     )
-    assert (config.k, config.lr, config.compile, config.reference_index, config.betas, config.alignment) == (
-        7, 2e-4, True, 2, (0.8, 0.99), "learned")
+    assert (config.method.k, config.method.lr, config.acceleration.compile, config.reference_index, config.method.betas,
+            config.ablation.alignment) == (7, 2e-4, True, 2, (0.8, 0.99), "learned")
     assert config.overridden({"reference_index": "none"}).reference_index is None
-    assert EditConfig().overridden({"lr": 3}).lr == 3.0
+    assert EditConfig().overridden({"lr": 3}).method.lr == 3.0
+    assert EditConfig().overridden({"method.k": "9"}).method.k == 9  # dotted paths name the same settings
     with pytest.raises(ConfigError, match="unknown setting 'iterations'"):
         EditConfig().overridden({"iterations": 5})
     with pytest.raises(ConfigError, match="'k' expects an integer"):
@@ -71,6 +71,48 @@ def test_overridden_parses_strings_and_validates():
         EditConfig().overridden({"k": 0})
     with pytest.raises(ConfigError, match="an integer"):
         EditConfig().overridden({"seed": True})
+    for key, value in (("lr", "nan"), ("text_cfg", "inf"), ("lr", float("nan")), ("grad_clip", "-inf")):
+        with pytest.raises(ConfigError, match=f"'{key}' expects a finite number"):
+            EditConfig().overridden({key: value})
+    with pytest.raises(ConfigError, match="seed must be ≥ 0"):
+        EditConfig().overridden({"seed": "-1"})
+    with pytest.raises(ConfigError, match="finite"):
+        EditConfig(method=MethodConfig(lr=float("inf")))
+
+
+def test_config_round_trips_through_its_dict():
+    config = EditConfig().overridden({"k": 3, "cross_view_attention": "none", "cuda_graphs": False, "teacher_id": "/w/ip2p"})
+    assert EditConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["method"]["k"] == 3 and config.to_dict()["teacher"]["model_id"] == "/w/ip2p"
+
+
+def test_registries_and_their_torch_free_name_lists_agree():
+    from imix2mix.config import MODE_NAMES, TEACHER_NAMES
+    from imix2mix.modes import mode_names
+    from imix2mix.teachers import teacher_names
+
+    assert sorted(MODE_NAMES) == sorted(mode_names())
+    assert sorted(TEACHER_NAMES) == sorted(teacher_names())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"lr": "nan"}, "'lr' expects a finite number, got 'nan'"),
+    ({"text_cfg": "inf"}, "'text_cfg' expects a finite number"),
+    ({"image_cfg": float("-inf")}, "'image_cfg' expects a finite number"),
+    ({"lr": float("nan")}, "'lr' expects a finite number, got nan"),
+    ({"betas": "0.9,nan"}, "'betas' expects a finite number"),
+    ({"seed": "-1"}, "seed must be ≥ 0 \\(got -1\\)"),
+])
+def test_non_finite_and_out_of_range_settings_are_refused_when_parsed(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        EditConfig().overridden(overrides)
+
+
+def test_a_config_built_directly_refuses_non_finite_numbers():
+    with pytest.raises(ConfigError, match="lr must be a finite number"):
+        EditConfig(lr=float("inf"))
+    with pytest.raises(ConfigError, match="betas must be a finite number"):
+        EditConfig(betas=(0.9, float("nan")))
 
 
 def test_config_hash_is_stable_and_tracks_results_only():
@@ -80,34 +122,43 @@ def test_config_hash_is_stable_and_tracks_results_only():
     assert base.overridden({"seed": 1}).config_hash() != base.config_hash()
     assert base.overridden({"cross_view_attention": "none"}).config_hash() != base.config_hash()
     assert base.overridden({"log_every": 1, "time_phases": True}).config_hash() == base.config_hash()
-    assert base.overridden({"cuda_graphs": False, "offload_after_use": True}).config_hash() == base.config_hash()
-    assert base.to_dict()["betas"] == [0.9, 0.999]
+    # every acceleration option is outside the identity by construction, gradient checkpointing included
+    result_preserving = {"cuda_graphs": False, "offload_after_use": True, "gradient_checkpointing": True,
+                         "channels_last": False, "bf16_weight_copies": False, "compile": True}
+    assert base.overridden(result_preserving).config_hash() == base.config_hash()
+    assert base.overridden({"optimizer": "adamw_bf16_states"}).config_hash() != base.config_hash()  # changes numerics
+    assert base.to_dict()["method"]["betas"] == [0.9, 0.999]
+
+
+def _plan(overrides: dict | None = None, device: str = "cuda", query_steps: int = 1) -> ExecutionPlan:
+    config = EditConfig().overridden(overrides or {})
+    return ExecutionPlan.resolve(config, torch.device(device), LoopNeeds(trains_student=True, student_calls_per_step=query_steps))
 
 
 def test_cuda_graphs_replay_the_student_only_where_a_capture_is_valid():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert Distillation.graphs_student(EditConfig(), cuda)
-    assert not Distillation.graphs_student(EditConfig(), cpu)
-    for overrides in ({"cuda_graphs": False}, {"compile": True}, {"student_query_steps": 3}, {"gradient_checkpointing": True}):
-        assert not Distillation.graphs_student(EditConfig().overridden(overrides), cuda), overrides
-    assert Distillation.graphs_teacher(EditConfig().overridden({"student_query_steps": 3}))
-    assert not Distillation.graphs_teacher(EditConfig().overridden({"compile": True}))
+    assert _plan().graph_student and _plan().graph_teacher
+    assert not _plan(device="cpu").graph_student
+    for overrides in ({"cuda_graphs": False}, {"compile": True}, {"gradient_checkpointing": True}):
+        assert not _plan(overrides).graph_student, overrides
+    assert not _plan(query_steps=3).graph_student
+    assert _plan(query_steps=3).graph_teacher
+    assert not _plan({"compile": True}).graph_teacher
 
 
 def test_compiled_code_replays_as_inductor_graphs_only_with_cuda_graphs_on_cuda():
     """With compile, our own capture is off and inductor's CUDA graphs ("reduce-overhead") take over."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    compiled = EditConfig().overridden({"compile": True})
-    assert Distillation.inductor_graphs(compiled, cuda)
-    assert not Distillation.inductor_graphs(compiled, cpu)
-    assert not Distillation.inductor_graphs(compiled.overridden({"cuda_graphs": False}), cuda)
-    assert not Distillation.inductor_graphs(EditConfig(), cuda)  # the default: our capture, eager kernels
-    assert not Distillation.graphs_student(compiled, cuda)
+    assert _plan({"compile": True}).inductor_graphs
+    assert _plan({"compile": True}, device="cpu").compile_mode == "default"
+    assert not _plan({"compile": True, "cuda_graphs": False}).inductor_graphs
+    assert _plan().compile_mode is None  # the default: our capture, eager kernels
+    # a mode that trains nothing is never compiled
+    config = EditConfig().overridden({"compile": True})
+    assert ExecutionPlan.resolve(config, torch.device("cuda"), LoopNeeds(trains_student=False)).compile_mode is None
 
 
 def test_edit_values_override_the_config():
     config = EditConfig().for_edit(Edit("turn him into a knight", text_cfg=6.0, seed=7))
-    assert (config.text_cfg, config.image_cfg, config.seed) == (6.0, 1.5, 7)
+    assert (config.teacher.text_cfg, config.teacher.image_cfg, config.seed) == (6.0, 1.5, 7)
     with pytest.raises(ConfigError):
         Edit("  ")
 
@@ -163,8 +214,8 @@ def models():
 
 def make_distillation(models, **overrides) -> Distillation:
     student, teacher, scene = models
-    config = EditConfig(**{**SHORT, **overrides})
-    prepared = prepare_views(scene, config.student_image_size)
+    config = EditConfig().overridden({**SHORT, **overrides})
+    prepared = prepare_views(scene, config.method.student_image_size)
     originals = torch.stack([p.image for p in prepared])
     generator = torch.Generator().manual_seed(5)
     z_ref = torch.randn(1, 4, 8, 8, generator=generator)
@@ -173,11 +224,11 @@ def make_distillation(models, **overrides) -> Distillation:
         np.stack([v.c2w for v in scene.views]), np.stack([p.K_normalized for p in prepared]), 1, z_ref, embedding
     )
     student.requires_grad_(True)
-    teacher.set_cross_view_attention(config.cross_view_attention)
+    teacher.set_cross_view_attention(config.ablation.cross_view_attention)
     return Distillation(
-        denoiser=SevaDenoiser(student, SevaSchedule()), conditioning=conditioning, teacher=teacher,
-        teacher_context=teacher.prepare("make it snowy", originals, config.teacher_image_size), config=config,
-        randomness=RunRandomness(config.seed, torch.device("cpu")), device=torch.device("cpu"),
+        student=SevaStudent(student), conditioning=conditioning, teacher=teacher,
+        teacher_context=teacher.prepare(Edit("make it snowy"), originals, config.teacher), config=config,
+        randomness=RunRandomness(config.seed, torch.device("cpu")),
     )
 
 
@@ -216,7 +267,7 @@ def test_step_clips_the_gradient_and_updates_the_student(models, pristine):
     run = make_distillation(models, warmup_steps=0, lr=1e-3, final_lr=1e-3)
     before = {k: v.clone() for k, v in models[0].state_dict().items()}
     outcome = run.step()
-    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.trainable if p.grad is not None]))
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.trainable_parameters if p.grad is not None]))
     assert outcome.grad_norm.item() > 0.5  # σ_τ ≈ 85 makes the raw gradient large …
     assert total.item() <= 0.5 + 1e-5  # … and the clip brings it to 0.5
     changed = [k for k, v in models[0].state_dict().items() if not torch.equal(v, before[k])]
@@ -276,7 +327,7 @@ def test_cross_view_attention_switch_changes_only_the_teacher(models, pristine):
         with torch.no_grad():
             aligned = run.align(run.student_estimate(run.latents, run.tau)[1:])
         noisy = teacher.add_noise(aligned, 500, torch.zeros_like(aligned))
-        results[mode] = teacher.predict_noise(noisy, 500, run.teacher_context, text_cfg=7.5, image_cfg=1.5, key_view=2)
+        results[mode] = teacher.predict_noise(noisy, 500, run.teacher_context, key_view=2)
         run.step()
         results[mode + "_draws"] = (run.teacher_timesteps, run.key_views)
     assert not torch.allclose(results["rcv"], results["none"], atol=1e-5)
@@ -287,7 +338,7 @@ def test_cross_view_attention_switch_changes_only_the_teacher(models, pristine):
 def test_alignment_switch(models, pristine):
     bilinear = make_distillation(models)
     learned = make_distillation(models, alignment="learned")
-    assert len(learned.trainable) == len(bilinear.trainable) + 2  # conv weight and bias join the AdamW
+    assert len(learned.trainable_parameters) == len(bilinear.trainable_parameters) + 2  # conv weight and bias join the AdamW
     assert learned.optimizer.param_groups[0]["params"][-1] is learned.alignment.conv.bias
     x = torch.randn(4, 4, 8, 8)
     torch.testing.assert_close(learned.align(x), bilinear.align(x))

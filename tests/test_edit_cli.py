@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ from conftest import SCENES
 from PIL import Image
 
 from imix2mix.cli import main
-from imix2mix.distill import Edit, to_uint8_image
+from imix2mix.edits import Edit
+from imix2mix.editor import to_uint8_image
 from imix2mix.outputs import contact_sheet, write_edit_outputs
 from imix2mix.preprocess import prepare_views
 from imix2mix.presets import build_editor
@@ -54,30 +57,88 @@ def tiny_result(editor, scene):
     return result, events
 
 
+def _run_folder(out) -> "Path":
+    (scene_folder,) = out.iterdir()
+    (folder,) = [path for path in scene_folder.iterdir() if not path.name.startswith(".")]
+    return folder
+
+
 def test_cli_edit_writes_every_output_and_is_deterministic(tmp_path, capsys):
     argv = ["edit", str(FACE), "-i", EDIT.instruction, "--preset", "tiny", "--device", "cpu",
             "--source-caption", EDIT.source_caption, "--target-caption", EDIT.target_caption, "--set", "seed=3", *SHORT_ARGS]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
     assert main(argv + ["--out", str(tmp_path / "b")]) == 0
-    names = {p.name for p in (tmp_path / "a").iterdir()}
+    a, b = _run_folder(tmp_path / "a"), _run_folder(tmp_path / "b")
+    assert a.parent.name == "face" and re.fullmatch(r"turn-him-into-a-knight-[0-9a-f]{12}", a.name)
+    assert a.name == b.name  # the same run identity names the same folder
+    names = {p.name for p in a.iterdir()}
     expected = {f"view_{i:02d}.png" for i in range(4)} | {f"view_{i:02d}_full.png" for i in range(4)}
-    assert expected | {"contact_sheet.png", "run.json", "reference_edit.png"} == names  # no temp files left
+    assert expected | {"contact_sheet.png", "run.json", "reference_edit.png", "transforms.json"} == names  # no temp files left
+    assert [p.name for p in a.parent.iterdir()] == [a.name]  # no staging folder left beside it
     for name in sorted(expected):
-        assert np.array_equal(_png(tmp_path / "a" / name), _png(tmp_path / "b" / name)), name
-    assert _png(tmp_path / "a" / "view_00.png").shape == (96, 96, 3)  # tiny teacher decodes at 96²
-    assert _png(tmp_path / "a" / "view_00_full.png").shape == (738, 994, 3)  # the original photo's framing
-    record = json.loads((tmp_path / "a" / "run.json").read_text())
+        assert np.array_equal(_png(a / name), _png(b / name)), name
+    assert _png(a / "view_00.png").shape == (96, 96, 3)  # tiny teacher decodes at 96²
+    assert _png(a / "view_00_full.png").shape == (738, 994, 3)  # the original photo's framing
+    record = json.loads((a / "run.json").read_text())
     assert record["config"]["seed"] == 3 and record["iterations"] == 4 and record["preset"] == "tiny"
     assert record["random_weights"] is True
     assert record["metrics"]["clip_cons"] is not None and record["metrics"]["clip_sim"] is not None
     assert record["edit"]["instruction"] == EDIT.instruction
     assert len(record["teacher_timesteps"]) == 4
-    assert str(tmp_path / "a") in capsys.readouterr().out
+    evaluation = record["evaluation"]  # imix2mix.evaluation: the epipolar pairs and the no-edit check
+    assert len(evaluation["epipolar"]["edited"]["pairs"]) == 6 and len(evaluation["epipolar"]["source"]["pairs"]) == 6
+    assert isinstance(evaluation["no_edit"]["no_edit"], bool) and 0 <= evaluation["no_edit"]["changed_fraction"] <= 1
+    out = capsys.readouterr()
+    assert str(a) in out.out and "epipolar consistency" in out.err
+    # transforms.json: the scene's cameras with the full-frame edits; the folder loads as a posed scene.
+    edited, original = load_scene(a), load_scene(FACE)
+    assert [view.path.name for view in edited.views] == [f"view_{i:02d}_full.png" for i in range(4)]
+    for new, old in zip(edited.views, original.views):
+        assert np.allclose(new.K, old.K) and np.allclose(new.c2w, old.c2w)
+        assert np.array_equal(new.image, _png(new.path))
+
+
+def test_runs_with_other_settings_or_non_ascii_instructions_get_their_own_folders(tmp_path):
+    base = ["edit", str(FACE), "--preset", "tiny", "--device", "cpu", "--no-metrics", "--out", str(tmp_path), *SHORT_ARGS]
+    assert main([*base, "-i", "Turn him into a knight"]) == 0
+    assert main([*base, "-i", "Turn him into a knight", "--set", "cross_view_attention=none"]) == 0  # an ablation
+    assert main([*base, "-i", "把他变成骑士"]) == 0
+    assert main([*base, "-i", "让他戴上面具"]) == 0
+    names = sorted(path.name for path in (tmp_path / "face").iterdir())
+    assert len(names) == 4, names  # nothing overwrote anything
+    assert sum(name.startswith("turn-him-into-a-knight-") for name in names) == 2
+    assert any(name.startswith("把他变成骑士-") for name in names) and any(name.startswith("让他戴上面具-") for name in names)
+
+
+def test_cli_edit_that_fails_writing_keeps_the_previous_folder(tmp_path, monkeypatch, capsys):
+    argv = ["edit", str(FACE), "-i", "make it snowy", "--preset", "tiny", "--device", "cpu", "--no-metrics",
+            "--out", str(tmp_path), *SHORT_ARGS]
+    assert main(argv) == 0
+    folder = _run_folder(tmp_path)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    import imix2mix.outputs
+
+    written = []
+    real = imix2mix.outputs.atomic_write_bytes
+
+    def disk_fills_up(path, data):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        written.append(path)
+        return real(path, data)
+
+    monkeypatch.setattr(imix2mix.outputs, "atomic_write_bytes", disk_fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        main(argv)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert [path.name for path in folder.parent.iterdir()] == [folder.name]  # the staging folder is gone
 
 
 def test_cli_preview_writes_the_reference_edit(tmp_path):
     assert main(["preview", str(FACE), "-i", "make it snowy", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    assert _png(tmp_path / "preview.png").shape == (96, 96, 3)
+    preview = _run_folder(tmp_path) / "preview.png"
+    assert re.fullmatch(r"make-it-snowy-[0-9a-f]{12}", preview.parent.name)
+    assert _png(preview).shape == (96, 96, 3)
 
 
 def test_cli_reports_bad_settings(tmp_path, capsys):
@@ -85,6 +146,15 @@ def test_cli_reports_bad_settings(tmp_path, capsys):
     assert code == 2
     assert "unknown setting 'nonsense'" in capsys.readouterr().err
     assert main(["edit", str(FACE), "-i", "x", "--preset", "tiny", "--set", "k", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("setting", ["lr=nan", "text_cfg=inf", "seed=-1"])
+def test_cli_refuses_a_bad_setting_before_reading_the_scene(tmp_path, capsys, setting):
+    missing = tmp_path / "no-such-scene"
+    code = main(["edit", str(missing), "-i", "x", "--preset", "tiny", "--device", "cpu", "--set", setting])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert setting.split("=")[0] in err and "no-such-scene" not in err
 
 
 def test_edit_result_and_progress(tiny_result, scene):
@@ -145,13 +215,10 @@ def test_reference_and_alignment_ablations_run(editor, scene, short_result):
 
 def test_prepare_distillation_for_benchmarks(editor, scene):
     config = editor.default_config.overridden({**SHORT, "time_phases": True})
-    run = editor.prepare_distillation(scene, EDIT, config)
-    try:
+    with editor.prepare_distillation(scene, EDIT, config) as run:
         assert editor.teacher.attention_mode == "rcv"
         outcome = run.step()
         run.step()
-    finally:
-        editor.finish_distillation()
     assert editor.teacher.attention_mode == "none"
     assert run.iteration == 2 and outcome.tau == 999 and torch.isfinite(outcome.loss)
     assert set(run.timer.totals) == {"student_forward", "teacher", "backward", "clip_and_optimizer"}
@@ -161,12 +228,11 @@ def test_prepare_distillation_for_benchmarks(editor, scene):
 def test_reference_edit_switch_sets_z_ref(editor, scene):
     """edited: z_ref = SEVA-VAE(edited reference, bilinear to the student size); source: of the crop."""
     config = editor.default_config.overridden({**SHORT, "reference_index": 1})
-    crop = prepare_views(scene, config.student_image_size)[1].image[None]
-    try:
-        source = editor.prepare_distillation(scene, EDIT, config.overridden({"reference_edit": "source"}))
-        edited = editor.prepare_distillation(scene, EDIT, config)
-    finally:
-        editor.finish_distillation()
+    crop = prepare_views(scene, config.method.student_image_size)[1].image[None]
+    with editor.prepare_distillation(scene, EDIT, config.overridden({"reference_edit": "source"})) as source:
+        pass
+    with editor.prepare_distillation(scene, EDIT, config) as edited:
+        pass
     with torch.no_grad():
         torch.testing.assert_close(source.cond.replace[0, :4], editor.seva_vae.encode(crop)[0])
         _, reference_edit = editor.preview(scene, EDIT, config)
@@ -183,9 +249,8 @@ def test_teacher_only_is_an_independent_ip2p_edit_per_view(editor, scene):
     config = editor.default_config.overridden({"mode": "teacher_only", "seed": 5})
     result = editor.edit(scene, EDIT, config)
     generator = torch.Generator().manual_seed(5)
-    for view, prepared in zip(result.views, prepare_views(scene, config.student_image_size)):
-        expected = editor.teacher.edit_image(prepared.image, EDIT.instruction, text_cfg=7.5, image_cfg=1.5, steps=4,
-                                             generator=generator, image_size=96)
+    for view, prepared in zip(result.views, prepare_views(scene, config.method.student_image_size)):
+        expected = editor.teacher.edit_image(prepared.image, EDIT, config.teacher, generator)
         assert np.array_equal(view, to_uint8_image(expected))
 
 
@@ -199,7 +264,7 @@ def test_cli_full_preset_loads_a_weights_dir(editor, tmp_path, capsys):
     code = main(["edit", str(FACE), "-i", "make it snowy", "--preset", "full", "--device", "cpu", "--no-metrics",
                  "--weights-dir", str(tmp_path / "weights"), "--out", str(tmp_path / "out"), *SHORT_ARGS, *sizes])
     assert code == 0
-    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    record = json.loads((_run_folder(tmp_path / "out") / "run.json").read_text())
     assert record["preset"] == "full" and record["iterations"] == 4 and record["metrics"] is None
     assert record["random_weights"] is False
     assert "random weights" not in capsys.readouterr().err
@@ -217,10 +282,7 @@ def test_an_edit_leaves_global_random_state_alone(editor, scene):
 
 
 def test_gradient_checkpointing_switch(editor, scene):
-    try:
-        editor.prepare_distillation(scene, EDIT, editor.default_config.overridden({**SHORT, "gradient_checkpointing": True}))
-        assert editor.student.gradient_checkpointing
-        editor.prepare_distillation(scene, EDIT, editor.default_config.overridden(SHORT))
-        assert not editor.student.gradient_checkpointing
-    finally:
-        editor.finish_distillation()
+    with editor.prepare_distillation(scene, EDIT, editor.default_config.overridden({**SHORT, "gradient_checkpointing": True})):
+        assert editor.student.network.gradient_checkpointing
+    with editor.prepare_distillation(scene, EDIT, editor.default_config.overridden(SHORT)):
+        assert not editor.student.network.gradient_checkpointing

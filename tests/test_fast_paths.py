@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SCENES
 
-from imix2mix.distill import Edit
+from imix2mix.edits import Edit
 from imix2mix.optim import AdamWLowPrecisionStates
 from imix2mix.presets import build_editor, default_config
 from imix2mix.scene import load_scene
@@ -61,13 +61,10 @@ def editor():
 
 def _two_steps(editor, overrides: dict) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     config = default_config("tiny").overridden({"reference_index": 1, "teacher_steps": 2, **overrides})
-    distillation = editor.prepare_distillation(load_scene(SCENES / "face"), Edit("make it snowy"), config)
-    try:
+    with editor.prepare_distillation(load_scene(SCENES / "face"), Edit("make it snowy"), config) as distillation:
         losses = [distillation.step().loss.clone() for _ in range(2)]
-    finally:
-        editor.finish_distillation()
-    grads = {name: p.grad.detach().clone() for name, p in editor.student.named_parameters() if p.grad is not None}
-    weights = {name: p.detach().clone() for name, p in editor.student.named_parameters()}
+    grads = {name: p.grad.detach().clone() for name, p in editor.student.network.named_parameters() if p.grad is not None}
+    weights = {name: p.detach().clone() for name, p in editor.student.network.named_parameters()}
     return losses, grads, weights
 
 
@@ -80,7 +77,7 @@ def test_fused_iteration_equals_the_plain_one(editor):
     fused = _two_steps(editor, {"optimizer": "adamw_fused"})
     for a, b in zip(plain[0], fused[0]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-    pristine = editor._pristine
+    pristine = editor.student.pristine
     assert fused[1].keys() == plain[1].keys()
     for name in plain[2]:
         if name in plain[1]:
@@ -92,42 +89,19 @@ def test_fused_iteration_equals_the_plain_one(editor):
     assert any(not torch.equal(plain[2][name], pristine[name]) for name in plain[2])
 
 
-def _uncompile(editor) -> None:  # noqa: ANN001
-    """Back to eager for the module's other tests (compiling the tiny student takes minutes here)."""
-    editor.student._compiled_call_impl = None
-    editor.teacher.noise_unet = editor.teacher.unet
-    editor._compile_mode = None
-
-
-def test_compile_setting_compiles_lazily_without_inductor_graphs_on_cpu(editor):
-    """``compile=true`` wraps the student and the teacher's noise prediction in place (compiling
-    happens at the first call, which this test never makes); on CPU no CUDA-graph mode is asked for."""
-    config = default_config("tiny").overridden({"compile": True})
-    try:
-        editor._configure_student(config)
-        assert editor._compile_mode == "default"
-        assert editor.student._compiled_call_impl is not None
-        assert editor.teacher.noise_unet is not editor.teacher.unet
-        assert editor.teacher.noise_unet._orig_mod is editor.teacher.unet
-        first = editor.student._compiled_call_impl
-        editor._configure_student(config)  # the same mode again: no second wrapper
-        assert editor.student._compiled_call_impl is first
-    finally:
-        _uncompile(editor)
-
-
 def test_euler_step_of_a_compiled_run_stays_eager(editor):
-    """The 40 no-grad Euler steps per scene run eagerly: dynamo sees no frame, so nothing compiles."""
+    """The 40 no-grad Euler steps per scene run eagerly: dynamo sees no frame, so nothing compiles.
+    (``compile=true`` wraps the student in place and compiles at its first call, which this test never
+    makes: compiling even the tiny student takes minutes here.)"""
     from torch._dynamo.utils import counters
 
     config = default_config("tiny").overridden({"compile": True, "reference_index": 1, "teacher_steps": 2})
-    try:
-        distillation = editor.prepare_distillation(load_scene(SCENES / "face"), Edit("make it snowy"), config)
+    with editor.prepare_distillation(load_scene(SCENES / "face"), Edit("make it snowy"), config) as distillation:
+        assert editor.student.network._compiled_call_impl is not None
+        assert editor.teacher.noise_unet._orig_mod is editor.teacher.unet
         before = distillation.latents.clone()
         frames = counters["frames"]["total"]
         assert distillation.advance()
         assert counters["frames"]["total"] == frames
         assert not torch.equal(distillation.latents, before)
-    finally:
-        editor.finish_distillation()
-        _uncompile(editor)
+    assert editor.student.network._compiled_call_impl is None

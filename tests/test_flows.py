@@ -63,12 +63,23 @@ class Batch:
         return run_collection(self.root, self.output_root, self.cache_dir, **changes)
 
 
-def run_collection(root: Path, output_root: Path, cache_dir: Path, **changes: Any) -> tuple[dict[str, Any], Any]:
+def run_collection(root: Path, output_root: Path, cache_dir: Path, *, failed: bool = False,
+                   **changes: Any) -> tuple[dict[str, Any], Any]:
     parameters = {"root": str(root), "edits": SHARED_EDITS, "output_root": str(output_root), "preset": "tiny",
                   "config_overrides": SHORT, "cache_dir": str(cache_dir), **changes}
     state = edit_collection(**parameters, return_state=True)
-    assert state.is_completed(), state.message
-    return state.result(), state.state_details.flow_run_id
+    assert state.is_failed() if failed else state.is_completed(), state.message
+    return state.result(raise_on_failure=False), state.state_details.flow_run_id
+
+
+def flow_run_records(flow_run_id: Any) -> tuple[Any, list, list]:
+    """The flow run, its task runs and its artifacts, as the API (and the UI) has them."""
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return flow_run, task_runs, artifacts
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +132,8 @@ def test_two_scenes_two_edits_write_manifests_and_images(first_batch: Batch) -> 
 
 
 def test_prefect_shows_named_task_runs_and_artifacts(first_batch: Batch) -> None:
-    with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first_batch.flow_run_id])))
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first_batch.flow_run_id])))
+    flow_run, task_runs, artifacts = flow_run_records(first_batch.flow_run_id)
+    assert flow_run.name == "edit-collection · photos · tiny"
     names = {run.name for run in task_runs}
     assert {"face · Give him a Venetian mask", "person-small · make it snowy", "prepare · face"} <= names
     assert all(run.state.is_completed() for run in task_runs)
@@ -135,16 +144,29 @@ def test_prefect_shows_named_task_runs_and_artifacts(first_batch: Batch) -> None
     markdown = [a for a in by_type["markdown"] if a.key and a.key.startswith("contact-sheet-")]
     assert len(markdown) == 4 and all("data:image/jpeg;base64," in a.data for a in markdown)
     tables = {a.key for a in by_type["table"]}
-    assert "summary-edit-collection" in tables and sum(key.startswith("metrics-") for key in tables) == 4
+    suffix = str(first_batch.flow_run_id)[:8]
+    assert f"summary-edit-collection-{suffix}" in tables and sum(key.startswith("metrics-") for key in tables) == 4
+    assert all(artifact.key.endswith(suffix) for artifact in artifacts if artifact.key)  # one key per flow run
+
+
+def test_an_edit_is_running_only_while_a_worker_has_it(first_batch: Batch) -> None:
+    """One worker (CPU), four edits: their Running periods follow each other instead of overlapping."""
+    _, task_runs, _ = flow_run_records(first_batch.flow_run_id)
+    edits = sorted((run for run in task_runs if run.task_key.startswith("edit_run")), key=lambda run: run.start_time)
+    assert len(edits) == 4
+    for earlier, later in zip(edits, edits[1:]):
+        assert later.start_time >= earlier.end_time, f"{later.name} ran while {earlier.name} still ran"
 
 
 def test_a_rerun_does_no_work_and_says_so(first_batch: Batch, tmp_path: Path) -> None:
     batch = clone(first_batch, tmp_path)
     sheet = next(batch.output_root.glob("face/*/contact_sheet.png"))
     before = sheet.stat().st_mtime_ns
-    summary, _ = batch.run()
+    summary, flow_run_id = batch.run()
     assert set(statuses(summary).values()) == {"skipped"} and summary["skipped"] == 4
     assert all(row["note"] == "already done with this config" for row in summary["runs"])
+    keys = [{artifact.key for artifact in flow_run_records(run_id)[2]} for run_id in (first_batch.flow_run_id, flow_run_id)]
+    assert not keys[0] & keys[1]  # the Artifacts page lists both runs' summaries
     assert sheet.stat().st_mtime_ns == before
     runs = ManifestStore(batch.output_root).read_rows(RUNS)
     assert sorted(run["status"] for run in runs) == ["skipped"] * 4 + ["succeeded"] * 4
@@ -204,11 +226,23 @@ def test_a_corrupt_scene_fails_alone_with_its_reason(tmp_path: Path) -> None:
     (root / "unplannable").mkdir()
     shutil.copytree(EXAMPLES / "face" / "images", root / "unplannable" / "images")
     (root / "unplannable" / "edits.yaml").write_text("edits:\n  - instruction: x\n    colour: red\n")
-    summary, _ = run_collection(root, tmp_path / "out", tmp_path / "cache", edits=None)
+    summary, flow_run_id = run_collection(root, tmp_path / "out", tmp_path / "cache", edits=None, failed=True)
     assert statuses(summary) == {("face", "Give him a Venetian mask"): "succeeded",
                                  ("broken", "Turn him into a knight"): "failed",
                                  ("unplannable", None): "failed"}
     notes = {row["scene"]: row["note"] for row in summary["runs"]}
+    assert all(row["output_dir"] is None for row in summary["runs"] if row["status"] == "failed")
+    flow_run, task_runs, artifacts = flow_run_records(flow_run_id)
+    assert flow_run.state.is_failed() and flow_run.state.message.startswith("2 of 3 edits failed: broken · ")
+    assert "frame_00258.png" in flow_run.state.message
+    states = {run.name: run.state.name for run in task_runs}
+    assert states["ingest · broken"] == "Completed" and states["poses · broken"] == "Failed"  # not "RolledBack"
+    assert "RolledBack" not in states.values()
+    (table,) = [a for a in artifacts if a.type == "table" and a.key.startswith("summary-")]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["status"] for row in rows] == ["failed", "failed", "succeeded"]  # failures first
+    assert "frame_00258.png" in rows[0]["reason"] and rows[2]["output"].startswith("face/")
+    assert all(len(str(value)) <= 140 for row in rows for value in row.values())
     assert "frame_00258.png" in notes["broken"]
     assert "unplannable/edits.yaml" in notes["unplannable"] and "colour" in notes["unplannable"]
     runs = {row["scene_id"]: row for row in ManifestStore(tmp_path / "out").read_rows(RUNS)}
@@ -219,8 +253,10 @@ def test_a_corrupt_scene_fails_alone_with_its_reason(tmp_path: Path) -> None:
 
 def test_edit_scene_fetches_a_remote_scene_and_refuses_paths_outside_the_root(tmp_path: Path) -> None:
     root = upload_scene(EXAMPLES / "face", f"/bucket-{tmp_path.name}")
-    summary = edit_scene(scene_uri=f"{root}/face", root=root, output_root=str(tmp_path / "out"),
-                         config_overrides=SHORT, cache_dir=str(tmp_path / "cache"))
+    state = edit_scene(scene_uri=f"{root}/face", root=root, output_root=str(tmp_path / "out"), preset="tiny",
+                       config_overrides=SHORT, cache_dir=str(tmp_path / "cache"), return_state=True)
+    summary = state.result()
+    assert flow_run_records(state.state_details.flow_run_id)[0].name == "edit-scene · face · tiny"
     assert statuses(summary) == {("face", "Give him a Venetian mask"): "succeeded"}
     assert list((tmp_path / "cache" / "inputs").glob("*/face/images/frame_00001.jpg"))
     views = ManifestStore(tmp_path / "out").read_rows(VIEWS)

@@ -11,10 +11,12 @@ from diffusers.pipelines.deprecated.text_to_video_synthesis.pipeline_text_to_vid
 
 from imix2mix.attention import KeyViewState, RandomCrossViewAttnProcessor
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
-from imix2mix.teacher import InstructPix2PixTeacher
+from imix2mix.config import TeacherConfig
+from imix2mix.edits import Edit
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 from imix2mix.teachers.control_images import CannyControl
 from imix2mix.teachers.controlnet import ControlNetArchitecture, ControlNetTeacher, build_random_controlnet_pipeline
-from imix2mix.teachers.joint_edit import JOINT_EDIT_STEPS, first_frame_attention, ip2p_pipeline_inputs, joint_edit
+from imix2mix.teachers.joint_edit import JOINT_EDIT_STEPS, first_frame_attention, joint_edit
 
 VIEWS, TOKENS, DIM, HEADS = 3, 10, 16, 2
 
@@ -63,7 +65,7 @@ def _with_diffusers_cross_frame(models, groups: int):
 def test_ip2p_joint_edit_is_diffusers_text2video_zero(views):
     teacher = InstructPix2PixTeacher(build_random_teacher_pipeline(TeacherArchitecture.tiny(), seed=0))
     teacher.set_cross_view_attention("extended")
-    inputs = ip2p_pipeline_inputs(teacher, views, "make it snowy", text_cfg=7.5, image_cfg=1.5)
+    inputs = teacher.pipeline_inputs(views, Edit("make it snowy"), TeacherConfig(image_size=96))
     edited = joint_edit(teacher, inputs, generator=torch.Generator().manual_seed(3), steps=3)
     assert teacher.attention_mode == "extended"  # restored
     assert edited.shape == (VIEWS, 3, 96, 96) and edited.min() >= -1 and edited.max() <= 1
@@ -85,7 +87,7 @@ def test_controlnet_joint_edit_is_diffusers_text2video_zero_with_shared_noise(vi
         build_random_controlnet_pipeline(ControlNetArchitecture.from_teacher_architecture(TeacherArchitecture.tiny(), (8, 8, 16, 16))),
         CannyControl(),
     )
-    inputs = teacher.pipeline_inputs(views, "a snowy face")
+    inputs = teacher.pipeline_inputs(views, Edit("make it snowy", target_caption="a snowy face"), TeacherConfig(image_size=96))
     edited = joint_edit(teacher, inputs, generator=torch.Generator().manual_seed(4), steps=3, shared_initial_noise=True)
     assert edited.shape == (VIEWS, 3, 96, 96)
     assert teacher.attention_mode == "none"

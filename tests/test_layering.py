@@ -13,7 +13,7 @@ import imix2mix
 
 ORCHESTRATION = ("prefect", "ray", "flows", "tasks", "deployments")
 # The console entry point may start flows, but only from inside a command handler (lazy import).
-LAZY_ALLOWED = {"imix2mix/commands/pipeline.py"}
+LAZY_ALLOWED = {"imix2mix/commands/pipeline.py", "imix2mix/commands/evaluate.py"}
 
 
 def _module_level_imports(path) -> list[str]:
@@ -64,3 +64,36 @@ def test_importing_every_library_module_loads_neither_prefect_nor_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "", f"importing the library loaded: {out.stdout.strip()}"
+
+
+# The orchestration process plans, schedules and records; the engine runs in the Ray workers.
+ORCHESTRATION_MODULES = ("flows.edit_collection", "flows.edit_scene", "flows.evaluate_suite", "tasks.plan", "tasks.distill",
+                         "tasks.poses", "tasks.workers", "deployments.watcher", "imix2mix.commands.pipeline",
+                         "imix2mix.commands.evaluate", "imix2mix.evaluation", "imix2mix.cli")
+ENGINE = ("torch", "diffusers", "transformers", "imix2mix.editor", "imix2mix.modes", "imix2mix.presets")
+
+
+def test_importing_the_flows_and_the_collection_command_loads_no_torch_and_no_engine():
+    code = (
+        "import importlib, sys\n"
+        f"for name in {ORCHESTRATION_MODULES!r}:\n"
+        "    importlib.import_module(name)\n"
+        "import imix2mix.cli\n"
+        "imix2mix.cli.build_parser()\n"
+        f"print(','.join(sorted(m for m in {ENGINE!r} if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "", f"importing the orchestration modules loaded: {out.stdout.strip()}"
+
+
+def test_flows_and_deployments_default_to_the_full_preset():
+    """A deployment that forgets the preset must not silently produce random-weight noise."""
+    import inspect
+
+    from flows.edit_collection import edit_collection
+    from flows.edit_scene import edit_scene
+
+    for flow in (edit_collection, edit_scene):
+        assert inspect.signature(flow.fn).parameters["preset"].default == "full"
+    assert 'IMIX2MIX_PRESET="${IMIX2MIX_PRESET:-full}"' in (REPO_ROOT / "deployments" / "setup_pool.sh").read_text()

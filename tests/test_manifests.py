@@ -21,10 +21,9 @@ from imix2mix.manifests import (
     VIEWS_SCHEMA,
     ManifestError,
     ManifestStore,
-    publish_dir,
-    staging_dir,
     succeeded_runs,
 )
+from imix2mix.storage import publish_dir, staging_dir
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 

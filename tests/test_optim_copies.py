@@ -14,7 +14,11 @@ import pytest
 import torch
 from kernel_checks import run_interpreted
 
-from imix2mix.distill import Distillation, EditConfig, matrix_parameters
+import dataclasses
+
+from imix2mix.accel import ExecutionPlan, LoopNeeds, execute
+from imix2mix.config import EditConfig
+from imix2mix.optim import matrix_parameters
 from imix2mix.kernels.adamw import ChunkPlan
 from imix2mix.presets import build_editor
 
@@ -153,7 +157,7 @@ def test_plan_rejects_mismatched_layouts():
 
 
 def test_weight_copies_cover_matrix_layers_only(tiny_editor):
-    student = tiny_editor.student
+    student = tiny_editor.student.network
     chosen = {id(p) for p in matrix_parameters(student)}
     names = {name for name, p in student.named_parameters() if id(p) in chosen}
     assert names and all(name.endswith((".weight", ".bias")) for name in names)
@@ -162,23 +166,30 @@ def test_weight_copies_cover_matrix_layers_only(tiny_editor):
     linears = [m for m in student.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert all(id(m.weight) in chosen for m in linears)
     # Copies only where they change nothing but speed: CUDA, bf16 autocast, the fused AdamW.
-    cuda = torch.device("cuda")
-    assert not Distillation.uses_weight_copies(EditConfig(), torch.device("cpu"))
-    assert not Distillation.uses_weight_copies(EditConfig(optimizer="adamw"), cuda)
-    assert not Distillation.uses_weight_copies(EditConfig(bf16_weight_copies=False), cuda)
-    assert not Distillation.uses_weight_copies(EditConfig(student_precision="fp32"), cuda)
+    def copies(overrides: dict, device: str = "cuda") -> bool:
+        config = EditConfig().overridden(overrides)
+        return ExecutionPlan.resolve(config, torch.device(device), LoopNeeds(trains_student=True)).weight_copies
+
+    assert not copies({}, "cpu")
+    assert not copies({"optimizer": "adamw"})
+    assert not copies({"bf16_weight_copies": False})
+    assert not copies({"student_precision": "fp32"})
 
 
-def test_reset_student_undoes_leftover_copies(tiny_editor):
-    """A run that ended without close() leaves bf16 copies in the parameters: the next scene's
-    reset must give back fp32 pristine weights, not round them through bf16."""
-    student = tiny_editor.student
-    parameter = matrix_parameters(student)[0]
-    parameter.data = parameter.data.to(torch.bfloat16)
-    tiny_editor.reset_student()
-    name = next(n for n, p in student.named_parameters() if p is parameter)
+def test_a_failed_run_gives_the_student_its_fp32_weights_back(tiny_editor):
+    """Weight copies put bf16 tensors into the student's parameters for one run; when the run fails,
+    leaving the execution context must still give back the fp32 weights, unrounded."""
+    network = tiny_editor.student.network
+    parameter = matrix_parameters(network)[0]
+    before = parameter.detach().clone()
+    plan = dataclasses.replace(ExecutionPlan.eager("cpu"), weight_copies=True)
+    with pytest.raises(RuntimeError, match="the run failed"):
+        with execute(plan, network, None) as execution:
+            execution.optimizer(list(network.parameters()), EditConfig())
+            assert parameter.dtype == torch.bfloat16
+            raise RuntimeError("the run failed")
     assert parameter.dtype == torch.float32
-    assert torch.equal(parameter.detach(), tiny_editor._pristine[name])
+    assert torch.equal(parameter.detach(), before)
 
 
 @pytest.mark.parametrize("bad", [{"lr": -1e-4}, {"eps": -1.0}, {"weight_decay": -0.1}, {"betas": (0.9, 1.0)}])

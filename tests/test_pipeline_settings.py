@@ -44,3 +44,29 @@ def test_the_command_line_imports_no_prefect_before_the_timeout_is_set() -> None
     code = "import sys, imix2mix.cli as c; c.build_parser(); print('prefect' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("setting", ["lr=nan", "text_cfg=inf", "seed=-1"])
+def test_the_collection_command_refuses_a_bad_setting_before_starting_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str) -> None:
+    from imix2mix.cli import main
+
+    (tmp_path / "photos").mkdir()
+    code = main(["collection", str(tmp_path / "photos"), "--preset", "tiny", "--out", str(tmp_path / "out"),
+                 "--set", setting])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert setting.split("=")[0] in err and "EditConfig" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_temporary_prefect_server_runs_without_telemetry_unless_the_user_says_so() -> None:
+    """Its heartbeat printed a 'database is locked' traceback on every collection run."""
+    from imix2mix.commands.pipeline import quiet_temporary_server
+
+    environ: dict[str, str] = {}
+    quiet_temporary_server(environ)
+    assert environ == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    mine = {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
+    quiet_temporary_server(mine)
+    assert mine == {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}

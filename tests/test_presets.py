@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imix2mix.distill import EditConfig
+from imix2mix.config import EditConfig
 from imix2mix.errors import ConfigError, MissingWeightsError
+from imix2mix.schedules import StudentSchedule
 from imix2mix.presets import (
     MetricsClipArchitecture,
     TeacherArchitecture,
@@ -57,9 +58,9 @@ def test_byte_level_tokenizer_round_trips_text():
 def test_default_configs():
     assert default_config("full") == EditConfig()
     tiny = default_config("tiny")
-    assert (tiny.student_image_size, tiny.teacher_image_size) == (128, 96)
-    assert len(tiny.student_schedule.taus) == 6 and tiny.total_iterations == 4 + 5 * 2
-    assert tiny.teacher_steps == 4
+    assert (tiny.method.student_image_size, tiny.teacher.image_size) == (128, 96)
+    assert len(StudentSchedule.from_method(tiny.method).taus) == 6 and tiny.total_iterations == 4 + 5 * 2
+    assert tiny.teacher.steps == 4
     with pytest.raises(ConfigError, match="unknown preset"):
         default_config("huge")
 
@@ -71,22 +72,25 @@ def tiny_editor():
 
 def test_tiny_editor_uses_the_same_classes_as_full(tiny_editor):
     from imix2mix.seva import Seva
-    from imix2mix.teacher import InstructPix2PixTeacher
+    from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
-    assert isinstance(tiny_editor.student, Seva) and isinstance(tiny_editor.teacher, InstructPix2PixTeacher)
+    assert isinstance(tiny_editor.student.network, Seva) and isinstance(tiny_editor.teacher, InstructPix2PixTeacher)
     assert tiny_editor.random_weights and tiny_editor.preset == "tiny"
     assert tiny_editor.default_config == default_config("tiny")
     assert tiny_editor.clip_metrics is not None
 
 
 def test_reset_restores_bit_identical_weights(tiny_editor):
-    before = {k: v.clone() for k, v in tiny_editor.student.state_dict().items()}
+    network = tiny_editor.student.network
+    before = {k: v.clone() for k, v in network.state_dict().items()}
     with torch.no_grad():
-        for p in tiny_editor.student.parameters():
+        for p in network.parameters():
             p.add_(torch.randn_like(p))
-    tensors_before_reset = [v.data_ptr() for v in tiny_editor.student.state_dict().values()]
-    tiny_editor.reset_student()
-    after = tiny_editor.student.state_dict()
+    network.requires_grad_(False)
+    tensors_before_reset = [v.data_ptr() for v in network.state_dict().values()]
+    tiny_editor.student.reset()
+    after = network.state_dict()
+    assert all(p.requires_grad for p in network.parameters())  # full fine-tuning: the student owns its trainable set
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert [v.data_ptr() for v in after.values()] == tensors_before_reset  # copied in place
 
@@ -95,8 +99,8 @@ def test_saved_tiny_weights_load_through_the_full_loading_code(tmp_path, tiny_ed
     sources = save_editor_weights(tiny_editor, tmp_path / "weights")
     loaded = build_editor("full", device="cpu", weights=sources)
     assert not loaded.random_weights and loaded.default_config == EditConfig()
-    for name, value in tiny_editor.student.state_dict().items():
-        assert torch.equal(loaded.student.state_dict()[name], value), name
+    for name, value in tiny_editor.student.network.state_dict().items():
+        assert torch.equal(loaded.student.network.state_dict()[name], value), name
     for name, value in tiny_editor.teacher.unet.state_dict().items():
         assert torch.equal(loaded.teacher.unet.state_dict()[name], value), name
     images = torch.rand(2, 3, 64, 64) * 2 - 1

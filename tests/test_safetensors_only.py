@@ -9,7 +9,7 @@ import torch
 from imix2mix.errors import MissingWeightsError
 from imix2mix.metrics import ClipMetricsModel
 from imix2mix.presets import MetricsClipArchitecture, TeacherArchitecture, build_random_metrics_clip, build_random_teacher_pipeline
-from imix2mix.teacher import InstructPix2PixTeacher
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
 
 def test_an_ip2p_family_checkpoint_loads_by_path_and_a_pickle_one_is_refused(tmp_path):

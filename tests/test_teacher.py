@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dataclasses
+
+from imix2mix.config import TeacherConfig
+from imix2mix.edits import Edit
 from imix2mix.errors import MissingWeightsError
 from imix2mix.presets import TeacherArchitecture, build_random_teacher_pipeline
-from imix2mix.teacher import InstructPix2PixTeacher
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
 VIEWS = 3
+SETTINGS = TeacherConfig(image_size=96, steps=3)  # s_T 7.5, s_I 1.5
+SNOWY = Edit("make it snowy")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,7 @@ def test_sizes_follow_the_unet_and_vae(teacher):
 
 
 def test_prepare_computes_text_and_image_latents_once(teacher, originals):
-    context = teacher.prepare("make it snowy", originals)
+    context = teacher.prepare(SNOWY, originals, SETTINGS)
     assert context.num_views == VIEWS
     assert context.text_embeddings.shape == (3, 77, 32)
     torch.testing.assert_close(context.text_embeddings[1], context.text_embeddings[2])
@@ -42,11 +48,12 @@ def test_prepare_computes_text_and_image_latents_once(teacher, originals):
 
 
 def test_dual_cfg_matches_three_separate_unet_calls(teacher, originals):
-    context = teacher.prepare("make it snowy", originals)
+    context = teacher.prepare(SNOWY, originals, SETTINGS)
     z_t = torch.randn(VIEWS, 4, 12, 12, generator=torch.Generator().manual_seed(4))
-    t, s_text, s_image = 500, 7.5, 1.5
+    t, s_text, s_image = 500, 6.0, 1.25
+    context = dataclasses.replace(context, text_cfg=s_text, image_cfg=s_image)
     teacher.set_cross_view_attention("none")
-    guided = teacher.predict_noise(z_t, t, context, text_cfg=s_text, image_cfg=s_image)
+    guided = teacher.predict_noise(z_t, t, context)
     src = context.image_latents
     edit_text = context.text_embeddings[0:1].expand(VIEWS, -1, -1)
     empty_text = context.text_embeddings[1:2].expand(VIEWS, -1, -1)
@@ -60,20 +67,20 @@ def test_dual_cfg_matches_three_separate_unet_calls(teacher, originals):
 
 
 def test_rcv_mixes_views_and_reduces_to_plain_for_identical_views(teacher, originals):
-    context = teacher.prepare("make it snowy", originals)
+    context = teacher.prepare(SNOWY, originals, SETTINGS)
     z_t = torch.randn(VIEWS, 4, 12, 12)
     teacher.set_cross_view_attention("none")
-    plain = teacher.predict_noise(z_t, 700, context, text_cfg=7.5, image_cfg=1.5)
+    plain = teacher.predict_noise(z_t, 700, context)
     teacher.set_cross_view_attention("rcv")
     try:
-        rcv = teacher.predict_noise(z_t, 700, context, text_cfg=7.5, image_cfg=1.5, key_view=1)
+        rcv = teacher.predict_noise(z_t, 700, context, key_view=1)
         assert not torch.allclose(rcv, plain, atol=1e-4)
-        same = context.__class__(context.text_embeddings, context.image_latents[:1].expand(VIEWS, -1, -1, -1))
+        same = dataclasses.replace(context, image_latents=context.image_latents[:1].expand(VIEWS, -1, -1, -1))
         z_same = z_t[:1].expand(VIEWS, -1, -1, -1)
         teacher.set_cross_view_attention("none")
-        plain_same = teacher.predict_noise(z_same, 700, same, text_cfg=7.5, image_cfg=1.5)
+        plain_same = teacher.predict_noise(z_same, 700, same)
         teacher.set_cross_view_attention("rcv")
-        rcv_same = teacher.predict_noise(z_same, 700, same, text_cfg=7.5, image_cfg=1.5, key_view=2)
+        rcv_same = teacher.predict_noise(z_same, 700, same, key_view=2)
         torch.testing.assert_close(rcv_same, plain_same, rtol=1e-4, atol=1e-4)
     finally:
         teacher.set_cross_view_attention("none")
@@ -88,10 +95,9 @@ def test_add_noise_uses_the_teacher_alphas(teacher):
 def test_reference_edit_is_seeded_and_uses_plain_attention(teacher, originals):
     teacher.set_cross_view_attention("rcv")
     try:
-        kwargs = dict(text_cfg=7.5, image_cfg=1.5, steps=3)
-        a = teacher.edit_image(originals[0], "make it snowy", generator=torch.Generator().manual_seed(1), **kwargs)
-        b = teacher.edit_image(originals[0], "make it snowy", generator=torch.Generator().manual_seed(1), **kwargs)
-        c = teacher.edit_image(originals[0], "make it snowy", generator=torch.Generator().manual_seed(2), **kwargs)
+        a = teacher.edit_image(originals[0], SNOWY, SETTINGS, torch.Generator().manual_seed(1))
+        b = teacher.edit_image(originals[0], SNOWY, SETTINGS, torch.Generator().manual_seed(1))
+        c = teacher.edit_image(originals[0], SNOWY, SETTINGS, torch.Generator().manual_seed(2))
         assert teacher.attention_mode == "rcv"  # restored after the edit
     finally:
         teacher.set_cross_view_attention("none")
@@ -115,7 +121,7 @@ def test_from_pretrained_round_trip_and_missing_folder(tmp_path, teacher, origin
     for key, value in teacher.unet.state_dict().items():
         torch.testing.assert_close(loaded.unet.state_dict()[key], value)
     assert loaded.pipeline.safety_checker is None
-    context = loaded.prepare("x", originals)
+    context = loaded.prepare(Edit("x"), originals, SETTINGS)
     assert context.text_embeddings.shape == (3, 77, 32)
     with pytest.raises(MissingWeightsError, match="does-not-exist"):
         InstructPix2PixTeacher.from_pretrained(tmp_path / "does-not-exist")

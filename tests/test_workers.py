@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import ray
 from conftest import SCENES
 
-from imix2mix.distill import Edit
+from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError
 from imix2mix.presets import default_config
 from imix2mix.scene import load_scene
@@ -24,7 +25,8 @@ SHORT = {"distill_dt": 999, "k_initial": 6, "k": 1, "warmup_steps": 1, "teacher_
 
 @pytest.fixture(scope="module")
 def pool(tmp_root: Path) -> Iterator[EditWorkerPool]:
-    started = connect_ray(RaySettings(temp_dir=tmp_root / "ray-workers", num_cpus=2))
+    # Two logical GPUs: Ray's placement of GPU actors is tested on a CPU box (they run the tiny Editor on CPU).
+    started = connect_ray(RaySettings(temp_dir=tmp_root / "ray-workers", num_cpus=2, num_gpus=2))
     worker_pool = EditWorkerPool(WorkerSpec(preset="tiny", device="cpu"), size=1, max_attempts=2,
                                  poll_seconds=0.2).start()
     yield worker_pool
@@ -96,3 +98,21 @@ def test_an_actor_dying_on_every_attempt_gives_up(pool: EditWorkerPool, scene, c
 def test_a_worker_that_cannot_build_its_editor_says_why(pool: EditWorkerPool) -> None:  # noqa: ARG001 (Ray up)
     with pytest.raises(WorkerStartError, match="could not start: .*unknown preset 'bogus'"):
         EditWorkerPool(WorkerSpec(preset="bogus"), size=1).start()
+
+
+def test_one_worker_per_gpu_each_on_its_own_gpu_sharing_a_batch(pool: EditWorkerPool, scene, config) -> None:  # noqa: ANN001, ARG001
+    """Ray's declared GPUs (2 logical ones here): two actors, each given its own GPU, both doing the batch's work."""
+    assert int(ray.cluster_resources().get("GPU", 0)) == 2
+    gpu_pool = EditWorkerPool(WorkerSpec(preset="tiny", device="cpu", gpus=1), size=2, poll_seconds=0.2).start()
+    try:
+        infos = list(gpu_pool.worker_info.values())
+        assert len(infos) == 2 and len({info["pid"] for info in infos}) == 2
+        assert sorted(gpu for info in infos for gpu in info["gpu_ids"]) == ["0", "1"]
+        assert all(info["cuda_visible_devices"] == info["gpu_ids"][0] for info in infos)
+        with ThreadPoolExecutor(max_workers=2) as threads:
+            outcomes = list(threads.map(lambda text: gpu_pool.run(scene, Edit(text), config),
+                                        ["make it snowy", "turn him into a knight"]))
+        assert {outcome.worker for outcome in outcomes} == set(gpu_pool.worker_info)
+        assert all(outcome.result.iterations == config.total_iterations for outcome in outcomes)
+    finally:
+        gpu_pool.shutdown()

@@ -4,7 +4,9 @@ edit of the reference view only, to check an instruction before spending a disti
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from imix2mix.commands import parse_settings
@@ -16,13 +18,18 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruction", "-i", required=True, help='edit instruction, e.g. "Turn him into a knight"')
     parser.add_argument("--preset", choices=("full", "tiny"), default="full",
                         help="full: official weights; tiny: small random models that exercise the pipeline (not real edits)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/<scene>/<instruction>)")
+    parser.add_argument("--out", default="outputs",
+                        help="output root, a folder or an fsspec URL (s3://bucket/prefix); the run's folder is "
+                             "OUT/<scene>/<instruction slug>-<run hash> (default: outputs)")
     parser.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
                         help="override an EditConfig setting, e.g. --set k=25 --set cross_view_attention=none (repeatable)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--weights-dir", type=Path, default=None,
                         help="local folder with seva/, seva_vae/, clip_h/, teacher/, clip_metrics/ instead of the Hugging Face Hub")
     parser.add_argument("--random-weights", action="store_true", help="full preset: random full-size models (benchmarks)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU runs: torch/OpenMP threads (default: $OMP_NUM_THREADS if set, else half the CPUs "
+                             "this process may use, at least 1)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,39 +45,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     preview.set_defaults(handler=run_preview)
 
 
+def cpu_threads(requested: int | None, environ: Mapping[str, str], usable_cpus: int) -> int:
+    """Threads for a CPU run: ``--threads``, else ``OMP_NUM_THREADS``, else half the usable CPUs (≥ 1).
+
+    Not all of them: OpenMP threads that compete with other processes for the cores spin while they
+    wait, and a tiny run on a busy 2-core machine took 151–161 s with 2 threads, 10 s with 1.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--threads must be ≥ 1, got {requested}")
+        return requested
+    try:
+        return max(1, int(environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, usable_cpus // 2)
+
+
 def _setup(args: argparse.Namespace, *, metrics: bool):
     import torch
 
+    from imix2mix.config import default_config
     from imix2mix.presets import WeightSources, build_editor
     from imix2mix.scene import load_scene
 
+    # A bad --set is refused before anything is read or built.
+    config = default_config(args.preset).overridden(parse_settings(args.settings))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is available")
-    settings = parse_settings(args.settings)
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads(args.threads, os.environ, len(os.sched_getaffinity(0))))
     scene = load_scene(args.scene)
     weights = WeightSources.local(args.weights_dir) if args.weights_dir else None
     editor = build_editor(args.preset, device=device, weights=weights, random_weights=args.random_weights, metrics=metrics)
-    config = editor.default_config.overridden(settings)
     if editor.random_weights:
         print("note: random weights: this run exercises the pipeline; its images are not real edits", file=sys.stderr)
     return scene, editor, config
 
 
-def _output_dir(args: argparse.Namespace, scene) -> Path:
-    from imix2mix.collection import slugify
+def _check_output_root(args: argparse.Namespace):
+    """The output root, checked before any model loads (one clear line if it cannot take a run)."""
+    from imix2mix.storage import check_output_root
 
-    return args.out or Path("outputs") / scene.name / slugify(args.instruction)
+    return check_output_root(args.out)
+
+
+def _run_folder(args: argparse.Namespace, scene, edit, config) -> str:
+    """``<scene>/<instruction slug>-<run hash>``: the same rule as a collection run's folder."""
+    from imix2mix.collection import run_folder_name
+
+    return f"{scene.name}/{run_folder_name(edit.instruction, config.for_edit(edit).config_hash(), args.preset)}"
 
 
 def run_edit(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from imix2mix.distill import Edit
+    from imix2mix.edits import Edit
+    from imix2mix.evaluation import evaluate_result
     from imix2mix.outputs import write_edit_outputs
 
     edit = Edit(args.instruction, source_caption=args.source_caption, target_caption=args.target_caption)
+    root = _check_output_root(args)
     scene, editor, config = _setup(args, metrics=not args.no_metrics)
     console = Console(stderr=True)
     columns = (TextColumn("[bold]distilling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -86,24 +122,44 @@ def run_edit(args: argparse.Namespace) -> int:
 
         result = editor.edit(scene, edit, config, progress=on_progress)
     metrics = editor.score(result, edit) if editor.clip_metrics is not None else None
-    paths = write_edit_outputs(result, scene, _output_dir(args, scene), metrics)
+    evaluation = evaluate_result(result, scene, metrics)
+    folder = _run_folder(args, scene, edit, config)
+    staging = root.staging(folder)  # written completely, then published in one step: a failure keeps the old folder
+    try:
+        write_edit_outputs(result, scene, staging, metrics, evaluation=evaluation)
+        root.publish(staging, folder)
+    finally:
+        root.discard(staging)
     console.print(f"reference view {result.reference_index} ({scene.views[result.reference_index].name}), "
                   f"{result.iterations} iterations in {result.timings['total']:.1f} s")
     if metrics is not None:
         parts = [f"{name} {value:.4f}" for name, value in
                  (("CLIP Sim.", metrics.clip_sim), ("CLIP Dir.", metrics.clip_dir), ("CLIP Cons.", metrics.clip_cons)) if value is not None]
         console.print(", ".join(parts) or "no metrics")
-    print(paths.run_json.parent)
+    epipolar = evaluation.epipolar
+    console.print(f"epipolar consistency {_fmt(epipolar.score)} (consistent pairs: edited "
+                  f"{epipolar.edited.consistent}/{epipolar.edited.measured}, source "
+                  f"{epipolar.source.consistent}/{epipolar.source.measured} measured)")
+    if evaluation.no_edit:
+        console.print(f"[bold yellow]warning: no edit happened[/]: {evaluation.change.reason}")
+    print(root.uri_of(folder))
     return 0
 
 
-def run_preview(args: argparse.Namespace) -> int:
-    from imix2mix.distill import Edit
-    from imix2mix.outputs import write_png
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
+
+def run_preview(args: argparse.Namespace) -> int:
+    from imix2mix.edits import Edit
+    from imix2mix.outputs import png_bytes
+
+    root = _check_output_root(args)
     scene, editor, config = _setup(args, metrics=False)
-    reference, image = editor.preview(scene, Edit(args.instruction), config)
-    path = write_png(_output_dir(args, scene) / "preview.png", image)
-    print(f"reference view {reference} ({scene.views[reference].name}) → {path}", file=sys.stderr)
-    print(path)
+    edit = Edit(args.instruction)
+    reference, image = editor.preview(scene, edit, config)
+    relative = f"{_run_folder(args, scene, edit, config)}/preview.png"
+    root.write_bytes(relative, png_bytes(image))
+    print(f"reference view {reference} ({scene.views[reference].name}) → {root.uri_of(relative)}", file=sys.stderr)
+    print(root.uri_of(relative))
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imix2mix.commands import parse_settings
+from imix2mix.orphans import start_watchdog
 
 EPHEMERAL_SERVER_STARTUP_SECONDS = 120
 
@@ -25,6 +26,13 @@ def allow_slow_ephemeral_server(environ: MutableMapping[str, str]) -> None:
     its start has taken longer.  A user's own setting wins.
     Call before Prefect is imported: it reads its settings then."""
     environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_SERVER_STARTUP_SECONDS))
+
+
+def quiet_temporary_server(environ: MutableMapping[str, str]) -> None:
+    """Prefect's telemetry off unless the user chose otherwise: the temporary server's heartbeat writes to
+    its SQLite database while the flow run does, and printed a ``database is locked`` traceback on
+    every run (offline it also fails to send).  Call before Prefect is imported."""
+    environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     collection.add_argument("root", help="collection root: a folder of scene folders, or an fsspec URL (s3://, gs://)")
     collection.add_argument("--edits", default=None, help="edits file applied to every scene (same schema as edits.yaml)")
-    collection.add_argument("--out", default="outputs", help="output root: <scene>/<edit>/ and manifests/ (default: outputs)")
+    collection.add_argument("--out", default="outputs",
+                            help="output root, a folder or an fsspec URL (s3://bucket/prefix): <scene>/<edit>-<run hash>/ "
+                                 "and manifests/ (default: outputs)")
     collection.add_argument("--preset", choices=("full", "tiny"), default="full",
                             help="full: official weights; tiny: small random models that exercise the pipeline")
     collection.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
@@ -77,32 +87,55 @@ def _print_runs(rows: list[dict[str, Any]]) -> None:
         metrics = "" if row.get("clip_dir") is None else f"  CLIP dir {row['clip_dir']:.3f}"
         note = f"  ({row['note']})" if row.get("note") else ""
         print(f"{row['status']:<10} {row['scene']} · {row['edit'] or '-'}{metrics}{note}")
+        if row.get("no_edit"):
+            print(f"warning: {row['scene']} · {row['edit']}: no edit happened (the edited views are near-identical to "
+                  "the photos; see runs.parquet changed_fraction)")
+
+
+def _checked_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """``--set`` values, refused when bad (e.g. ``lr=nan``) before Prefect and Ray start (torch-free)."""
+    from imix2mix.config import default_config
+
+    overrides = parse_settings(args.settings)
+    default_config(args.preset).overridden(overrides)
+    return overrides
 
 
 def run_collection(args: argparse.Namespace) -> int:
-    overrides = parse_settings(args.settings)
+    from imix2mix.storage import check_output_root, open_output_root
+
+    overrides = _checked_overrides(args)
     if args.plan:
-        return _print_plan(args, overrides)
+        return _print_plan(args, overrides, open_output_root(args.out))
+    check_output_root(args.out)  # a read-only, full or unreachable root fails here, before Prefect and Ray start
     allow_slow_ephemeral_server(os.environ)
+    quiet_temporary_server(os.environ)
+    # The temporary Prefect server and the local Ray are this process's children: if it is killed,
+    # the watchdog stops them.
+    start_watchdog()
     from flows.edit_collection import edit_collection
 
-    summary = edit_collection(
+    state = edit_collection(
         root=args.root, edits=args.edits, output_root=args.out, preset=args.preset, config_overrides=overrides,
         ray_address=args.ray_address, concurrency=args.concurrency, device=args.device, workers=args.workers,
-        cache_dir=args.cache, weights_dir=args.weights_dir,
+        cache_dir=args.cache, weights_dir=args.weights_dir, return_state=True,
     )
+    # A batch with failed edits ends in a Failed state that still carries the summary; a flow that could
+    # not run at all carries its exception (an ImixError is printed as one line by the CLI).
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):
+        raise summary
     _print_runs(summary["runs"])
     print(f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped; "
           f"outputs and manifests in {summary['output_root']}")
     return 1 if summary["failed"] else 0
 
 
-def _print_plan(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+def _print_plan(args: argparse.Namespace, overrides: dict[str, str], output_root: Any) -> int:
     from imix2mix.collection import collection_edit_document, list_scenes, open_root, plan_collection
     from imix2mix.manifests import ManifestStore, succeeded_runs
-    from imix2mix.presets import default_config
+    from imix2mix.config import default_config
 
-    output_root = Path(args.out).expanduser().resolve()
     plan = plan_collection(
         list_scenes(open_root(args.root)), collection_edit_document(args.edits), default_config(args.preset),
         preset=args.preset, output_root=output_root, succeeded=succeeded_runs(ManifestStore(output_root)),

@@ -107,6 +107,43 @@ class DepthControl:
         return _as_control_tensor([self.depth_map(view) for view in views_to_uint8(views)])
 
 
+def build_random_depth_control(tiny: bool = True, seed: int = 0, device: torch.device | str = "cpu") -> DepthControl:
+    """A Depth-Anything estimator of the official class with random weights and no files: ``tiny``
+    (a 4-layer, 16-wide Dinov2 backbone at 28² inputs) or the V2-base architecture (benchmarks)."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor, pipeline
+
+    if tiny:
+        backbone = Dinov2Config(
+            image_size=28, patch_size=14, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+            out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
+        )
+        config = DepthAnythingConfig(
+            backbone_config=backbone, reassemble_hidden_size=16, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8, head_hidden_size=8,
+        )
+        size = 28
+    else:  # Depth-Anything-V2-base: ViT-B/14 backbone, DPT neck of the released config
+        backbone = Dinov2Config(
+            image_size=518, patch_size=14, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+            out_indices=[3, 6, 9, 12], reshape_hidden_states=False, layerscale_value=1.0,
+        )
+        config = DepthAnythingConfig(
+            backbone_config=backbone, reassemble_hidden_size=768, neck_hidden_sizes=[96, 192, 384, 768], fusion_hidden_size=128,
+            head_hidden_size=32, depth_estimation_type="relative",
+        )
+        size = 518
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = DepthAnythingForDepthEstimation(config).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    processor = DPTImageProcessor(
+        size={"height": size, "width": size}, keep_aspect_ratio=True, ensure_multiple_of=14, resample=3,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )
+    return DepthControl(pipeline("depth-estimation", model=model, image_processor=processor, device=torch.device(device)))
+
+
 def load_control_images(kind: str, *, depth_model: str | Path = DEPTH_MODEL, device: torch.device | str = "cpu") -> ControlImages:
     """The control-image maker registered under ``kind`` ("canny" or "depth")."""
     if kind == "canny":

@@ -1,11 +1,12 @@
 """ControlNet teachers (METHOD.md §7 "Beyond editing", §8.1 ``src/teachers.py``): Stable Diffusion 1.5
-with ``lllyasviel/sd-controlnet-canny`` or ``lllyasviel/sd-controlnet-depth``.
+with ``lllyasviel/sd-controlnet-canny`` or ``lllyasviel/sd-controlnet-depth``, registered as
+``controlnet_canny`` and ``controlnet_depth``.
 
 The text is the **target caption** (what the scene should look like), not an instruction; guidance is
-text CFG only (two branches: caption, unconditional), ε̃ = ε_u + s·(ε_text − ε_u).  Each view is
-conditioned on its own control image (Canny edges or depth of its source view, computed once per
-scene in :meth:`ControlNetTeacher.prepare`).  The interface is the InstructPix2Pix teacher's, with the
-guidance settings in :class:`ControlNetTeacherConfig` instead of per call.
+text CFG only (two branches: caption, unconditional), ε̃ = ε_u + s·(ε_text − ε_u), s = ``TeacherConfig.text_cfg``
+(``image_cfg`` is unused).  Each view is conditioned on its own control image (Canny edges or depth of
+its source view, computed once per scene in :meth:`ControlNetTeacher.prepare`).  It implements
+:class:`imix2mix.teachers.base.Teacher`; :class:`ControlNetTeacherConfig` says where its weights are.
 
 Cross-view attention (RCVAttn / extended) replaces the self-attention of the UNet and, unless
 ``cross_view_in_controlnet`` is off, of the ControlNet too (as diffusers' Text2Video-Zero ControlNet
@@ -34,12 +35,15 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from imix2mix.attention import CrossViewAttention, KeyViewState, set_cross_view_attention
+from imix2mix.config import TeacherConfig
+from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError, MissingWeightsError
 from imix2mix.hub import resolve_dir
 from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import replace_modules, use_group_norm32
-from imix2mix.teacher import InstructPix2PixTeacher, _CapturedUnet, _output_in_input_layout, resize_images
+from imix2mix.teachers import register_teacher
 from imix2mix.teachers.control_images import CONTROL_KINDS, DEPTH_MODEL, ControlImages, load_control_images
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher, _CapturedUnet, _output_in_input_layout, resize_images
 
 BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CONTROLNET_MODELS = {"canny": "lllyasviel/sd-controlnet-canny", "depth": "lllyasviel/sd-controlnet-depth"}
@@ -54,13 +58,13 @@ CONTROLNET_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
 
 @dataclass(frozen=True)
 class ControlNetTeacherConfig:
-    """Which weights, which control image, and the guidance of a ControlNet teacher."""
+    """Which weights and which control image a ControlNet teacher uses (its guidance scale is the run's
+    ``TeacherConfig.text_cfg``)."""
 
     control: str = "canny"  # "canny" | "depth"
     base_model: str = BASE_MODEL  # hub id or local diffusers SD-1.5 folder
     controlnet_model: str | None = None  # None: CONTROLNET_MODELS[control]
     depth_model: str = DEPTH_MODEL  # the depth estimator of the "depth" control
-    guidance_scale: float = 7.5  # text CFG s
     conditioning_scale: float = 1.0  # diffusers' controlnet_conditioning_scale
     cross_view_in_controlnet: bool = True
 
@@ -76,11 +80,13 @@ class ControlNetTeacherConfig:
 @dataclass(frozen=True)
 class ControlNetContext:
     """Per-scene constants: ``text_embeddings`` [2, L, D] in the CFG order (caption, ""), and
-    ``control_images`` [N, 3, S, S] in [0, 1], one per source view, in the teacher's dtype."""
+    ``control_images`` [N, 3, S, S] in [0, 1], one per source view, in the teacher's dtype;
+    ``guidance_scale``: the text CFG s."""
 
     text_embeddings: torch.Tensor
     control_images: torch.Tensor
     caption: str = ""
+    guidance_scale: float = 7.5
 
     @property
     def num_views(self) -> int:
@@ -120,8 +126,14 @@ def use_fast_modules(model: torch.nn.Module) -> None:
 class ControlNetTeacher:
     """Frozen SD-1.5 + ControlNet: reference edits, text-CFG ε̃ for SDS, VAE encode/decode.
 
-    On CUDA the networks run in fp16 under ``torch.inference_mode``; on CPU in fp32.
+    On CUDA the networks run in fp16 under ``torch.inference_mode``; on CPU in fp32.  The registered
+    teachers are the subclasses of one control kind each (:class:`ControlNetCannyTeacher`,
+    :class:`ControlNetDepthTeacher`).
     """
+
+    name = "controlnet"
+    control = "canny"
+    joint_edit_shared_noise = True  # T2VZ: diffusers' Text2Video-Zero ControlNet recipe draws one latent for all frames
 
     def __init__(
         self,
@@ -133,6 +145,7 @@ class ControlNetTeacher:
         dtype: torch.dtype | None = None,
     ):
         self.config = config or ControlNetTeacherConfig(control=control_images.kind)
+        self.name = f"controlnet_{self.config.control}"
         if control_images.kind != self.config.control:
             raise ConfigError(f"ControlNet teacher: control images '{control_images.kind}' but config control '{self.config.control}'")
         device = torch.device(device)
@@ -199,19 +212,25 @@ class ControlNetTeacher:
                 f"Stable Diffusion 1.5 (ControlNet teacher): '{base}' is not a usable diffusers pipeline folder with safetensors weights ({exc})."
             ) from exc
         control_images = load_control_images(config.control, depth_model=config.depth_model, device=device)
-        return cls(pipeline, control_images, config, device=device, dtype=load_dtype)
+        return controlnet_teacher_class(config.control)(pipeline, control_images, config, device=device, dtype=load_dtype)
 
     def save_pretrained(self, folder: str | Path) -> ControlNetTeacherConfig:
-        """Write the pipeline (``folder/base``) and the ControlNet (``folder/controlnet``) as safetensors;
-        returns the config that loads them back (the depth estimator is not written)."""
+        """Write SD-1.5 (``folder/sd15``) and the ControlNet (``folder/controlnet_<kind>``) as safetensors,
+        the :meth:`imix2mix.config.WeightSources.local` layout; returns the config that loads them back
+        (the depth estimator is not written)."""
         folder = Path(folder)
-        self.pipeline.save_pretrained(folder / "base", safe_serialization=True)
-        self.controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
+        self.pipeline.save_pretrained(folder / "sd15", safe_serialization=True)
+        self.controlnet.save_pretrained(folder / self.weights_folder, safe_serialization=True)
         return ControlNetTeacherConfig(
-            control=self.config.control, base_model=str(folder / "base"), controlnet_model=str(folder / "controlnet"),
-            depth_model=self.config.depth_model, guidance_scale=self.config.guidance_scale,
-            conditioning_scale=self.config.conditioning_scale, cross_view_in_controlnet=self.config.cross_view_in_controlnet,
+            control=self.config.control, base_model=str(folder / "sd15"), controlnet_model=str(folder / self.weights_folder),
+            depth_model=self.config.depth_model, conditioning_scale=self.config.conditioning_scale,
+            cross_view_in_controlnet=self.config.cross_view_in_controlnet,
         )
+
+    @property
+    def weights_folder(self) -> str:
+        """This ControlNet's folder in the :meth:`imix2mix.config.WeightSources.local` layout."""
+        return f"controlnet_{self.config.control}"
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -296,7 +315,7 @@ class ControlNetTeacher:
 
     # -- per-scene context ----------------------------------------------------------------------
     @staticmethod
-    def check_caption(caption: str) -> str:
+    def check_caption(caption: str | None) -> str:
         if not caption or not caption.strip():
             raise ConfigError(
                 "ControlNet teacher: a target caption is required (a description of the edited scene, e.g."
@@ -310,35 +329,35 @@ class ControlNetTeacher:
         return self.control_images(pixels.cpu()).to(self.device, self.dtype)
 
     @torch.no_grad()
-    def prepare(self, caption: str, originals: torch.Tensor, image_size: int | None = None) -> ControlNetContext:
-        """Text embeddings (caption, "") and each view's control image, once per scene."""
-        self.check_caption(caption)
+    def prepare(self, edit: Edit, originals: torch.Tensor, settings: TeacherConfig) -> ControlNetContext:
+        """Text embeddings (the edit's target caption, "") and each view's control image at
+        ``settings.image_size``, once per scene; the guidance scale is ``settings.text_cfg``."""
+        caption = self.check_caption(edit.target_caption)
         self._captured = None
         return ControlNetContext(
             text_embeddings=self.encode_prompts([caption, ""]),
-            control_images=self.control_images_for(originals, image_size),
+            control_images=self.control_images_for(originals, settings.image_size),
             caption=caption,
+            guidance_scale=settings.text_cfg,
         )
 
     # -- full-pipeline edit and score distillation -----------------------------------------------
-    def pipeline_inputs(self, views: torch.Tensor, caption: str, *, image_size: int | None = None) -> dict[str, Any]:
-        """The ControlNet pipeline's arguments for N views [N, 3, H, W] in [−1, 1] at size S."""
-        self.check_caption(caption)
-        size = image_size or self.image_size
+    def pipeline_inputs(self, views: torch.Tensor, edit: Edit, settings: TeacherConfig) -> dict[str, Any]:
+        """The ControlNet pipeline's arguments for N views [N, 3, H, W] in [−1, 1] at ``settings.image_size``."""
+        caption = self.check_caption(edit.target_caption)
+        size = settings.image_size
         control = self.control_images_for(views, size)
         return dict(
             prompt=[caption] * len(views), image=control, height=size, width=size,
-            guidance_scale=self.config.guidance_scale, controlnet_conditioning_scale=self.config.conditioning_scale,
+            guidance_scale=settings.text_cfg, controlnet_conditioning_scale=self.config.conditioning_scale,
         )
 
-    def edit_image(
-        self, image: torch.Tensor, caption: str, *, steps: int, generator: torch.Generator, image_size: int | None = None
-    ) -> torch.Tensor:
+    def edit_image(self, image: torch.Tensor, edit: Edit, settings: TeacherConfig, generator: torch.Generator) -> torch.Tensor:
         """The ControlNet pipeline's own sample for one view [3, H, W] in [−1, 1], conditioned on that
-        view's control image; returns [3, S, S] in [−1, 1] (plain attention)."""
-        inputs = self.pipeline_inputs(image[None], caption, image_size=image_size)
+        view's control image (``settings.steps`` steps); returns [3, S, S] in [−1, 1] (plain attention)."""
+        inputs = self.pipeline_inputs(image[None], edit, settings)
         with self.plain_attention(), torch.inference_mode():
-            edited = self.pipeline(**inputs, num_inference_steps=steps, generator=generator, output_type="pt").images
+            edited = self.pipeline(**inputs, num_inference_steps=settings.steps, generator=generator, output_type="pt").images
         return (edited[0].float() * 2 - 1).clone()
 
     def predict_noise(self, noisy_latents: torch.Tensor, t: int, context: ControlNetContext, *, key_view: int = 0) -> torch.Tensor:
@@ -366,8 +385,28 @@ class ControlNetTeacher:
             else:
                 eps = self.noise_model(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float()
             eps_text, eps_uncond = eps.chunk(2)
-            guided = eps_uncond + self.config.guidance_scale * (eps_text - eps_uncond)
+            guided = eps_uncond + context.guidance_scale * (eps_text - eps_uncond)
         return guided.clone()  # a normal tensor: it is saved for backward by the SDS surrogate
+
+
+@register_teacher("controlnet_canny")
+class ControlNetCannyTeacher(ControlNetTeacher):
+    """SD-1.5 + ``lllyasviel/sd-controlnet-canny`` on OpenCV Canny edges of each source view."""
+
+    control = "canny"
+    name = "controlnet_canny"
+
+
+@register_teacher("controlnet_depth")
+class ControlNetDepthTeacher(ControlNetTeacher):
+    """SD-1.5 + ``lllyasviel/sd-controlnet-depth`` on Depth-Anything-V2 depth of each source view."""
+
+    control = "depth"
+    name = "controlnet_depth"
+
+
+def controlnet_teacher_class(control: str) -> type[ControlNetTeacher]:
+    return {"canny": ControlNetCannyTeacher, "depth": ControlNetDepthTeacher}[control]
 
 
 # ---------------------------------------------------------------------------------------------

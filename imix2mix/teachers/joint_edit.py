@@ -7,9 +7,7 @@ That is diffusers' ``CrossFrameAttnProcessor`` (Text2Video-Zero) semantics, and 
 The pipeline's batch is CFG groups × N views with the frames of one group contiguous (IP2P: 3
 groups, ControlNet: 2), the layout the processors split by N.
 
-The pipeline inputs are teacher-specific (:func:`ip2p_pipeline_inputs`,
-:meth:`imix2mix.teachers.controlnet.ControlNetTeacher.pipeline_inputs`); :func:`joint_edit` runs any
-of them.
+The pipeline inputs are teacher-specific (``Teacher.pipeline_inputs``); :func:`joint_edit` runs any of them.
 """
 
 from __future__ import annotations
@@ -20,9 +18,9 @@ from typing import Any
 
 import torch
 
-from imix2mix.teacher import resize_images
+from imix2mix.config import BaselineConfig
 
-JOINT_EDIT_STEPS = 100  # the diffusers pipelines' default, as the T2VZ baseline ran them
+JOINT_EDIT_STEPS = BaselineConfig.t2vz_steps  # 100: the diffusers pipelines' default, as the T2VZ baseline ran them
 FIRST_FRAME = 0
 
 
@@ -45,17 +43,6 @@ def first_frame_attention(teacher, num_views: int) -> Iterator[None]:
         yield
     finally:
         teacher.set_cross_view_attention(previous)
-
-
-def ip2p_pipeline_inputs(
-    teacher, views: torch.Tensor, instruction: str, *, text_cfg: float, image_cfg: float, image_size: int | None = None
-) -> dict[str, Any]:
-    """The InstructPix2Pix pipeline's arguments for N views [N, 3, H, W] in [−1, 1] at size S."""
-    pixels = resize_images(views.float(), image_size or teacher.image_size)
-    return dict(
-        prompt=[instruction] * len(views), image=((pixels + 1) / 2).clamp(0, 1).to(teacher.device),
-        guidance_scale=text_cfg, image_guidance_scale=image_cfg,
-    )
 
 
 def joint_edit(

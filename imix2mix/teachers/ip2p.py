@@ -1,12 +1,14 @@
-"""The frozen InstructPix2Pix teacher (METHOD.md §1.1, §1.5 steps 4–6, §1.7).
+"""The frozen InstructPix2Pix teacher (METHOD.md §1.1, §1.5 steps 4–6, §1.7), registered as ``ip2p``.
 
 One :class:`InstructPix2PixTeacher` wraps a diffusers ``StableDiffusionInstructPix2PixPipeline``
-loaded once.  It does three jobs:
+loaded once (the official IP2P weights, or any checkpoint of that pipeline class such as MagicBrush).
+It implements :class:`imix2mix.teachers.base.Teacher`:
 
 * edit one image with the full pipeline (the reference edit, and the teacher-only baseline), always
   with plain attention;
 * the batched dual-CFG ε prediction used by score distillation, for N views at once, each conditioned
-  on its own original view, with the cross-view attention chosen by the caller;
+  on its own original view, with the cross-view attention chosen by the caller (the text and image
+  CFG scales travel in the per-scene :class:`TeacherContext`);
 * VAE decode (output) and encode (the ``decode_encode`` alignment ablation).
 
 Per-scene constants (text embeddings, image-conditioning latents) are computed once by
@@ -28,11 +30,14 @@ from diffusers.models.activations import GEGLU as DiffusersGEGLU
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from imix2mix.attention import CrossViewAttention, KeyViewState, set_cross_view_attention
+from imix2mix.config import TeacherConfig
+from imix2mix.edits import Edit
 from imix2mix.errors import MissingWeightsError
 from imix2mix.hub import resolve_dir
 from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
 from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import replace_modules, use_group_norm32
+from imix2mix.teachers import register_teacher
 
 TEACHER_REPO = "timbrooks/instruct-pix2pix"
 
@@ -50,11 +55,13 @@ class TeacherContext:
 
     ``text_embeddings`` is [3, L, D] in the CFG order (edit prompt, "", ""); ``image_latents`` is
     [N, 4, h, w], the VAE ``latent_dist.mode()`` of each original view, unscaled (diffusers' IP2P
-    convention), so each view is conditioned on its own photo.
+    convention), so each view is conditioned on its own photo; ``text_cfg``/``image_cfg`` are s_T, s_I.
     """
 
     text_embeddings: torch.Tensor
     image_latents: torch.Tensor
+    text_cfg: float
+    image_cfg: float
 
     @property
     def num_views(self) -> int:
@@ -73,11 +80,17 @@ def _output_in_input_layout(self, hidden_states, residual, batch_size, height, w
     return self.proj_out(hidden_states) + residual
 
 
+@register_teacher("ip2p")
 class InstructPix2PixTeacher:
     """Frozen IP2P: reference edits, dual-CFG ε̃ for SDS, VAE encode/decode.
 
     On CUDA the networks run in fp16 under ``torch.inference_mode`` (official numerics); on CPU in fp32.
+    The execution settings (memory format, compiled noise prediction, CUDA-graph replay) are set by
+    :mod:`imix2mix.accel` for the length of one run and reset afterwards.
     """
+
+    name = "ip2p"
+    joint_edit_shared_noise = False  # T2VZ: independent initial draws per frame (diffusers' IP2P pipeline)
 
     def __init__(self, pipeline: StableDiffusionInstructPix2PixPipeline, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
         device = torch.device(device)
@@ -91,6 +104,7 @@ class InstructPix2PixTeacher:
         self.key_view_state = KeyViewState()
         self.noise_unet = self.pipeline.unet  # what predict_noise calls: the UNet, or its compiled form
         self._captured: _CapturedUnet | None = None  # for the current scene and attention mode
+        self.graph_capture = False  # replay predict_noise's UNet pass as a CUDA graph (set by imix2mix.accel)
         self.attention_mode: CrossViewAttention = "none"
         set_cross_view_attention(self.unet, "none", self.key_view_state)
         # The same functions as diffusers' modules; fused Triton kernels on CUDA (GroupNorm once channels-last).
@@ -148,11 +162,28 @@ class InstructPix2PixTeacher:
         self.alphas_cumprod = self.alphas_cumprod.to(self.device)
         return self
 
-    def compile_noise_prediction(self, mode: str = "default") -> None:
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipeline.vae_scale_factor)
+
+    def offload(self) -> None:
+        """Move what is only needed once per scene (the text encoder) to the host."""
+        self.pipeline.text_encoder.to("cpu")
+
+    def onload(self) -> None:
+        self.pipeline.text_encoder.to(self.device)
+
+    # -- execution settings (imix2mix.accel) -----------------------------------------------------
+    def compile_noise_prediction(self, mode: str | None) -> None:
         """``torch.compile`` the UNet for :meth:`predict_noise` only (the reference edit keeps the eager
-        UNet: it runs once per scene at another batch size).  ``mode``: torch.compile's, e.g.
-        "reduce-overhead" for inductor's CUDA graphs."""
-        self.noise_unet = torch.compile(self.pipeline.unet, dynamic=False, mode=mode)
+        UNet: it runs once per scene at another batch size); ``None``: the eager UNet again.  ``mode``:
+        torch.compile's, e.g. "reduce-overhead" for inductor's CUDA graphs."""
+        self.noise_unet = self.pipeline.unet if mode is None else torch.compile(self.pipeline.unet, dynamic=False, mode=mode)
+        self._captured = None
+
+    def set_graph_capture(self, enabled: bool) -> None:
+        """Replay :meth:`predict_noise`'s UNet pass as a CUDA graph captured once per scene and mode."""
+        self.graph_capture = enabled
         self._captured = None
 
     def set_memory_format(self, memory_format: torch.memory_format) -> None:
@@ -180,31 +211,22 @@ class InstructPix2PixTeacher:
             set_cross_view_attention(self.unet, previous, self.key_view_state)
 
     # -- full-pipeline edit ---------------------------------------------------------------------
-    def edit_image(
-        self,
-        image: torch.Tensor,
-        instruction: str,
-        *,
-        text_cfg: float,
-        image_cfg: float,
-        steps: int,
-        generator: torch.Generator,
-        image_size: int | None = None,
-    ) -> torch.Tensor:
-        """Edit one [3, H, W] image in [−1, 1]; returns [3, S, S] in [−1, 1], S = ``image_size``
-        (default: the UNet's native size, 512 for IP2P)."""
-        pixels = resize_images(image[None].float(), image_size or self.image_size)
+    def edit_image(self, image: torch.Tensor, edit: Edit, settings: TeacherConfig, generator: torch.Generator) -> torch.Tensor:
+        """Edit one [3, H, W] image in [−1, 1] with the full pipeline (``settings.steps`` steps, its CFG
+        scales); returns [3, S, S] in [−1, 1], S = ``settings.image_size``."""
+        inputs = self.pipeline_inputs(image[None], edit, settings)
         with self.plain_attention(), torch.inference_mode():
-            edited = self.pipeline(
-                instruction,
-                image=((pixels + 1) / 2).clamp(0, 1).to(self.device),
-                num_inference_steps=steps,
-                guidance_scale=text_cfg,
-                image_guidance_scale=image_cfg,
-                generator=generator,
-                output_type="pt",
-            ).images
+            edited = self.pipeline(**inputs, num_inference_steps=settings.steps, generator=generator, output_type="pt").images
         return (edited[0].float() * 2 - 1).clone()
+
+    def pipeline_inputs(self, views: torch.Tensor, edit: Edit, settings: TeacherConfig) -> dict:
+        """The pipeline's arguments for N views [N, 3, H, W] in [−1, 1] at ``settings.image_size``
+        (one instruction per view, the run's CFG scales)."""
+        pixels = resize_images(views.float(), settings.image_size)
+        return dict(
+            prompt=[edit.instruction] * len(views), image=((pixels + 1) / 2).clamp(0, 1).to(self.device),
+            guidance_scale=settings.text_cfg, image_guidance_scale=settings.image_cfg,
+        )
 
     # -- score distillation ---------------------------------------------------------------------
     @torch.no_grad()
@@ -214,38 +236,28 @@ class InstructPix2PixTeacher:
         return self.pipeline.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
 
     @torch.no_grad()
-    def prepare(self, instruction: str, originals: torch.Tensor, image_size: int | None = None) -> TeacherContext:
+    def prepare(self, edit: Edit, originals: torch.Tensor, settings: TeacherConfig) -> TeacherContext:
         """Text embeddings and per-view conditioning latents, once per scene (no graph kept).
 
-        ``originals`` [N, 3, H, W] in [−1, 1] are resized to ``image_size`` (default: native size).
+        ``originals`` [N, 3, H, W] in [−1, 1] are resized to ``settings.image_size``.
         """
         self._captured = None  # a new scene: new text and image latents
-        text = self.encode_prompts([instruction, "", ""])
-        pixels = resize_images(originals.float(), image_size or self.image_size).to(self.device, self.dtype)
+        text = self.encode_prompts([edit.instruction, "", ""])
+        pixels = resize_images(originals.float(), settings.image_size).to(self.device, self.dtype)
         latents = torch.cat([self.vae.encode(view[None]).latent_dist.mode() for view in pixels])
-        return TeacherContext(text_embeddings=text, image_latents=latents)
+        return TeacherContext(text_embeddings=text, image_latents=latents, text_cfg=settings.text_cfg, image_cfg=settings.image_cfg)
 
     def add_noise(self, latents: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
         """z_t = √ᾱ_t ẑ0 + √(1−ᾱ_t) ε with the teacher's own ``alphas_cumprod``."""
         alpha_bar = self.alphas_cumprod[t]
         return alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
 
-    def predict_noise(
-        self,
-        noisy_latents: torch.Tensor,
-        t: int,
-        context: TeacherContext,
-        *,
-        text_cfg: float,
-        image_cfg: float,
-        key_view: int = 0,
-        cuda_graph: bool = False,
-    ) -> torch.Tensor:
+    def predict_noise(self, noisy_latents: torch.Tensor, t: int, context: TeacherContext, *, key_view: int = 0) -> torch.Tensor:
         """Dual-CFG ε̃ for N views: ε_u + s_T(ε_text − ε_img) + s_I(ε_img − ε_u); fp32, no graph.
 
         The batch is [z_t ×3] ⊕ [src, src, 0] on channels with text [edit, "", ""]: three CFG groups of
-        N views each, the layout the cross-view attention processors expect.  ``cuda_graph``: on CUDA,
-        replay the UNet pass as a graph captured once per scene and attention mode.
+        N views each, the layout the cross-view attention processors expect.  With graph capture on
+        (CUDA), the UNet pass replays a graph captured once per scene and attention mode.
         """
         views = noisy_latents.shape[0]
         self.key_view_state.select(views, key_view, self.device)
@@ -257,14 +269,14 @@ class InstructPix2PixTeacher:
             )
             text = context.text_embeddings.repeat_interleave(views, dim=0)
             timestep = torch.full((3 * views,), t, device=self.device, dtype=torch.long)
-            if cuda_graph and self.device.type == "cuda":
+            if self.graph_capture and self.device.type == "cuda":
                 if self._captured is None or self._captured.input.shape != model_input.shape:
                     self._captured = _CapturedUnet(self.noise_unet, model_input, timestep, text)
                 eps = self._captured(model_input, timestep).float()
             else:
                 eps = self.noise_unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float()
             eps_text, eps_image, eps_uncond = eps.chunk(3)
-            guided = eps_uncond + text_cfg * (eps_text - eps_image) + image_cfg * (eps_image - eps_uncond)
+            guided = eps_uncond + context.text_cfg * (eps_text - eps_image) + context.image_cfg * (eps_image - eps_uncond)
         return guided.clone()  # a normal tensor: it is saved for backward by the SDS surrogate
 
     # -- VAE ------------------------------------------------------------------------------------

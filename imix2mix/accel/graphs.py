@@ -1,0 +1,53 @@
+"""CUDA-graph replay of the student's training step (forward and backward)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from imix2mix.kernels.triton_support import triton_kernels_for_graph_capture
+
+
+class _StudentWithFrameCount(torch.nn.Module):
+    """The student with ``num_frames`` bound, so a CUDA-graph capture sees tensor arguments only."""
+
+    def __init__(self, network: torch.nn.Module, num_frames: int):
+        super().__init__()
+        self.network = network
+        self.num_frames = num_frames
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.network(x, t, y, dense, num_frames=self.num_frames)
+
+
+class GraphedStudent(torch.nn.Module):
+    """The student's forward and backward captured once per scene as CUDA graphs
+    (``torch.cuda.make_graphed_callables``) and replayed every iteration.
+
+    Inputs are copied into static buffers, so shapes are fixed per scene; one forward may be in
+    flight before its backward (the single-step Tweedie query).  Gradients still accumulate into the
+    network's ``.grad`` for the optimizer.
+    """
+
+    def __init__(self, network: torch.nn.Module, cond, num_frames: int, latent_size: int, autocast: contextlib.AbstractContextManager) -> None:
+        super().__init__()
+        device = cond.concat.device
+        sample = (
+            torch.randn(num_frames, 4 + cond.concat.shape[1], latent_size, latent_size, device=device),
+            torch.full((num_frames,), 500, dtype=torch.long, device=device),
+            cond.crossattn.detach().clone(),
+            cond.dense_vector.detach().clone(),
+        )
+        for parameter in network.parameters():  # an earlier scene's gradients: free their memory first
+            parameter.grad = None
+        with autocast, triton_kernels_for_graph_capture():
+            # allow_unused_input: q, k and norm2 of the single-token cross-attentions get no gradient
+            self.graphed = torch.cuda.make_graphed_callables(
+                _StudentWithFrameCount(network, num_frames), sample, allow_unused_input=True
+            )
+        for parameter in network.parameters():  # the warm-up passes left gradients behind
+            parameter.grad = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, dense: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        return self.graphed(x, t, y, dense)
