@@ -51,7 +51,7 @@ def _summary_row(run: Any, status: str, *, seconds: float | None = None, metrics
     (nothing of this run was published; an older result may still be there)."""
     metrics = metrics or {}
     return {"scene": run.scene.scene_id, "edit": run.edit.instruction, "edit_id": run.edit.edit_id,
-            "status": status, "seconds": None if seconds is None else round(seconds, 2),
+            "mode": run.config.mode, "teacher": run.config.teacher.name, "status": status, "seconds": None if seconds is None else round(seconds, 2),
             **{name: metrics.get(name) for name in ("clip_sim", "clip_dir", "clip_cons", "no_edit")},
             "output_dir": None if status == "failed" else str(run.output_dir),
             "output": None if status == "failed" else run.output_subdir.as_posix(), "note": note}
@@ -59,7 +59,7 @@ def _summary_row(run: Any, status: str, *, seconds: float | None = None, metrics
 
 def _problem_row(problem: SceneProblem) -> dict[str, Any]:
     """A scene that could not be planned: it has no (scene, edit) runs, only a reason."""
-    return {"scene": problem.scene.scene_id, "edit": None, "edit_id": None, "status": "failed", "seconds": None,
+    return {"scene": problem.scene.scene_id, "edit": None, "edit_id": None, "mode": None, "teacher": None, "status": "failed", "seconds": None,
             "clip_sim": None, "clip_dir": None, "clip_cons": None, "no_edit": None, "output_dir": None, "output": None,
             "note": problem.error}
 

@@ -18,6 +18,8 @@ Edits come from an *edit document* (YAML or JSON, same schema as a scene's ``edi
         image_cfg: 1.5                        # optional teacher CFG (s_I)
         seed: 0                               # optional
         config: {lr: 5.0e-5}                  # optional EditConfig overrides for this edit only
+        teacher: controlnet_canny             # optional shorthand for config: {teacher: …} (also teacher_id)
+        modes: [distill, teacher_only, t2vz]  # optional (or methods:): one run per mode, to compare them
       - make it snowy                         # shorthand: only the instruction
 
 This module imports neither torch, pycolmap nor the engine at import time, so listings and validation are cheap (the storage
@@ -331,7 +333,8 @@ def fetch_scene(scene: SceneRef, cache_dir: str | os.PathLike[str]) -> Path:
 # Edit specs
 # --------------------------------------------------------------------------------------------------
 
-_EDIT_KEYS = {"instruction", "source_caption", "target_caption", "text_cfg", "image_cfg", "seed", "config"}
+_EDIT_KEYS = {"instruction", "source_caption", "target_caption", "text_cfg", "image_cfg", "seed", "config", "modes", "methods",
+              "teacher", "teacher_id"}
 _DOCUMENT_KEYS = {"source_caption", "config", "edits"}
 
 
@@ -339,12 +342,16 @@ _DOCUMENT_KEYS = {"source_caption", "config", "edits"}
 class EditSpec(Edit):
     """One requested edit of a scene, as written in an edit document (validated).
 
-    ``config`` holds EditConfig overrides for this edit only.  ``edit_id`` names the edit's output
-    folder; it depends on what changes the pixels the edit asks for (instruction, CFG scales, seed)
-    but not on captions (they only feed the CLIP metrics) or on ``config`` (part of the run's config hash).
+    ``config`` holds EditConfig overrides for this edit only (``teacher:`` / ``teacher_id:`` are
+    shorthands for its keys).  ``modes`` (``methods:`` in the file): run modes to compare, one run per
+    mode, each with its own config hash, output folder and manifest row; empty: the config's mode.
+    ``edit_id`` names the edit's output folder; it depends on what changes the pixels the edit asks for
+    (instruction, CFG scales, seed) but not on captions (they only feed the CLIP metrics) or on
+    ``config`` and ``modes`` (part of the run's config hash).
     """
 
     config: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    modes: tuple[str, ...] = field(default=(), hash=False)
 
     @property
     def edit_id(self) -> str:
@@ -429,6 +436,26 @@ def _config_overrides(value: Any, where: str, source: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _modes(item: Mapping[str, Any], where: str, source: str) -> tuple[str, ...]:
+    from imix2mix.config import MODE_NAMES
+
+    if "modes" in item and "methods" in item:
+        raise _fail(source, f"{where} has both 'modes' and 'methods'; keep one")
+    key = "modes" if "modes" in item else "methods"
+    value = item.get(key)
+    if value is None:
+        return ()
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, Sequence) or not names or not all(isinstance(name, str) for name in names):
+        raise _fail(source, f"{where}.{key} must be a non-empty list of run modes, got {value!r}")
+    unknown = [name for name in names if name not in MODE_NAMES]
+    if unknown:
+        raise _fail(source, f"{where}.{key} has unknown mode(s) {unknown}; choose from {', '.join(MODE_NAMES)}")
+    if len(set(names)) != len(names):
+        raise _fail(source, f"{where}.{key} lists a mode twice: {list(names)}")
+    return tuple(names)
+
+
 def _parse_edit(item: Any, index: int, default_source_caption: str | None, source: str) -> EditSpec:
     where = f"edits[{index}]"
     if isinstance(item, str):
@@ -449,7 +476,9 @@ def _parse_edit(item: Any, index: int, default_source_caption: str | None, sourc
         text_cfg=_optional_scale(item.get("text_cfg"), f"{where}.text_cfg", source),
         image_cfg=_optional_scale(item.get("image_cfg"), f"{where}.image_cfg", source),
         seed=_optional_seed(item.get("seed"), f"{where}.seed", source),
-        config=_config_overrides(item.get("config"), f"{where}.config", source),
+        config={**_config_overrides(item.get("config"), f"{where}.config", source),
+                **{key: item[key] for key in ("teacher", "teacher_id") if item.get(key) is not None}},
+        modes=_modes(item, where, source),
     )
 
 
@@ -574,20 +603,22 @@ def edits_for_scene(
                 if document is not None]
     shared = {key: value for _, overrides in sources for key, value in overrides.items()}
 
-    def scene_edit(edit: EditSpec, document: EditDocument) -> SceneEdit:
+    def scene_edits(edit: EditSpec, document: EditDocument) -> list[SceneEdit]:
         own = (f"{document.source}, edit {edit.instruction!r}, config", edit.config)
-        return SceneEdit(edit, {**shared, **edit.config}, tuple(sources) + (own,))
+        if not edit.modes:
+            return [SceneEdit(edit, {**shared, **edit.config}, tuple(sources) + (own,))]
+        return [SceneEdit(edit, {**shared, **edit.config, "mode": mode}, tuple(sources) + (own,)) for mode in edit.modes]
 
-    planned: dict[str, SceneEdit] = {}
+    planned: dict[str, list[SceneEdit]] = {}
     if collection_edits is not None:
         scene_caption = scene_document.source_caption if scene_document else None
         for edit in collection_edits.edits:
             if edit.source_caption is None and scene_caption is not None:
                 edit = replace(edit, source_caption=scene_caption)
-            planned[edit.edit_id] = scene_edit(edit, collection_edits)
+            planned[edit.edit_id] = scene_edits(edit, collection_edits)
     for edit in scene_document.edits if scene_document else ():
-        planned[edit.edit_id] = scene_edit(edit, scene_document)  # the scene's own spec wins
-    return list(planned.values())
+        planned[edit.edit_id] = scene_edits(edit, scene_document)  # the scene's own spec wins
+    return [item for items in planned.values() for item in items]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -677,9 +708,17 @@ class PlannedRun:
         return self.previous_run is not None or self.claimed_by is not None
 
     @property
+    def artifact_parts(self) -> tuple[str, ...]:
+        """What names this run among a batch's runs: scene, edit and (besides distill) its mode."""
+        mode = getattr(self.config, "mode", "distill")
+        return (self.scene.scene_id, self.edit.edit_id) + (() if mode == "distill" else (mode,))
+
+    @property
     def label(self) -> str:
-        """Human-readable run name, e.g. ``face · turn him into a knight``."""
-        return f"{self.scene.scene_id} · {self.edit.instruction}"
+        """Human-readable run name, e.g. ``face · turn him into a knight`` (``… · t2vz`` for a mode other
+        than distill)."""
+        mode = getattr(self.config, "mode", "distill")
+        return f"{self.scene.scene_id} · {self.edit.instruction}" + ("" if mode == "distill" else f" · {mode}")
 
 
 @dataclass(frozen=True)

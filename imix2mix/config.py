@@ -41,8 +41,8 @@ from imix2mix.errors import ConfigError
 
 # Registered names (torch-free copies of the registries in imix2mix.modes and imix2mix.teachers; a test
 # checks they agree).
-MODE_NAMES = ("distill", "teacher_only", "student_only")
-TEACHER_NAMES = ("ip2p",)
+MODE_NAMES = ("distill", "teacher_only", "student_only", "t2vz", "sdedit")
+TEACHER_NAMES = ("ip2p", "controlnet_canny", "controlnet_depth")
 
 ReferenceEdit = Literal["edited", "source"]
 Alignment = Literal["bilinear", "learned", "decode_encode"]
@@ -69,9 +69,11 @@ class TeacherConfig:
     """The frozen 2D editor: its registry name, weights and guidance (METHOD.md §1.1)."""
 
     name: str = field(default="ip2p", metadata=_key("teacher"))
-    model_id: str | None = field(default=None, metadata=_key("teacher_id"))  # None: the preset's weights for ``name``
-    text_cfg: float = 7.5  # s_T
-    image_cfg: float = 1.5  # s_I (image-conditioned teachers only)
+    # None: the preset's weights for ``name``; ip2p: any StableDiffusionInstructPix2PixPipeline (hub id or
+    # folder); controlnet_*: the ControlNet (SD-1.5 and the depth estimator stay the preset's)
+    model_id: str | None = field(default=None, metadata=_key("teacher_id"))
+    text_cfg: float = 7.5  # s_T (the ControlNet teachers' only guidance scale)
+    image_cfg: float = 1.5  # s_I (image-conditioned teachers only: ip2p)
     steps: int = field(default=100, metadata=_key("teacher_steps"))  # full-pipeline edits: diffusers default
     image_size: int = field(default=512, metadata=_key("teacher_image_size"))
 
@@ -155,9 +157,20 @@ class BaselineConfig:
     student_only_steps: int = 50
     student_only_cfg: float = 2.0
     student_only_cfg_min: float = 1.2
+    # t2vz: the teacher's pipeline on all N views at once, cross-frame attention to frame 0
+    t2vz_steps: int = 100
+    # sdedit (App. E.1): independent teacher edits noised to t (the paper: 250, 500, 750), then SEVA's
+    # sampler from t, with MultiviewCFG (cfg_min on frames at an input camera)
+    sdedit_t: int = 500
+    sdedit_steps: int = 50
+    sdedit_cfg: float = 2.0
+    sdedit_cfg_min: float = 1.2
 
     def problems(self) -> list[str]:
-        return ["student_only_steps must be ≥ 1"] if self.student_only_steps < 1 else []
+        found = [f"{name} must be ≥ 1" for name in ("student_only_steps", "t2vz_steps", "sdedit_steps") if getattr(self, name) < 1]
+        if not 1 <= self.sdedit_t <= 999:
+            found.append(f"sdedit_t must be in 1..999 (got {self.sdedit_t})")
+        return found
 
 
 @dataclass(frozen=True)
@@ -227,7 +240,7 @@ _RESULT_PRESERVING = frozenset({"acceleration", "logging"})
 class EditConfig:
     """Every setting of one edit run, in sections; defaults are the official release's."""
 
-    mode: str = "distill"  # a name in imix2mix.modes: distill | teacher_only | student_only
+    mode: str = "distill"  # a name in imix2mix.modes: distill | teacher_only | student_only | t2vz | sdedit
     seed: int = 42
     reference_index: int | None = None  # None: seeded uniform choice, as random.seed(seed); random.choice(views)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -441,6 +454,11 @@ class WeightSources:
     clip_h: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     teacher: str = "timbrooks/instruct-pix2pix"
     clip_metrics: str = "openai/clip-vit-large-patch14"
+    # the ControlNet teachers: SD-1.5, each ControlNet, and the depth control's estimator
+    sd15: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    controlnet_canny: str = "lllyasviel/sd-controlnet-canny"
+    controlnet_depth: str = "lllyasviel/sd-controlnet-depth"
+    depth_estimator: str = "depth-anything/Depth-Anything-V2-base-hf"
 
     @classmethod
     def local(cls, folder: str | Path) -> "WeightSources":
@@ -448,11 +466,17 @@ class WeightSources:
 
             folder/seva/modelv1.1.safetensors   folder/seva_vae/    folder/clip_h/
             folder/teacher/ (diffusers IP2P pipeline)                folder/clip_metrics/
+            folder/sd15/ (diffusers SD-1.5 pipeline)   folder/controlnet_canny/   folder/controlnet_depth/
+            folder/depth/ (transformers depth-estimation model)
+
+        (the ControlNet teachers' folders are read only by runs that use them).
         """
         folder = Path(folder)
         return cls(
             seva=str(folder / "seva"), seva_vae=str(folder / "seva_vae"), seva_vae_subfolder=None,
             clip_h=str(folder / "clip_h"), teacher=str(folder / "teacher"), clip_metrics=str(folder / "clip_metrics"),
+            sd15=str(folder / "sd15"), controlnet_canny=str(folder / "controlnet_canny"),
+            controlnet_depth=str(folder / "controlnet_depth"), depth_estimator=str(folder / "depth"),
         )
 
 
@@ -470,6 +494,6 @@ def default_config(preset: str) -> EditConfig:
     if preset == "tiny":
         return EditConfig().overridden(dict(
             student_image_size=128, teacher_image_size=96, distill_dt=195, k=2, k_initial=4, warmup_steps=4,
-            teacher_steps=4, student_only_steps=4, log_every=1,
+            teacher_steps=4, student_only_steps=4, t2vz_steps=4, sdedit_steps=4, log_every=1,
         ))
     raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")

@@ -66,6 +66,10 @@ RUNS_SCHEMA = pa.schema(
         # collection.scene_content_hash of the scene's files when planned; null in files written before it existed
         pa.field("scene_content_hash", pa.string()),
         pa.field("preset", pa.string(), nullable=False),
+        # the run mode and the teacher (EditConfig.mode, .teacher.name / .model_id); null in files written before them
+        pa.field("mode", pa.string()),
+        pa.field("teacher", pa.string()),
+        pa.field("teacher_id", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("status", pa.string(), nullable=False),  # succeeded | failed | skipped
         pa.field("error", pa.string()),
@@ -527,6 +531,9 @@ def run_row(
         "config_hash": run.config_hash,
         "scene_content_hash": run.scene_content_hash,
         "preset": preset,
+        "mode": run.config.mode,
+        "teacher": run.config.teacher.name,
+        "teacher_id": run.config.teacher.model_id,
         "seed": run.config.seed,
         "status": status,
         "error": error,

@@ -140,10 +140,10 @@ class ClipMetricsModel:
     def from_pretrained(cls, source: str | Path = CLIP_METRICS_REPO, *, device: torch.device | str = "cpu") -> "ClipMetricsModel":
         folder = resolve_dir(source, what="CLIP ViT-L/14 (metrics)", hint="It is public: `hf download openai/clip-vit-large-patch14`.")
         try:
-            model = CLIPModel.from_pretrained(folder)
+            model = CLIPModel.from_pretrained(folder, use_safetensors=True)
             tokenizer = CLIPTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as exc:
-            raise MissingWeightsError(f"CLIP ViT-L/14 (metrics): '{folder}' is not a CLIP model folder ({exc}).") from exc
+            raise MissingWeightsError(f"CLIP ViT-L/14 (metrics): '{folder}' is not a CLIP model folder with safetensors weights ({exc}).") from exc
         return cls(model, tokenizer, device=device)
 
     @property

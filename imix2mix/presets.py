@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,13 @@ from imix2mix.seva.loading import load_seva, save_seva
 from imix2mix.students import SevaStudent
 from imix2mix.teachers import teacher_class
 from imix2mix.teachers.base import Teacher
+from imix2mix.teachers.control_images import CannyControl, build_random_depth_control
+from imix2mix.teachers.controlnet import (
+    ControlNetArchitecture,
+    ControlNetTeacher,
+    ControlNetTeacherConfig,
+    build_random_controlnet_pipeline,
+)
 from imix2mix.teachers.ip2p import InstructPix2PixTeacher
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +250,8 @@ def build_editor(
 class TeacherLoader:
     """Builds the teacher a run's :class:`~imix2mix.config.TeacherConfig` names, as the preset says:
     random weights of the preset's architecture, or the weights of ``model_id`` (a hub id or a local
-    folder; default: the preset's :class:`WeightSources`)."""
+    folder; default: the preset's :class:`WeightSources`).  For the ControlNet teachers ``model_id`` is
+    the ControlNet; SD-1.5 and the depth estimator come from :class:`WeightSources`."""
 
     preset: str
     random_weights: bool
@@ -257,7 +266,24 @@ class TeacherLoader:
                 arch = TeacherArchitecture.tiny() if self.preset == "tiny" else TeacherArchitecture.sd15()
                 return InstructPix2PixTeacher(build_random_teacher_pipeline(arch, self.seed, self.device), device=self.device)
             return InstructPix2PixTeacher.from_pretrained(settings.model_id or self.weights.teacher, device=self.device)
+        if issubclass(cls, ControlNetTeacher):
+            return self._controlnet_teacher(cls, settings)
         raise ConfigError(f"no preset builds teacher '{settings.name}'")  # pragma: no cover - every registered teacher is handled
+
+
+    def _controlnet_teacher(self, cls: type[ControlNetTeacher], settings: TeacherConfig) -> ControlNetTeacher:
+        if self.random_weights:
+            tiny = self.preset == "tiny"
+            arch = ControlNetArchitecture.from_teacher_architecture(TeacherArchitecture.tiny() if tiny else TeacherArchitecture.sd15())
+            if tiny:
+                arch = dataclasses.replace(arch, conditioning_channels=(8, 8, 16, 16))
+            control = CannyControl() if cls.control == "canny" else build_random_depth_control(tiny, self.seed, self.device)
+            return cls(build_random_controlnet_pipeline(arch, self.seed, self.device), control, device=self.device)
+        source = settings.model_id or getattr(self.weights, f"controlnet_{cls.control}")
+        config = ControlNetTeacherConfig(
+            control=cls.control, base_model=self.weights.sd15, controlnet_model=source, depth_model=self.weights.depth_estimator,
+        )
+        return ControlNetTeacher.from_pretrained(config, device=self.device)
 
 
 def save_editor_weights(editor: Editor, folder: str | Path) -> WeightSources:

@@ -36,7 +36,7 @@ class ProgressArtifact:
     def __init__(self, run: PlannedRun):
         self.run = run
         self.artifact_id = create_progress_artifact(
-            progress=0.0, key=artifact_key("progress", run.scene.scene_id, run.edit.edit_id),
+            progress=0.0, key=artifact_key("progress", *run.artifact_parts),
             description=f"Distillation of {run.label}",
         )
         self._percent = 0
@@ -69,10 +69,10 @@ def publish_run_artifacts(run: PlannedRun, outcome: Any, contact_sheet: Path) ->
                  "clip_cons": metrics.clip_cons}]
         rows += [{"view": index, "clip_sim": view.clip_sim, "clip_dir": view.clip_dir, "clip_cons": view.clip_cons}
                  for index, view in enumerate(metrics.views)]
-        create_table_artifact(table=rows, key=artifact_key("metrics", run.scene.scene_id, run.edit.edit_id), description=f"CLIP metrics of {run.label}")
+        create_table_artifact(table=rows, key=artifact_key("metrics", *run.artifact_parts), description=f"CLIP metrics of {run.label}")
     result = outcome.result
     create_markdown_artifact(
-        key=artifact_key("contact-sheet", run.scene.scene_id, run.edit.edit_id),
+        key=artifact_key("contact-sheet", *run.artifact_parts),
         description=f"Contact sheet of {run.label}",
         markdown="\n".join([
             f"### {run.label}",

@@ -345,3 +345,29 @@ def yaml_load(text: str) -> object:
     import yaml
 
     return yaml.safe_load(text)
+
+
+def test_an_edit_lists_modes_and_teachers_and_the_plan_fans_out(collection: Path, tmp_path: Path) -> None:
+    from imix2mix.config import EditConfig
+
+    (collection / "face" / "edits.yaml").write_text(
+        "edits:\n  - instruction: make it snowy\n    target_caption: a snowy photo\n"
+        "    teacher: controlnet_canny\n    teacher_id: my/controlnet\n    modes: [distill, teacher_only, t2vz]\n"
+    )
+    (spec,) = load_edit_document(collection / "face" / "edits.yaml").edits
+    assert spec.modes == ("distill", "teacher_only", "t2vz")
+    assert spec.config == {"teacher": "controlnet_canny", "teacher_id": "my/controlnet"}
+    assert spec.edit_id == EditSpec("make it snowy").edit_id  # modes and teachers are in the config hash instead
+    plan = plan_collection([find_scene(collection, "face")], None, EditConfig(), preset="tiny", output_root=tmp_path / "out",
+                           succeeded={})
+    assert [run.config.mode for run in plan.runs] == ["distill", "teacher_only", "t2vz"]
+    assert {run.config.teacher.name for run in plan.runs} == {"controlnet_canny"}
+    assert {run.config.teacher.model_id for run in plan.runs} == {"my/controlnet"}
+    assert len({run.config_hash for run in plan.runs}) == len({run.output_dir for run in plan.runs}) == 3
+    assert [run.label for run in plan.runs] == ["face · make it snowy", "face · make it snowy · teacher_only",
+                                                "face · make it snowy · t2vz"]
+    assert parse_edit_document({"edits": [{"instruction": "x", "methods": "sdedit"}]}).edits[0].modes == ("sdedit",)
+    for bad, message in (({"modes": ["dreamfusion"]}, "unknown mode"), ({"modes": []}, "non-empty list"),
+                         ({"modes": ["t2vz", "t2vz"]}, "twice"), ({"modes": ["t2vz"], "methods": ["sdedit"]}, "keep one")):
+        with pytest.raises(ConfigError, match=message):
+            parse_edit_document({"edits": [{"instruction": "x", **bad}]}, "/data/face/edits.yaml")

@@ -280,3 +280,27 @@ def test_cli_collection_runs_the_flow_and_reports(first_batch: Batch, tmp_path: 
     out = capsys.readouterr().out
     assert code == 0
     assert "0 succeeded, 0 failed, 4 skipped" in out and "skipped    face · make it snowy" in out
+
+
+def test_modes_listed_per_edit_fan_out_into_their_own_runs_and_rows(tmp_path: Path) -> None:
+    """2 scenes × 1 edit × modes {distill, teacher_only, t2vz}: six runs, six folders, six manifest rows
+    with their mode, teacher and metrics; the re-run skips all six."""
+    root = copy_examples(tmp_path / "photos")
+    for own in root.glob("*/edits.yaml"):
+        own.unlink()  # only the collection-wide edit below
+    edits = {"edits": [{"instruction": "make it snowy", "target_caption": "a photo in the snow",
+                        "modes": ["distill", "teacher_only", "t2vz"]}]}
+    summary, _ = run_collection(root, tmp_path / "out", tmp_path / "cache", edits=edits)
+    assert summary["succeeded"] == 6 and summary["failed"] == 0
+    assert sorted((row["scene"], row["mode"]) for row in summary["runs"]) == sorted(
+        (scene, mode) for scene in ("face", "person-small") for mode in ("distill", "teacher_only", "t2vz"))
+    runs = ManifestStore(tmp_path / "out").read_rows(RUNS)
+    assert len(runs) == 6 and {run["status"] for run in runs} == {"succeeded"}
+    assert len({(run["scene_id"], run["edit_id"], run["mode"]) for run in runs}) == 6
+    assert len({run["output_dir"] for run in runs}) == 6 and {run["teacher"] for run in runs} == {"ip2p"}
+    for run in runs:
+        assert run["clip_sim"] is not None and run["clip_cons"] is not None and run["epipolar_source_fraction"] is not None
+        assert run["iterations"] == (2 if run["mode"] == "distill" else 0)
+        assert (tmp_path / "out" / run["output_dir"] / "contact_sheet.png").is_file()
+    again, _ = run_collection(root, tmp_path / "out", tmp_path / "cache", edits=edits)
+    assert again["skipped"] == 6 and again["succeeded"] == again["failed"] == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from imix2mix.errors import ConfigError
 
 
@@ -13,4 +15,26 @@ def parse_settings(items: list[str] | None) -> dict[str, str]:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got '{item}'")
         settings[key.strip()] = value.strip()
+    return settings
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--teacher``, ``--teacher-id`` and ``--mode``: shorthands for ``--set teacher=…`` etc."""
+    from imix2mix.config import MODE_NAMES, TEACHER_NAMES
+
+    parser.add_argument("--teacher", choices=TEACHER_NAMES, default=None,
+                        help="the 2D editor that teaches (default: ip2p); controlnet_* need --target-caption")
+    parser.add_argument("--teacher-id", default=None, metavar="ID",
+                        help="the teacher's weights: a hub id or local folder (ip2p: any InstructPix2Pix-pipeline "
+                             "checkpoint, e.g. vinesmsuic/magicbrush-jul7; controlnet_*: the ControlNet)")
+    parser.add_argument("--mode", choices=MODE_NAMES, default=None,
+                        help="run mode: distill (I-Mix2Mix, default) or a comparison method")
+
+
+def selected_settings(args: argparse.Namespace) -> dict[str, str]:
+    """``--set`` values with ``--teacher`` / ``--teacher-id`` / ``--mode`` applied on top."""
+    settings = parse_settings(args.settings)
+    for key, value in (("teacher", args.teacher), ("teacher_id", args.teacher_id), ("mode", args.mode)):
+        if value is not None:
+            settings[key] = value
     return settings

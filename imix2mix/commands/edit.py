@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from imix2mix.commands import parse_settings
+from imix2mix.commands import add_selection_arguments, selected_settings
 from imix2mix.errors import ConfigError
 
 
@@ -23,6 +23,9 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "OUT/<scene>/<instruction slug>-<run hash> (default: outputs)")
     parser.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
                         help="override an EditConfig setting, e.g. --set k=25 --set cross_view_attention=none (repeatable)")
+    add_selection_arguments(parser)
+    parser.add_argument("--target-caption", default=None,
+                        help="caption of the edited scene (CLIP Sim./Dir.; the prompt of the controlnet_* teachers)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--weights-dir", type=Path, default=None,
                         help="local folder with seva/, seva_vae/, clip_h/, teacher/, clip_metrics/ instead of the Hugging Face Hub")
@@ -36,7 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     edit = subparsers.add_parser("edit", help="edit all views of a scene consistently (I-Mix2Mix)")
     _add_common_arguments(edit)
     edit.add_argument("--source-caption", default=None, help="caption of the original scene (CLIP Dir.)")
-    edit.add_argument("--target-caption", default=None, help="caption of the edited scene (CLIP Sim./Dir.)")
     edit.add_argument("--no-metrics", action="store_true", help="skip the CLIP metrics (and loading CLIP ViT-L/14)")
     edit.set_defaults(handler=run_edit)
 
@@ -69,7 +71,7 @@ def _setup(args: argparse.Namespace, *, metrics: bool):
     from imix2mix.scene import load_scene
 
     # A bad --set is refused before anything is read or built.
-    config = default_config(args.preset).overridden(parse_settings(args.settings))
+    config = default_config(args.preset).overridden(selected_settings(args))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is available")
@@ -156,7 +158,7 @@ def run_preview(args: argparse.Namespace) -> int:
 
     root = _check_output_root(args)
     scene, editor, config = _setup(args, metrics=False)
-    edit = Edit(args.instruction)
+    edit = Edit(args.instruction, target_caption=args.target_caption)
     reference, image = editor.preview(scene, edit, config)
     relative = f"{_run_folder(args, scene, edit, config)}/preview.png"
     root.write_bytes(relative, png_bytes(image))

@@ -14,7 +14,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from imix2mix.commands import parse_settings
+from imix2mix.commands import add_selection_arguments, selected_settings
 from imix2mix.orphans import start_watchdog
 
 EPHEMERAL_SERVER_STARTUP_SECONDS = 120
@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             help="full: official weights; tiny: small random models that exercise the pipeline")
     collection.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
                             help="override an EditConfig setting for every run (repeatable)")
+    add_selection_arguments(collection)
     collection.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                             help="auto: GPUs when the Ray cluster has them (one actor per GPU)")
     collection.add_argument("--workers", type=int, default=None, help="EditWorker actors (default: one per GPU, or 1)")
@@ -96,7 +97,7 @@ def _checked_overrides(args: argparse.Namespace) -> dict[str, str]:
     """``--set`` values, refused when bad (e.g. ``lr=nan``) before Prefect and Ray start (torch-free)."""
     from imix2mix.config import default_config
 
-    overrides = parse_settings(args.settings)
+    overrides = selected_settings(args)
     default_config(args.preset).overridden(overrides)
     return overrides
 

@@ -25,10 +25,10 @@ def mode_names() -> tuple[str, ...]:
 
 
 def _register_built_in_modes() -> None:
-    from imix2mix.modes.baselines import StudentOnlyMode, TeacherOnlyMode
+    from imix2mix.modes.baselines import JointEditMode, SDEditMode, StudentOnlyMode, TeacherOnlyMode
     from imix2mix.modes.distill import DistillMode
 
-    for mode in (DistillMode(), TeacherOnlyMode(), StudentOnlyMode()):
+    for mode in (DistillMode(), TeacherOnlyMode(), StudentOnlyMode(), JointEditMode(), SDEditMode()):
         register_mode(mode)
 
 

@@ -43,16 +43,19 @@ class SevaSchedule:
         sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod) * math.exp(self.log_snr_shift)
         return torch.tensor(sigmas, dtype=torch.float32)
 
-    def sampling_timesteps(self, num_steps: int) -> np.ndarray:
-        """DDPM indices of an ``num_steps`` sub-schedule, ascending (50 steps: 19, 39, …, 999)."""
-        if num_steps >= self.num_timesteps:
-            return np.arange(self.num_timesteps)
-        last = self.num_timesteps - 1
+    def sampling_timesteps(self, num_steps: int, start: int | None = None) -> np.ndarray:
+        """DDPM indices of an ``num_steps`` sub-schedule from ``start`` (default: the last index, 999)
+        down, ascending (50 steps: 19, 39, …, 999; from 500: 10, 20, …, 500)."""
+        last = self.num_timesteps - 1 if start is None else int(start)
+        if not 0 <= last < self.num_timesteps:
+            raise ValueError(f"start index {last} outside 0..{self.num_timesteps - 1}")
+        if num_steps > last:
+            return np.arange(last + 1)
         return np.linspace(last, 0, num_steps, endpoint=False).astype(int)[::-1]
 
-    def sampling_sigmas(self, num_steps: int) -> torch.Tensor:
+    def sampling_sigmas(self, num_steps: int, start: int | None = None) -> torch.Tensor:
         """σ of the sampler: descending, float32, with a trailing 0 (``num_steps + 1`` values)."""
-        sigmas = self._sigmas_for(self.alphas_cumprod[self.sampling_timesteps(num_steps)])
+        sigmas = self._sigmas_for(self.alphas_cumprod[self.sampling_timesteps(num_steps, start)])
         return torch.cat([sigmas.flip(0), sigmas.new_zeros(1)])
 
     def table(self, device: torch.device | str) -> torch.Tensor:
@@ -293,13 +296,15 @@ class EulerEDMSampler:
         s_tmin: float = 0.0,
         s_tmax: float = 999.0,
         s_noise: float = 1.0,
+        start: int | None = None,
     ) -> None:
         self.schedule = schedule or SevaSchedule()
         self.num_steps = num_steps
+        self.start = start  # first DDPM index of the sub-schedule (None: the last, 999)
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
 
     def sigmas(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self.schedule.sampling_sigmas(self.num_steps).to(device)
+        return self.schedule.sampling_sigmas(self.num_steps, self.start).to(device)
 
     def initial_latent(self, standard_normal: torch.Tensor) -> torch.Tensor:
         """Scale N(0,1) noise to the first noise level: x₀ = n·√(1+σ₀²)."""
@@ -342,9 +347,26 @@ class EulerEDMSampler:
         on_step: Callable[[int, StepRecord], None] | None = None,
     ) -> torch.Tensor:
         """Sample from N(0,1) ``standard_normal`` [B·T,4,h,w]; per-step noise from ``noise`` or ``generator``."""
+        return self.denoise(
+            denoiser, self.initial_latent(standard_normal), cond, uncond, guider, num_frames, cameras, noise, generator, on_step
+        )
+
+    def denoise(
+        self,
+        denoiser: SevaDenoiser,
+        x: torch.Tensor,
+        cond: SevaConditioning,
+        uncond: SevaConditioning | None,
+        guider: Guider,
+        num_frames: int,
+        cameras: GuidanceCameras | None = None,
+        noise: NoiseSource | None = None,
+        generator: torch.Generator | None = None,
+        on_step: Callable[[int, StepRecord], None] | None = None,
+    ) -> torch.Tensor:
+        """Run every step from ``x`` [B·T,4,h,w] at the first σ of :meth:`sigmas` down to 0."""
         noise = noise or generator_noise(generator)
-        sigmas = self.sigmas(standard_normal.device)
-        x = self.initial_latent(standard_normal)
+        sigmas = self.sigmas(x.device)
         ones = x.new_ones(x.shape[0])
         num_sigmas = len(sigmas)
         for i in range(num_sigmas - 1):

@@ -29,6 +29,6 @@ def teacher_names() -> tuple[str, ...]:
     return _TEACHERS.names()
 
 
-from imix2mix.teachers import ip2p  # noqa: E402  (registers the built-in teachers)
+from imix2mix.teachers import controlnet, ip2p  # noqa: E402  (registers the built-in teachers)
 
-__all__ = ["Teacher", "register_teacher", "teacher_class", "teacher_names", "ip2p"]
+__all__ = ["Teacher", "controlnet", "register_teacher", "teacher_class", "teacher_names", "ip2p"]

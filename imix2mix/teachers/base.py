@@ -40,6 +40,11 @@ class Teacher(Protocol):
     def edit_image(self, image: torch.Tensor, edit: Edit, settings: TeacherConfig, generator: torch.Generator) -> torch.Tensor:
         """The full 2D edit of one [3, H, W] image in [−1, 1] → [3, S, S], S = ``settings.image_size``."""
 
+    def pipeline_inputs(self, views: torch.Tensor, edit: Edit, settings: TeacherConfig) -> dict[str, Any]:
+        """The teacher's diffusers pipeline arguments for N views [N, 3, H, W] in [−1, 1] (one prompt per
+        view): what the T2VZ mode runs as one batch.  ``joint_edit_shared_noise``: one initial latent for
+        all frames in that mode."""
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, S, S] in [−1, 1] → scaled latents (differentiable)."""
 

@@ -120,6 +120,7 @@ class InstructPix2PixTeacher:
     """
 
     name = "ip2p"
+    joint_edit_shared_noise = False  # T2VZ: independent initial draws per frame (diffusers' IP2P pipeline)
 
     def __init__(self, pipeline: StableDiffusionInstructPix2PixPipeline, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
         device = torch.device(device)
@@ -151,16 +152,20 @@ class InstructPix2PixTeacher:
     def from_pretrained(
         cls, source: str | Path = TEACHER_REPO, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> "InstructPix2PixTeacher":
-        """Load a diffusers IP2P folder (or hub id) once, without the safety checker."""
+        """Load a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder or hub id once, without the
+        safety checker: InstructPix2Pix or a checkpoint of its family (e.g. MagicBrush
+        ``vinesmsuic/magicbrush-jul7``).  Only safetensors weights are loaded."""
         folder = resolve_dir(source, what="InstructPix2Pix teacher", hint="It is public: `hf download timbrooks/instruct-pix2pix`.")
         device = torch.device(device)
         load_dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         try:
             pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-                folder, dtype=load_dtype, safety_checker=None, requires_safety_checker=False
+                folder, dtype=load_dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
             )
         except (OSError, ValueError) as exc:
-            raise MissingWeightsError(f"InstructPix2Pix teacher: '{folder}' is not a usable diffusers pipeline folder ({exc}).") from exc
+            raise MissingWeightsError(
+                f"InstructPix2Pix teacher: '{folder}' is not a usable diffusers pipeline folder with safetensors weights ({exc})."
+            ) from exc
         return cls(pipeline, device=device, dtype=load_dtype)
 
     @property
@@ -252,17 +257,18 @@ class InstructPix2PixTeacher:
         """Edit one [3, H, W] image in [−1, 1] with the full pipeline (``settings.steps`` steps, its CFG
         scales); returns [3, S, S] in [−1, 1], S = ``settings.image_size``.  The input goes to the
         pipeline as the official code passes it (:func:`reference_edit_input`)."""
+        inputs = self.pipeline_inputs(image[None], edit, settings)
         with self.plain_attention(), torch.inference_mode():
-            edited = self.pipeline(
-                edit.instruction,
-                image=reference_edit_input(image, settings.image_size),
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.text_cfg,
-                image_guidance_scale=settings.image_cfg,
-                generator=generator,
-                output_type="pt",
-            ).images
+            edited = self.pipeline(**inputs, num_inference_steps=settings.steps, generator=generator, output_type="pt").images
         return (edited[0].float() * 2 - 1).clone()
+
+    def pipeline_inputs(self, views: torch.Tensor, edit: Edit, settings: TeacherConfig) -> dict:
+        """The pipeline's arguments for N views [N, 3, H, W] in [−1, 1] at ``settings.image_size``
+        (one instruction per view, the run's CFG scales; each view converted as the official code does)."""
+        return dict(
+            prompt=[edit.instruction] * len(views), image=[reference_edit_input(view, settings.image_size) for view in views],
+            guidance_scale=settings.text_cfg, image_guidance_scale=settings.image_cfg,
+        )
 
     # -- score distillation ---------------------------------------------------------------------
     @torch.no_grad()
