@@ -49,9 +49,11 @@ Alignment = Literal["bilinear", "learned", "decode_encode"]
 OutputDecoder = Literal["teacher", "seva"]
 TeacherTimestepSchedule = Literal["truncnorm", "uniform", "tau_matched"]
 CrossViewAttention = Literal["rcv", "extended", "none"]
-# adamw*: torch's AdamW (one update rule, three implementations); adamw_bf16_states: the lean mode's
-# AdamW with bf16 moments (changes numerics, see imix2mix/optim.py).
+# adamw*: torch's AdamW (one update rule, three implementations); adamw_bf16_states: AdamW with bf16
+# moments (the lean and 24gb memory profiles; changes numerics, see imix2mix/optim.py).
 OptimizerName = Literal["adamw", "adamw_fused", "adamw_foreach", "adamw_bf16_states"]
+# The optimizers whose update can also write the bf16 weight copies (one fused Triton pass).
+COPY_OPTIMIZERS = ("adamw_fused", "adamw_bf16_states")
 StudentPrecision = Literal["bf16_autocast", "fp32"]
 # Which kernels the models' fused ops run (imix2mix.kernels.dispatch; see AccelerationConfig.kernels).
 KernelChoice = Literal["auto", "torch", "triton"]
