@@ -105,10 +105,3 @@ def test_the_execution_context_undoes_the_24gb_plan():
         assert p.dtype == torch.float32 and torch.equal(p.detach(), before[name]), name
         assert p.is_contiguous(), name
 
-
-def test_the_benchmark_modes_are_the_profiles():
-    from benchmarks.bench_edit import MODES, _parse_set, mode_allocator
-
-    settings = EditConfig().overridden(dict(_parse_set(item) for item in MODES["24gb"]))
-    assert settings == profile_config("24gb")
-    assert mode_allocator("24gb") == "expandable_segments:True" and mode_allocator("graphed") == ""
