@@ -46,3 +46,21 @@ def test_edit_end_to_end_runs_the_tiny_preset(tmp_path: Path):
     assert [run["iterations"] for run in warm["runs"]] == [6, 12]  # 6 τ × k
     assert warm["schedule_iterations"] == 14 and "extrapolated" in warm["label"]
     assert report["cold_start"]["estimated_cold_start_seconds"] > report["cold_start"]["model_build_seconds_random_weights"]
+
+
+def test_loop_drift_reports_the_24gb_profiles_weight_drift(tmp_path: Path):
+    """The 24gb configuration (bf16 AdamW moments: AdamWLowPrecisionStates on the CPU) drifts from the
+    eager fp32 reference; the reference's weight snapshots are copies, not the live parameters that
+    the next configuration trains (else every weight drift read 0 on the CPU)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    out = tmp_path / "drift.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/loop_drift.py", "--device", "cpu", "--preset", "tiny", "--iterations", "4",
+         "--seconds", "0", "--snapshots", "1", "--configs", "eager_fp32,eager_fp32_again,24gb", "--json", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())["configurations"]
+    assert report["24gb"]["plan"]["optimizer"] == "AdamWLowPrecisionStates"
+    assert report["24gb"]["max"]["weights_rel_to_update"] > 0
+    assert report["eager_fp32_again"]["max"]["weights_rel_to_update"] == 0  # the CPU is deterministic
