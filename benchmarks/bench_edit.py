@@ -277,7 +277,7 @@ def _parse_set(item: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full", choices=["full", "tiny"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--views", type=int, nargs="+", default=[4])
     parser.add_argument("--modes", default="official", help=f"comma-separated, from: {', '.join(MODES)}")
     parser.add_argument("--sweep-mode", default=None, help="mode for the N sweep and the ablations")
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
 
-    device = torch.device(args.device)
+    # Only now touch CUDA: the allocator configuration above is read when CUDA initialises.
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         # Official numerics: bf16 autocast compute, fp32 master weights; TF32 for leftover fp32 matmuls.
         torch.backends.cuda.matmul.allow_tf32 = True
