@@ -13,10 +13,15 @@ of reading the real checkpoints: their sizes (:data:`CHECKPOINT_GB`) ÷ the disk
 here by writing a 2 GiB file, evicting it from the page cache (``posix_fadvise(DONTNEED)`` after
 ``fsync``; the report says whether that could be checked) and reading it back.
 
+(c) ``--modes``: after those, one edit per run mode (``MODE`` or ``MODE:TEACHER``, e.g. ``t2vz``,
+``distill:controlnet_canny``) at k = K₁ and ``--teacher-steps``: seconds, peak memory, CLIP metrics and
+whether the outputs are finite (the comparison modes' and teachers' paths on the device).
+
 The allocator configuration of a memory profile is a process setting, so one profile per process:
 
     python benchmarks/edit_end_to_end.py --memory default      # GPU: full size, N = 4
     python benchmarks/edit_end_to_end.py --memory 24gb
+    python benchmarks/edit_end_to_end.py --modes teacher_only,student_only,t2vz,distill:controlnet_canny
     python benchmarks/edit_end_to_end.py --preset tiny --k 1 2  # CPU smoke test
 
 Imports neither Prefect, Ray nor pycolmap (the report lists any of them found loaded).
@@ -115,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, nargs=2, default=(2, 6), metavar=("K1", "K2"),
                         help="iterations per τ (and k_initial) of the two timed edits")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig override")
+    parser.add_argument("--scene", type=Path, default=None, help="a scene folder (default: a synthetic scene of --views views)")
+    parser.add_argument("--modes", default="", help="also one edit per comma-separated MODE or MODE:TEACHER (c)")
+    parser.add_argument("--teacher-steps", type=int, default=5, help="teacher steps of the --modes runs")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the disk-rate file (default: the temp dir)")
     parser.add_argument("--disk-bytes", type=int, default=DISK_TEST_BYTES)
     parser.add_argument("--no-disk", action="store_true", help="skip the disk read rate")
@@ -124,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--k K1 K2 needs K1 < K2")
     apply_allocator(args.memory, os.environ)  # before torch initialises CUDA
 
+    import numpy as np
     import torch
 
     from bench_edit import synthetic_scene
@@ -139,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     base = default_config(args.preset).overridden(memory_settings(args.memory, dict(item.split("=", 1) for item in args.set)))
     schedule_iterations = base.total_iterations
     edit = Edit(EDIT_TEXT[0], source_caption=EDIT_TEXT[1], target_caption=EDIT_TEXT[2])
-    scene = synthetic_scene(args.views, max(base.method.student_image_size, 64))
+    if args.scene is not None:
+        from imix2mix.scene import load_scene
+
+        scene = load_scene(args.scene)
+    else:
+        scene = synthetic_scene(args.views, max(base.method.student_image_size, 64))
 
     # (b) cold start: building the models
     started = time.perf_counter()
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     sync()
     build_seconds = time.perf_counter() - started
 
-    def scene_run(k: int, overrides: dict | None = None) -> dict:
+    def scene_run(k: int, overrides: dict | None = None, check: bool = False) -> dict:
         config = base.overridden({"k": k, "k_initial": k, **(overrides or {})})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -162,8 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             write_edit_outputs(result, scene, folder, metrics=metrics)
         write_seconds = time.perf_counter() - started
+        extra = {}
+        if check:  # the --modes runs: what came out, not only how long it took
+            extra = {
+                "finite": all(bool(np.isfinite(view.astype(np.float32)).all()) for view in result.views),
+                "views": len(result.views), "full_view_shapes": [list(v.shape) for v in result.full_views],
+                "metrics": {k: getattr(metrics, k) for k in ("clip_sim", "clip_dir", "clip_cons")},
+            }
         return {
-            "k": k, "iterations": result.iterations, "edit_seconds": edit_seconds, "metrics_seconds": metrics_seconds,
+            **extra, "k": k, "iterations": result.iterations, "edit_seconds": edit_seconds, "metrics_seconds": metrics_seconds,
             "write_seconds": write_seconds, "timings": dict(result.timings),
             "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
@@ -202,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             estimated_cold_start_seconds=build_seconds + load_seconds,
             label="estimate: build time with random weights + checkpoint bytes ÷ measured sequential read rate",
         )
+    report["modes"] = {}
+    for run in [item for item in args.modes.split(",") if item]:
+        mode, _, teacher = run.partition(":")
+        report["modes"][run] = scene_run(args.k[0], {"mode": mode, "teacher_steps": args.teacher_steps,
+                                                     **({"teacher": teacher} if teacher else {})}, check=True)
+        print(run, json.dumps(report["modes"][run], default=str), flush=True)
     report["imported"] = sorted(name for name in ("prefect", "ray", "pycolmap") if name in sys.modules)
 
     warm = report["warm_worker"]

@@ -35,7 +35,7 @@ def test_edit_end_to_end_runs_the_tiny_preset(tmp_path: Path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(
         [sys.executable, "benchmarks/edit_end_to_end.py", "--preset", "tiny", "--device", "cpu", "--k", "1", "2",
-         "--memory", "24gb", "--disk-bytes", str(4 * 2**20), "--scratch", str(tmp_path), "--out", str(tmp_path / "out")],
+         "--memory", "24gb", "--modes", "teacher_only", "--teacher-steps", "2", "--disk-bytes", str(4 * 2**20), "--scratch", str(tmp_path), "--out", str(tmp_path / "out")],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,6 +45,8 @@ def test_edit_end_to_end_runs_the_tiny_preset(tmp_path: Path):
     warm = report["warm_worker"]
     assert [run["iterations"] for run in warm["runs"]] == [6, 12]  # 6 τ × k
     assert warm["schedule_iterations"] == 14 and "extrapolated" in warm["label"]
+    teacher_only = report["modes"]["teacher_only"]
+    assert teacher_only["finite"] and teacher_only["iterations"] == 0 and teacher_only["views"] == 4
     assert report["cold_start"]["estimated_cold_start_seconds"] > report["cold_start"]["model_build_seconds_random_weights"]
 
 

@@ -152,6 +152,7 @@ def test_run_evaluation_lands_in_the_runs_and_pairs_manifests(synthetic, tmp_pat
     from imix2mix.evaluation import RunEvaluation
     from imix2mix.manifests import PAIRS, RUNS, ManifestStore, pair_rows, run_row
     from imix2mix.metrics import SceneMetrics
+    from imix2mix.storage import open_output_root
 
     scene, originals, repainted, _ = synthetic
     evaluation = RunEvaluation(change=edit_change(repainted, originals, clip_dir=0.3),
@@ -159,7 +160,7 @@ def test_run_evaluation_lands_in_the_runs_and_pairs_manifests(synthetic, tmp_pat
     face = next(ref for ref in list_scenes(EXAMPLES) if ref.scene_id == "face")
     config = EditConfig()
     run = PlannedRun(scene=face, edit=EditSpec("make it snowy"), config=config, config_hash=config.config_hash(),
-                     output_dir=tmp_path / "face" / "x")
+                     output_root=open_output_root(tmp_path), folder_name="x")
     metrics = SceneMetrics(0.2, 0.3, 0.4, views=(), pair_consistency=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
     store = ManifestStore(tmp_path)
     store.upsert_many({RUNS.name: [run_row(run, run_id="r1", status="succeeded", preset="tiny", started_at=None,

@@ -130,3 +130,15 @@ def test_cli_selects_teacher_teacher_id_and_mode(tmp_path, capsys):
     assert "target caption is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["edit", str(face), *base, "--teacher", "nonsense"])
+
+
+@pytest.mark.parametrize("name", teacher_names())
+def test_every_registered_teacher_implements_the_teacher_protocol(name):
+    """A method the engine calls (the acceleration context, the modes) missing from one teacher would fail
+    only when that teacher runs with that option: checked here for all of them at once."""
+    from imix2mix.teachers import teacher_class
+    from imix2mix.teachers.base import Teacher
+
+    required = [member for member in vars(Teacher) if not member.startswith("_") and callable(getattr(Teacher, member))]
+    missing = [member for member in required if not callable(getattr(teacher_class(name), member, None))]
+    assert required and not missing, f"{name} lacks {missing}"

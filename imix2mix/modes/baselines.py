@@ -79,6 +79,6 @@ class SDEditMode:
                 latents = sdedit_fusion(
                     edited, np.stack([view.c2w for view in session.scene.views]), np.stack([view.K_normalized for view in session.prepared]),
                     session.reference, denoiser=session.student.denoiser, autoencoder=session.seva_vae, clip=session.clip_image,
-                    settings=settings, generator=session.randomness.initial_noise, camera_scale=config.method.camera_scale,
+                    settings=settings, generator=session.randomness.initial_noise_generator, camera_scale=config.method.camera_scale,
                 )
         return ModeOutput(images=session.decode(latents), reference_edit=edited[session.reference])

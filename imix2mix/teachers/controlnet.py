@@ -39,6 +39,7 @@ from imix2mix.config import TeacherConfig
 from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError, MissingWeightsError
 from imix2mix.hub import resolve_dir
+from imix2mix.kernels.dispatch import TORCH, KernelSet, install_kernels
 from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import replace_modules, use_group_norm32
 from imix2mix.teachers import register_teacher
@@ -170,6 +171,7 @@ class ControlNetTeacher:
         self._captured: _CapturedUnet | None = None
         self._captured_context: ControlNetContext | None = None
         self.memory_format = torch.contiguous_format
+        self.kernels: KernelSet = TORCH
 
     # The same Stable Diffusion text encoder, noise schedule and VAE as the IP2P teacher: its methods.
     encode_prompts = InstructPix2PixTeacher.encode_prompts
@@ -279,6 +281,17 @@ class ControlNetTeacher:
         """On CUDA, replay :meth:`predict_noise`'s pass as a graph captured once per scene and attention mode."""
         self.graph_capture = enabled
         self._captured = None
+
+    def set_kernels(self, kernels: KernelSet) -> KernelSet:
+        """The kernel set of the UNet's and the ControlNet's fused ops until set again; a captured graph
+        is recaptured.  Returns the previous set."""
+        previous = self.kernels
+        if kernels != previous:
+            for model in (self.unet, self.controlnet):
+                install_kernels(model, kernels)
+            self.kernels = kernels
+            self._captured = None
+        return previous
 
     def set_memory_format(self, memory_format: torch.memory_format) -> None:
         if memory_format != self.memory_format:
