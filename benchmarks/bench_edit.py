@@ -8,6 +8,17 @@ runs on the GPU machine with only the diffusers wheel carried.
 
     python benchmarks/bench_edit.py --device cuda --out benchmarks/results          # full size, GPU
     python benchmarks/bench_edit.py --preset tiny --device cpu --iterations 3         # smoke test here
+    python benchmarks/bench_edit.py --modes graphed,24gb --views 2 4 8 --memory-cap-gib 24  # a 24 GB card's budget
+
+A mode named after a memory profile (``24gb``, ``lean``; imix2mix.config.MEMORY_PROFILES) also takes
+the profile's allocator configuration (expandable segments).  That is a process-level setting: when
+every selected mode asks for the same one it is put in ``PYTORCH_CUDA_ALLOC_CONF`` before CUDA
+initialises, as ``imix2mix edit --memory`` and the EditWorkers do; when the modes differ, it is
+switched around each measurement (``torch.cuda.memory._set_allocator_settings``, after the previous
+configuration's memory went back to the driver), and each row says which allocator it ran under.
+``--memory-cap-gib G`` caps the caching allocator at G GiB (``set_per_process_memory_fraction``)
+before the models are built, so a configuration that would not fit a G GiB card fails with an
+out-of-memory error, reported as its row's error; on CPU the cap does nothing.
 
 Each configuration reports the median seconds per iteration (device-synchronised after each step,
 after warm-up), a per-phase split (a separate pass with phase timing, which synchronises between
@@ -21,6 +32,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -38,7 +50,7 @@ for folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # the package, and the sib
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from imix2mix.config import KERNEL_OPS, EditConfig, KernelChoice  # noqa: E402
+from imix2mix.config import ALLOCATOR_ENV, KERNEL_OPS, MEMORY_PROFILES, EditConfig, KernelChoice, apply_allocator  # noqa: E402
 from imix2mix.edits import Edit  # noqa: E402
 from imix2mix.errors import ConfigError  # noqa: E402
 from imix2mix.presets import build_editor, default_config  # noqa: E402
@@ -83,6 +95,7 @@ class Measurement:
     setup_seconds: float | None = None
     first_step_seconds: float | None = None
     projected_minutes_per_scene: float | None = None
+    allocator: str = ""  # PYTORCH_CUDA_ALLOC_CONF in effect ("" torch's default)
     error: str | None = None
 
 
@@ -143,8 +156,14 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
         if device.type == "cuda":
             result.peak_memory_allocated_bytes = int(torch.cuda.max_memory_allocated(device))
             result.peak_memory_reserved_bytes = int(torch.cuda.max_memory_reserved(device))
-    except torch.OutOfMemoryError as exc:
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        # An allocation past the cap can also surface as a CUDA error inside a graph capture.
+        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
+            raise
         result.error = f"out of memory: {str(exc).splitlines()[0]}"
+        if device.type == "cuda":  # how far it got
+            result.peak_memory_allocated_bytes = int(torch.cuda.max_memory_allocated(device))
+            result.peak_memory_reserved_bytes = int(torch.cuda.max_memory_reserved(device))
     finally:
         if prepared is not None:
             prepared.__exit__(None, None, None)  # the plan undone: weight copies, graphs, formats
@@ -225,9 +244,29 @@ MODES: dict[str, list[str]] = {
     "graphed_nchw": ["optimizer=adamw_fused", "compile=false", "cuda_graphs=true", "channels_last=false"],
     # Same numerics up to kernel fusion order: compiled kernels replayed as inductor's CUDA graphs.
     "compiled_graphed": ["optimizer=adamw_fused", "compile=true", "cuda_graphs=true"],
-    # Changes numerics (bf16 AdamW moments); recomputes activations; frozen encoders leave the GPU.
-    "lean": ["optimizer=adamw_bf16_states", "gradient_checkpointing=true", "offload_after_use=true", "compile=false"],
 }
+# The memory profiles as modes (changes numerics: bf16 AdamW moments): "24gb" keeps the default's
+# graphs, kernels and weight copies; "lean" recomputes activations (no student graph).
+MODES.update({name: [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MEMORY_PROFILES[name].settings.items()]
+              for name in ("24gb", "lean")})
+
+
+def mode_profile(mode: str) -> str:
+    """The memory profile a mode runs under (its allocator configuration): its own name's, else default."""
+    name = mode.split("+")[0]
+    return name if name in MEMORY_PROFILES else "default"
+
+
+def mode_allocator(mode: str) -> str:
+    return MEMORY_PROFILES[mode_profile(mode)].allocator
+
+
+def switch_allocator(setting: str) -> None:
+    """Change the allocator's configuration of an initialised process: the blocks cached so far go
+    back to the driver first, so the next configuration's segments are all of the new kind."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.memory._set_allocator_settings(setting)
 
 
 def _parse_set(item: str) -> tuple[str, str]:
@@ -238,7 +277,7 @@ def _parse_set(item: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full", choices=["full", "tiny"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--views", type=int, nargs="+", default=[4])
     parser.add_argument("--modes", default="official", help=f"comma-separated, from: {', '.join(MODES)}")
     parser.add_argument("--sweep-mode", default=None, help="mode for the N sweep and the ablations")
@@ -256,7 +295,20 @@ def main(argv: list[str] | None = None) -> int:
                         "torch's ops instead of the Triton kernels (the acceleration option `torch_ops`, for before/after "
                         "numbers; the fused AdamW: the mode graphed_torch_adamw)")
     parser.add_argument("--profile-dir", type=Path, default=None, help="write a torch.profiler table of the first configuration here")
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="cap the CUDA caching allocator at this many GiB before building the models (a 24 GB card: 24); "
+                        "a configuration that does not fit fails with out-of-memory in its row; no effect on CPU")
     args = parser.parse_args(argv)
+    if args.out is None and os.environ.get("OUT"):
+        args.out = Path(os.environ["OUT"])  # the GPU machine's result folder
+    unknown = [m for m in args.modes.split(",") if m and m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {', '.join(unknown)}; modes: {', '.join(MODES)}")
+    runs = configurations(args)
+    # The allocator is read when CUDA initialises: one setting for the process when every mode agrees.
+    if len({mode_allocator(name) for name, _, _ in runs}) == 1:
+        apply_allocator(mode_profile(runs[0][0]), os.environ)
+    process_allocator = os.environ.get(ALLOCATOR_ENV, "")
     # The kernels through the acceleration options, as any run chooses them (the execution plan
     # decides); checked before the models are built.
     try:
@@ -264,11 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
 
-    device = torch.device(args.device)
+    # Only now touch CUDA: the allocator configuration above is read when CUDA initialises.
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         # Official numerics: bf16 autocast compute, fp32 master weights; TF32 for leftover fp32 matmuls.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        if args.memory_cap_gib is not None:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
+    elif args.memory_cap_gib is not None:
+        print(f"note: --memory-cap-gib {args.memory_cap_gib:g} has no effect on {device}", file=sys.stderr)
     started = time.perf_counter()
     editor = build_editor(args.preset, device=device, random_weights=args.preset == "full", metrics=False)
     _sync(device)
@@ -296,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             "preset": args.preset,
             "kernels": args.kernels,
             "torch_ops": args.torch_ops,
+            "memory_cap_gib": args.memory_cap_gib,
+            "total_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None,
+            "process_allocator": process_allocator,
             "default_schedule_iterations": DEFAULT_SCHEDULE_ITERATIONS,
             "one_time_seconds": {"model_build": build_seconds, "reference_edit": reference_edit_seconds},
             "reference_edit_steps": args.reference_steps,
@@ -309,13 +370,23 @@ def main(argv: list[str] | None = None) -> int:
             gpu = (report["gpu"] or "cpu").replace(" ", "-")
             (args.out / f"bench_edit_{gpu}_{stamp}.json").write_text(text)
 
-    for name, n_views, overrides in configurations(args):
-        m = measure(editor, name, n_views, base, overrides, args)
+    for name, n_views, overrides in runs:
+        allocator = mode_allocator(name)
+        switched = device.type == "cuda" and allocator != process_allocator
+        if switched:
+            switch_allocator(allocator or "expandable_segments:False")
+        try:
+            m = measure(editor, name, n_views, base, overrides, args)
+        finally:
+            if switched:
+                switch_allocator(process_allocator or "expandable_segments:False")
+        m.allocator = allocator if device.type == "cuda" else ""
         measurements.append(m)
         line = (
             f"{m.name:<38} N={m.n_views:<3} "
             + (f"{m.seconds_per_iteration:.4f} s/it  {m.projected_minutes_per_scene:6.1f} min/scene  "
-               f"peak {((m.peak_memory_allocated_bytes or 0) / 2**30):5.1f} GiB  "
+               f"peak {((m.peak_memory_allocated_bytes or 0) / 2**30):5.1f} GiB allocated "
+               f"{((m.peak_memory_reserved_bytes or 0) / 2**30):5.1f} GiB reserved  "
                + " ".join(f"{k}={v:.4f}" for k, v in m.phase_seconds.items())
                if m.error is None else m.error)
         )

@@ -1,66 +1,246 @@
-"""The whole product path on a GPU with random full-size weights: ``Editor.edit`` on a real scene
-(reference edit, distillation, Euler steps, decode, paste-back, CLIP metrics), and the two baselines.
-Measures the path, never quality (the weights are random).
+"""The whole scene's time on a warm worker, and a worker's cold start, for one memory profile.
 
-    python benchmarks/edit_end_to_end.py --scene examples/face --k 2      # 40 τ × 2 iterations
-    python benchmarks/edit_end_to_end.py --modes distill,t2vz,distill:controlnet_canny   # MODE[:TEACHER]
+(a) Warm worker: the models are built (random full-size weights: the path, never quality); one short
+untimed edit warms the kernels' caches; then two full ``Editor.edit`` runs of the N-view scene
+(reference edit at the config's teacher steps, conditioning, the distillation loop, decode,
+paste-back), each followed by the CLIP metrics and the outputs written to a temporary folder.  The two
+runs use short schedules (every τ, k = k_initial = K₁ then K₂ iterations per τ), so the loop's time
+per iteration and its fixed part (graph capture, the Euler steps between τ) come from a two-point
+fit; the default schedule's time (2150 iterations) is **extrapolated** from them and labelled so.
+
+(b) Cold start: the time to build the models (random weights, so no disk read), plus an **estimate**
+of reading the real checkpoints: their sizes (:data:`CHECKPOINT_GB`) ÷ the disk read rate measured
+here by writing a 2 GiB file, evicting it from the page cache (``posix_fadvise(DONTNEED)`` after
+``fsync``; the report says whether that could be checked) and reading it back.
+
+(c) ``--modes``: after those, one edit per run mode (``MODE`` or ``MODE:TEACHER``, e.g. ``t2vz``,
+``distill:controlnet_canny``) at k = K₁ and ``--teacher-steps``: seconds, peak memory, CLIP metrics and
+whether the outputs are finite (the comparison modes' and teachers' paths on the device).
+
+The allocator configuration of a memory profile is a process setting, so one profile per process:
+
+    python benchmarks/edit_end_to_end.py --memory default      # GPU: full size, N = 4
+    python benchmarks/edit_end_to_end.py --memory 24gb
+    python benchmarks/edit_end_to_end.py --modes teacher_only,student_only,t2vz,distill:controlnet_canny
+    python benchmarks/edit_end_to_end.py --preset tiny --k 1 2  # CPU smoke test
+
+Imports neither Prefect, Ray nor pycolmap (the report lists any of them found loaded).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from imix2mix.config import ALLOCATOR_ENV, MEMORY_PROFILES, apply_allocator, default_config, memory_settings  # noqa: E402
 
-from imix2mix.edits import Edit  # noqa: E402
-from imix2mix.presets import build_editor  # noqa: E402
-from imix2mix.scene import load_scene  # noqa: E402
+# Sizes of the real checkpoints an EditWorker reads (GB = 10⁹ bytes): SEVA modelv1.1.safetensors,
+# the InstructPix2Pix pipeline (fp16 UNet, VAE, CLIP text encoder), CLIP ViT-H-14 (laion2B), the
+# metrics' CLIP ViT-L/14 and SEVA's SD-2.1 VAE.  Sizes of the Hub files as listed by their model pages
+# (not read here: no weights can be downloaded).
+CHECKPOINT_GB = {"seva": 5.0, "ip2p": 2.1, "clip_h": 3.9, "clip_metrics": 1.7, "seva_vae": 0.33}
+EDIT_TEXT = ("turn him into a knight", "a photo of a man", "a photo of a knight")
+DISK_TEST_BYTES = 2 * 2**30
 
-EDIT = Edit("turn him into a knight", source_caption="a photo of a man", target_caption="a photo of a knight")
 
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scene", type=Path, default=Path("examples/face"))
-    parser.add_argument("--k", type=int, default=2, help="iterations per τ (and k_initial): a short schedule")
-    parser.add_argument("--teacher-steps", type=int, default=5)
-    parser.add_argument("--modes", default="distill,teacher_only,student_only", help="comma-separated MODE or MODE:TEACHER")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig override")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    started = time.perf_counter()
-    editor = build_editor("full" if device.type == "cuda" else "tiny", device=device, random_weights=True, metrics=True)
-    report = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "torch": torch.__version__, "build_seconds": round(time.perf_counter() - started, 1), "runs": {}}
-    scene = load_scene(args.scene)
-    for run in args.modes.split(","):
-        mode, _, teacher = run.partition(":")
-        overrides = {"k": args.k, "k_initial": args.k, "teacher_steps": args.teacher_steps, "mode": mode,
-                     **({"teacher": teacher} if teacher else {}), **dict(item.split("=", 1) for item in args.set)}
-        config = editor.default_config.overridden(overrides)
+def disk_read_rate(folder: Path, size: int = DISK_TEST_BYTES, block: int = 16 * 2**20) -> dict:
+    """Write ``size`` bytes to a file in ``folder``, fsync, evict its pages from the page cache, and
+    read it back: bytes per second of the read, and whether the eviction could be confirmed."""
+    path = folder / "imix2mix_disk_rate.bin"
+    data = os.urandom(block)
+    try:
         started = time.perf_counter()
-        result = editor.edit(scene, EDIT, config)
-        seconds = time.perf_counter() - started
-        finite = all(np.isfinite(view.astype(np.float32)).all() for view in result.views)
-        report["runs"][run] = {
-            "seconds": round(seconds, 1), "iterations": result.iterations, "views": len(result.views),
-            "view_shape": list(result.views[0].shape), "full_view_shapes": [list(v.shape) for v in result.full_views],
-            "finite": bool(finite), "metrics": {k: getattr(editor.score(result), k) for k in ("clip_sim", "clip_dir", "clip_cons")},
-            "peak_memory_gib": round((result.peak_memory_bytes or 0) / 2**30, 1),
-            "timings": {k: round(v, 2) for k, v in result.timings.items()},
+        with open(path, "wb") as handle:
+            for _ in range(size // block):
+                handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        write_seconds = time.perf_counter() - started
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            evicted = _resident_fraction(fd, size)
+            started = time.perf_counter()
+            while os.read(fd, block):
+                pass
+            read_seconds = time.perf_counter() - started
+        finally:
+            os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+    return {
+        "folder": str(folder), "bytes": size, "write_bytes_per_second": size / write_seconds,
+        "read_bytes_per_second": size / read_seconds,
+        "page_cache_resident_before_read": evicted,
+        "method": "write + fsync, posix_fadvise(DONTNEED), sequential 16 MiB reads",
+    }
+
+
+def _resident_fraction(fd: int, size: int) -> float | None:
+    """The fraction of the file's pages in the page cache (``mincore`` of a mapping), or None where it
+    cannot be asked (a read of a fully resident file measures memory, not the disk)."""
+    try:
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vector = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) != 0:
+                return None
+            return sum(v & 1 for v in vector) / pages
+        finally:
+            libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
+    except (OSError, AttributeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--memory", default="default", choices=tuple(MEMORY_PROFILES), help="memory profile (one per process)")
+    parser.add_argument("--preset", default="full", choices=("full", "tiny"))
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--k", type=int, nargs=2, default=(2, 6), metavar=("K1", "K2"),
+                        help="iterations per τ (and k_initial) of the two timed edits")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig override")
+    parser.add_argument("--scene", type=Path, default=None, help="a scene folder (default: a synthetic scene of --views views)")
+    parser.add_argument("--modes", default="", help="also one edit per comma-separated MODE or MODE:TEACHER (c)")
+    parser.add_argument("--teacher-steps", type=int, default=5, help="teacher steps of the --modes runs")
+    parser.add_argument("--scratch", type=Path, default=None, help="folder for the disk-rate file (default: the temp dir)")
+    parser.add_argument("--disk-bytes", type=int, default=DISK_TEST_BYTES)
+    parser.add_argument("--no-disk", action="store_true", help="skip the disk read rate")
+    parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    args = parser.parse_args(argv)
+    if args.k[0] >= args.k[1]:
+        parser.error("--k K1 K2 needs K1 < K2")
+    apply_allocator(args.memory, os.environ)  # before torch initialises CUDA
+
+    import numpy as np
+    import torch
+
+    from bench_edit import synthetic_scene
+    from imix2mix.edits import Edit
+    from imix2mix.outputs import write_edit_outputs
+    from imix2mix.presets import build_editor
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    base = default_config(args.preset).overridden(memory_settings(args.memory, dict(item.split("=", 1) for item in args.set)))
+    schedule_iterations = base.total_iterations
+    edit = Edit(EDIT_TEXT[0], source_caption=EDIT_TEXT[1], target_caption=EDIT_TEXT[2])
+    if args.scene is not None:
+        from imix2mix.scene import load_scene
+
+        scene = load_scene(args.scene)
+    else:
+        scene = synthetic_scene(args.views, max(base.method.student_image_size, 64))
+
+    # (b) cold start: building the models
+    started = time.perf_counter()
+    editor = build_editor(args.preset, device=device, random_weights=args.preset == "full", metrics=True)
+    sync()
+    build_seconds = time.perf_counter() - started
+
+    def scene_run(k: int, overrides: dict | None = None, check: bool = False) -> dict:
+        config = base.overridden({"k": k, "k_initial": k, **(overrides or {})})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        result = editor.edit(scene, edit, config)
+        sync()
+        edit_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        metrics = editor.score(result, edit)
+        metrics_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            write_edit_outputs(result, scene, folder, metrics=metrics)
+        write_seconds = time.perf_counter() - started
+        extra = {}
+        if check:  # the --modes runs: what came out, not only how long it took
+            extra = {
+                "finite": all(bool(np.isfinite(view.astype(np.float32)).all()) for view in result.views),
+                "views": len(result.views), "full_view_shapes": [list(v.shape) for v in result.full_views],
+                "metrics": {k: getattr(metrics, k) for k in ("clip_sim", "clip_dir", "clip_cons")},
+            }
+        return {
+            **extra, "k": k, "iterations": result.iterations, "edit_seconds": edit_seconds, "metrics_seconds": metrics_seconds,
+            "write_seconds": write_seconds, "timings": dict(result.timings),
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         }
-        print(run, json.dumps(report["runs"][run], default=str), flush=True)
+
+    # (a) warm worker: one short untimed edit, then the two timed ones
+    scene_run(1, {"teacher_steps": 2})
+    short, long = (scene_run(k) for k in args.k)
+    distill_per_iteration = (long["timings"]["distill"] - short["timings"]["distill"]) / (long["iterations"] - short["iterations"])
+    distill_fixed = short["timings"]["distill"] - distill_per_iteration * short["iterations"]
+    around_loop = long["edit_seconds"] - long["timings"]["distill"] + long["metrics_seconds"] + long["write_seconds"]
+    scene_seconds = around_loop + distill_fixed + distill_per_iteration * schedule_iterations
+
+    report = {
+        "memory_profile": args.memory, "allocator": os.environ.get(ALLOCATOR_ENV, ""), "preset": args.preset,
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__, "views": args.views, "config": base.to_dict(),
+        "warm_worker": {
+            "runs": [short, long],
+            "loop_seconds_per_iteration": distill_per_iteration,
+            "loop_fixed_seconds": distill_fixed,
+            "around_the_loop_seconds": around_loop,
+            "schedule_iterations": schedule_iterations,
+            "extrapolated_scene_seconds": scene_seconds,
+            "label": f"extrapolated: loop fitted on {short['iterations']} and {long['iterations']} iterations, "
+                     f"applied to {schedule_iterations}; reference edit, conditioning, decode, metrics and writing measured",
+        },
+        "cold_start": {"model_build_seconds_random_weights": build_seconds, "checkpoint_gb": CHECKPOINT_GB},
+    }
+    if not args.no_disk:
+        scratch = args.scratch or Path(tempfile.gettempdir())
+        disk = disk_read_rate(scratch, args.disk_bytes)
+        load_seconds = sum(CHECKPOINT_GB.values()) * 1e9 / disk["read_bytes_per_second"]
+        report["cold_start"].update(
+            disk=disk, estimated_checkpoint_read_seconds=load_seconds,
+            estimated_cold_start_seconds=build_seconds + load_seconds,
+            label="estimate: build time with random weights + checkpoint bytes ÷ measured sequential read rate",
+        )
+    report["modes"] = {}
+    for run in [item for item in args.modes.split(",") if item]:
+        mode, _, teacher = run.partition(":")
+        report["modes"][run] = scene_run(args.k[0], {"mode": mode, "teacher_steps": args.teacher_steps,
+                                                     **({"teacher": teacher} if teacher else {})}, check=True)
+        print(run, json.dumps(report["modes"][run], default=str), flush=True)
+    report["imported"] = sorted(name for name in ("prefect", "ray", "pycolmap") if name in sys.modules)
+
+    warm = report["warm_worker"]
+    print(f"{args.memory}: {warm['loop_seconds_per_iteration']:.4f} s/it in the loop, "
+          f"{scene_seconds / 60:.1f} min per scene (extrapolated to {schedule_iterations} iterations); "
+          f"build {build_seconds:.1f} s" + (f", checkpoint read ≈ {report['cold_start']['estimated_checkpoint_read_seconds']:.1f} s "
+                                            f"at {report['cold_start']['disk']['read_bytes_per_second'] / 1e9:.2f} GB/s"
+                                            if not args.no_disk else ""), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "edit_end_to_end.json").write_text(json.dumps(report, indent=1, default=str))
+        (args.out / f"edit_end_to_end_{args.memory}.json").write_text(json.dumps(report, indent=1, default=str))
+    print(json.dumps(report, default=str))
     return 0
 
 

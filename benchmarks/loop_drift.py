@@ -13,6 +13,8 @@ the same pristine random weights, for the same number of iterations:
 * ``eager_bf16``: bf16 autocast, eager;
 * ``fast``: the default execution (bf16 autocast, CUDA graphs, channels-last with fused kernels,
   bf16 weight copies);
+* ``24gb``: the 24gb memory profile (``--memory 24gb``): ``fast`` with bf16 AdamW moments and the
+  frozen encoders offloaded;
 * ``eager_fp32_again``: the reference once more (the run-to-run floor of nondeterministic kernels).
 
 The reference runs first, for ``--iterations`` or until ``--seconds`` have passed, whichever comes
@@ -50,6 +52,7 @@ for folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):
         sys.path.insert(0, str(folder))
 
 from benchmarks.bench_edit import synthetic_scene  # noqa: E402
+from imix2mix.config import memory_settings  # noqa: E402
 from imix2mix.edits import Edit  # noqa: E402
 from imix2mix.modes.distill import Distillation, IterationRecord  # noqa: E402
 from imix2mix.presets import build_editor  # noqa: E402
@@ -59,6 +62,9 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "eager_fp32": {"student_precision": "fp32", **EAGER},
     "eager_bf16": {"student_precision": "bf16_autocast", **EAGER},
     "fast": {},  # the defaults
+    # The 24gb memory profile: the default execution with bf16 AdamW moments (its one numerics change)
+    # and the encoders offloaded; its allocator setting (expandable segments) changes no value.
+    "24gb": memory_settings("24gb"),
     "eager_fp32_again": {"student_precision": "fp32", **EAGER},
 }
 REFERENCE = "eager_fp32"
@@ -166,7 +172,8 @@ def run_loop(editor, scene, edit: Edit, config, name: str, iterations: int, *, s
                 if pristine is None:
                     pristine = [editor.student.pristine[names[id(p)]] for p in loop.trainable_parameters]
                 weights = fp32_weights(loop)
-                run.snapshots[done] = [w.detach().float().cpu() for w in weights]
+                # A copy: on the CPU .cpu() returns the live parameter, which the next configuration trains.
+                run.snapshots[done] = [w.detach().float().cpu().clone() for w in weights]
                 run.update_norms[done] = sum(
                     float((w.float() - p.to(w.device).float()).pow(2).sum()) for w, p in zip(weights, pristine)
                 ) ** 0.5

@@ -18,6 +18,9 @@ come from), so that flows and the planner read defaults without importing torch.
 The run's identity (:meth:`EditConfig.identity`, hashed by :meth:`EditConfig.config_hash`) is every
 section that can change the result: acceleration and logging are outside it by construction.
 
+Memory profiles (:data:`MEMORY_PROFILES`, ``--memory``) name bundles of those settings for a GPU
+memory budget, plus the allocator configuration of the GPU process.
+
 Overrides (``--set key=value``, ``config:`` in edits files) name a setting by its flat name (``k``,
 ``text_cfg``, ``cuda_graphs``; the teacher's are ``teacher``, ``teacher_id``, ``teacher_steps``,
 ``teacher_image_size``) or by its dotted path (``method.k``); strings are parsed to the field's type;
@@ -49,9 +52,11 @@ Alignment = Literal["bilinear", "learned", "decode_encode"]
 OutputDecoder = Literal["teacher", "seva"]
 TeacherTimestepSchedule = Literal["truncnorm", "uniform", "tau_matched"]
 CrossViewAttention = Literal["rcv", "extended", "none"]
-# adamw*: torch's AdamW (one update rule, three implementations); adamw_bf16_states: the lean mode's
-# AdamW with bf16 moments (changes numerics, see imix2mix/optim.py).
+# adamw*: torch's AdamW (one update rule, three implementations); adamw_bf16_states: AdamW with bf16
+# moments (the lean and 24gb memory profiles; changes numerics, see imix2mix/optim.py).
 OptimizerName = Literal["adamw", "adamw_fused", "adamw_foreach", "adamw_bf16_states"]
+# The optimizers whose update can also write the bf16 weight copies (one fused Triton pass).
+COPY_OPTIMIZERS = ("adamw_fused", "adamw_bf16_states")
 StudentPrecision = Literal["bf16_autocast", "fp32"]
 # Which kernels the models' fused ops run (imix2mix.kernels.dispatch; see AccelerationConfig.kernels).
 KernelChoice = Literal["auto", "torch", "triton"]
@@ -324,6 +329,71 @@ class EditConfig:
         for section in _SECTIONS:
             flat.update({f"{section}.{name}": value for name, value in (data.get(section) or {}).items()})
         return cls().overridden(flat)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory profiles
+# ---------------------------------------------------------------------------------------------------
+
+# The CUDA caching allocator's configuration variable.  torch reads it when the process first
+# initialises CUDA, so it is a setting of the process (the CLI's, a benchmark's, a Ray EditWorker's),
+# never of one run: see :func:`apply_allocator`.
+ALLOCATOR_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """A named bundle for a GPU memory budget: EditConfig settings (flat names, applied under the
+    run's own ``--set``), and the allocator configuration of the GPU process ("" leaves torch's)."""
+
+    settings: dict[str, Any]
+    allocator: str = ""
+    summary: str = ""
+
+
+MEMORY_PROFILES: dict[str, MemoryProfile] = {
+    "default": MemoryProfile({}, summary="fastest; about 24 GiB allocated, 32 GiB reserved at N = 4 (40 GB+ cards)"),
+    # Keeps CUDA graphs, channels-last, the Triton kernels and the bf16 weight copies; saves the half of
+    # the AdamW moments (bf16: 5 GB of 10, a named numerics change), the frozen encoders' residency
+    # after setup (CLIP-H, the teacher's text encoder), and the allocator's fragmentation
+    # (expandable segments: reserved memory follows allocated memory instead of keeping cached blocks
+    # of every size).  No gradient checkpointing: that is lean's cost in speed.
+    "24gb": MemoryProfile(
+        {"optimizer": "adamw_bf16_states", "offload_after_use": True},
+        allocator="expandable_segments:True",
+        summary="24 GB cards: bf16 AdamW moments, encoders offloaded after setup, expandable segments",
+    ),
+    # The smallest footprint: the 24gb profile plus whole-block gradient checkpointing (no CUDA graph
+    # of the student: about 3× slower per iteration).
+    "lean": MemoryProfile(
+        {"optimizer": "adamw_bf16_states", "offload_after_use": True, "gradient_checkpointing": True, "compile": False},
+        allocator="expandable_segments:True",
+        summary="smallest footprint: the 24gb profile plus gradient checkpointing (about 3× slower)",
+    ),
+}
+
+
+def memory_profile(name: str) -> MemoryProfile:
+    """The profile called ``name`` (:data:`MEMORY_PROFILES`)."""
+    try:
+        return MEMORY_PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"unknown memory profile '{name}'; choose one of {', '.join(MEMORY_PROFILES)}") from None
+
+
+def memory_settings(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The profile's EditConfig settings with ``overrides`` (the run's own) on top."""
+    return {**memory_profile(name).settings, **(overrides or {})}
+
+
+def apply_allocator(name: str, environ: dict[str, str]) -> str | None:
+    """Set the profile's allocator configuration in ``environ`` (``os.environ`` before the process
+    first touches CUDA, or a Ray worker's env vars); a value the user set already wins.  Returns
+    what ``environ`` now holds for :data:`ALLOCATOR_ENV`."""
+    allocator = memory_profile(name).allocator
+    if allocator and not environ.get(ALLOCATOR_ENV):
+        environ[ALLOCATOR_ENV] = allocator
+    return environ.get(ALLOCATOR_ENV)
 
 
 def setting_names() -> list[str]:

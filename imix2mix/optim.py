@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
+from imix2mix.config import COPY_OPTIMIZERS
 from imix2mix.kernels.adamw import ALIGNMENT_BYTES, DEFAULT_LAUNCH, AdamWLaunch, ChunkPlan, adamw_update, is_dense, square_sums
 
 
@@ -64,15 +65,19 @@ def make_optimizer(
     launch: AdamWLaunch = DEFAULT_LAUNCH,
 ) -> "AdamW | AdamWLowPrecisionStates | AdamWWithComputeCopies":
     """The optimizer called ``name`` (``EditConfig.runtime.optimizer``); ``compute_copies`` (only with
-    ``adamw_fused``): the parameters that compute from bf16 copies (:class:`AdamWWithComputeCopies`,
-    whose kernels take ``launch``)."""
+    :data:`COPY_OPTIMIZERS`): the parameters that compute from bf16 copies (:class:`AdamWWithComputeCopies`,
+    whose kernels take ``launch``; its moments are bf16 for ``adamw_bf16_states``, with the rounding
+    scheme of :class:`AdamWLowPrecisionStates`)."""
     hyper = adamw_defaults(lr, betas, eps, weight_decay)
+    if compute_copies:
+        if name not in COPY_OPTIMIZERS:
+            raise ValueError(f"bf16 weight copies need one of {', '.join(COPY_OPTIMIZERS)} (got {name})")
+        return AdamWWithComputeCopies(
+            params, **hyper, compute_copies=compute_copies, compute_dtype=torch.bfloat16, launch=launch,
+            state_dtype=torch.bfloat16 if name == "adamw_bf16_states" else torch.float32,
+        )
     if name == "adamw_bf16_states":
         return AdamWLowPrecisionStates(params, **hyper)
-    if compute_copies:
-        if name != "adamw_fused":
-            raise ValueError(f"bf16 weight copies need the adamw_fused update (got {name})")
-        return AdamWWithComputeCopies(params, **hyper, compute_copies=compute_copies, compute_dtype=torch.bfloat16, launch=launch)
     variant = {"adamw": {}, "adamw_fused": {"fused": True}, "adamw_foreach": {"foreach": True}}[name]
     return AdamW(params, **hyper, **variant)
 
@@ -87,9 +92,13 @@ def adamw_defaults(lr: float, betas: tuple[float, float], eps: float, weight_dec
 class AdamWLowPrecisionStates(ClipAndStep, torch.optim.Optimizer):
     """Same update rule as ``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments), but
     ``exp_avg`` and ``exp_avg_sq`` live in ``state_dtype`` (bfloat16 by default): half the optimizer
-    memory of fp32 AdamW (2.5 GB instead of 10 GB for SEVA's 1.26 B parameters).  **This changes the
-    numerics**: each moment update is computed in fp32 and rounded to bf16 (8 bits of mantissa), so the
-    moments carry about 3 significant digits.  Parameters stay fp32.
+    memory of fp32 AdamW (5 GB instead of 10 GB for SEVA's 1.26 B parameters).  **This changes the
+    numerics**, by one named rounding: each moment update is computed in fp32 from the stored bf16
+    moment widened exactly, this step's parameter update uses those fp32 moments, and the stored moment
+    is them rounded to bf16 (round to nearest even, torch's cast; 8 bits of mantissa, so the moments
+    carry about 3 significant digits).  No stochastic rounding, no error feedback.  Parameters stay
+    fp32.  The bf16 weight copies' fused pass (:class:`AdamWWithComputeCopies` with
+    ``state_dtype=torch.bfloat16``) rounds the same way.
 
     The update runs over chunks of parameters with ``torch._foreach_*`` kernels, so the fp32 working
     copies of the moments exist for one chunk at a time, never for the whole model.
@@ -161,7 +170,7 @@ CLIP_EPS = 1e-6
 
 class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
     """torch's AdamW (decoupled weight decay, bias-corrected moments, fp32 master weights and
-    moments) with gradient-norm clipping folded in, where the parameters in ``compute_copies`` hold a
+    moments, or bf16 moments with ``state_dtype``) with gradient-norm clipping folded in, where the parameters in ``compute_copies`` hold a
     ``compute_dtype`` copy of their master weight between steps.
 
     Under autocast a matrix weight is rounded to bf16 at every use and its gradient, computed in bf16,
@@ -189,9 +198,13 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
         compute_copies: Iterable[torch.nn.Parameter] = (),
         compute_dtype: torch.dtype = torch.bfloat16,
         launch: AdamWLaunch = DEFAULT_LAUNCH,
+        state_dtype: torch.dtype = torch.float32,
     ):
         super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay))
         self.launch = launch  # the kernels' chunk and block sizes
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"AdamWWithComputeCopies: moments are fp32 or bf16 (got {state_dtype})")
+        self.state_dtype = state_dtype  # the moments'; bf16: rounded as AdamWLowPrecisionStates rounds
         copied = {id(p) for p in compute_copies}
         for group in self.param_groups:
             for p in group["params"]:
@@ -216,8 +229,8 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
             # Allocated lazily: the student's CUDA-graph capture runs between construction and the
             # first step, and the memory its warm-up passes freed is then reused here, as by torch's AdamW.
             if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(state["master"])
-                state["exp_avg_sq"] = torch.zeros_like(state["master"])
+                state["exp_avg"] = torch.zeros_like(state["master"], dtype=self.state_dtype)
+                state["exp_avg_sq"] = torch.zeros_like(state["master"], dtype=self.state_dtype)
         for p, state in zip(params, states):  # a gradient the kernel cannot read in place: copy it once
             grad, master = p.grad, state["master"]
             if grad.stride() != master.stride() or grad.data_ptr() % ALIGNMENT_BYTES:

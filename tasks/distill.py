@@ -10,6 +10,7 @@ from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from imix2mix.collection import PlannedRun, release_run
+from imix2mix.config import ALLOCATOR_ENV
 from imix2mix.errors import ConfigError
 from imix2mix.evaluation import evaluate_result
 from imix2mix.manifests import new_run_id, rows_to_json, utc_now
@@ -76,11 +77,15 @@ def _fmt(value: float | None) -> str:
 
 
 def worker_env_vars(settings: PipelineSettings, prefect_api_url: str | None) -> dict[str, str]:
-    """Environment of every Ray worker: the Prefect API to report to, and where compiled kernels are
-    kept.  With ``compile=true`` a cold inductor cache costs minutes of warm-up per number of views;
+    """Environment of every Ray worker: the Prefect API to report to, the CUDA allocator's
+    configuration, and where compiled kernels are kept.  With ``compile=true`` a cold inductor cache costs minutes of warm-up per number of views;
     beside the pipeline's other caches it survives reboots, unlike torch's default under /tmp."""
     env_vars = {"PREFECT_API_URL": prefect_api_url} if prefect_api_url else {}
     env_vars["TORCHINDUCTOR_CACHE_DIR"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(settings.cache_dir / "torchinductor")
+    # The CUDA allocator's configuration (``--memory``'s, imix2mix.config.apply_allocator): read when a
+    # worker process first initialises CUDA, so it travels in the workers' environment.
+    if os.environ.get(ALLOCATOR_ENV):
+        env_vars[ALLOCATOR_ENV] = os.environ[ALLOCATOR_ENV]
     return env_vars
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import run_program
+from kernel_checks import run_program, ulp_distance
 
 import dataclasses
 
 from imix2mix.accel import ExecutionPlan, LoopNeeds, execute
 from imix2mix.config import EditConfig
 from imix2mix.optim import matrix_parameters
-from imix2mix.kernels.adamw import ChunkPlan
+from imix2mix.kernels.adamw import ChunkPlan, fused_adamw_available
 from imix2mix.presets import build_editor
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,11 @@ def tiny_editor():
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return run_program("adamw", folder=tmp_path_factory.mktemp("optim"))
+
+
+@pytest.fixture(scope="module")
+def bf16_results(tmp_path_factory):
+    return run_program("adamw", "bf16", folder=tmp_path_factory.mktemp("optim_bf16"))
 
 
 def test_copied_parameters_compute_in_bf16_with_their_layout(results):
@@ -77,8 +82,12 @@ def test_plan_rejects_mismatched_layouts():
     states = [torch.zeros(4, 6) for _ in range(3)]
     with pytest.raises(ValueError, match="tensor 0 of shape \\(6, 4\\): shapes, strides"):
         ChunkPlan.build([grad.t()], *[[s] for s in states], None)
-    with pytest.raises(ValueError, match="master weights and moments must be fp32"):
+    with pytest.raises(ValueError, match="master weights must be fp32"):
         ChunkPlan.build([grad], [states[0].double()], [states[1]], [states[2]], None)
+    with pytest.raises(ValueError, match="moments' dtypes differ"):
+        ChunkPlan.build([grad], [states[0]], [states[1].bfloat16()], [states[2]], None)
+    with pytest.raises(ValueError, match="moments must be fp32 or bf16"):
+        ChunkPlan.build([grad], [states[0]], [states[1].half()], [states[2].half()], None)
 
 
 def test_weight_copies_cover_matrix_layers_only(tiny_editor):
@@ -97,6 +106,7 @@ def test_weight_copies_cover_matrix_layers_only(tiny_editor):
 
     assert not copies({}, "cpu")
     assert not copies({"optimizer": "adamw"})
+    assert copies({"optimizer": "adamw_bf16_states"}) == fused_adamw_available(torch.device("cuda"))
     assert not copies({"bf16_weight_copies": False})
     assert not copies({"student_precision": "fp32"})
 
@@ -136,3 +146,31 @@ def test_the_optimizer_takes_the_plans_adamw_launch(tiny_editor):
     with execute(plan, network, None) as execution:
         optimizer = execution.optimizer(list(network.parameters()), EditConfig())
         assert optimizer.launch == launch
+
+
+def test_bf16_moments_are_stored_rounded_to_nearest_even(bf16_results):
+    """The first step starts from zero moments, so the kernel's fp32 moments are torch's AdamW's up to
+    the clip coefficient's last ulp: the stored bf16 moments are those rounded (at most one bf16 ulp
+    apart where the fp32 values straddle a rounding boundary)."""
+    first = bf16_results["steps"][0]
+    for name in ("exp_avg", "exp_avg_sq"):
+        for tensor, (reference, ours) in enumerate(first[name]):
+            assert ours.dtype == torch.bfloat16, f"{name} {tensor}"
+            ulps = ulp_distance(ours, reference.to(torch.bfloat16))
+            assert int(ulps.max()) <= 1, f"{name} {tensor}"
+            # Truncation instead of rounding would miss about half of them.
+            assert float((ulps == 0).float().mean()) > 0.9, f"{name} {tensor}"
+
+
+def test_bf16_moments_keep_the_update_close_to_torch_adamw(bf16_results, results):
+    """Over four steps the bf16 moments' rounding moves the weights by a small fraction of the
+    update (the same bound as AdamWLowPrecisionStates' test); fp32 moments stay at the ulp level."""
+    start = bf16_results["steps"][0]["reference"]  # after one step; compare the later updates
+    for number in (1, 3):
+        ours, fp32 = bf16_results["steps"][number], results["steps"][number]
+        for tensor, (master, reference, before) in enumerate(zip(ours["masters"], ours["reference"], start)):
+            update = (reference - before).norm()
+            assert update > 0
+            assert (master - reference).norm() / update < 0.02, f"step {number}, tensor {tensor}"
+            assert not torch.equal(master, fp32["masters"][tensor]), "bf16 moments change the numbers"
+    assert bf16_results["step_counts"] == results["step_counts"]

@@ -12,6 +12,7 @@ from tasks.settings import PipelineSettings
 
 def test_workers_keep_compiled_kernels_beside_the_pipeline_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     settings = PipelineSettings(output_root=tmp_path / "out", cache_dir=tmp_path / "cache")
     assert worker_env_vars(settings, None) == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "torchinductor")}
     env = worker_env_vars(settings, "http://127.0.0.1:4200/api")
@@ -22,6 +23,20 @@ def test_an_inductor_cache_chosen_by_the_user_wins(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     settings = PipelineSettings(output_root=tmp_path / "out", cache_dir=tmp_path / "cache")
     assert worker_env_vars(settings, None)["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_workers_get_the_memory_profiles_allocator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--memory 24gb sets the allocator in the CLI's process before the workers start; the workers'
+    environment carries it (it is read when a worker first initialises CUDA)."""
+    from imix2mix.config import apply_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    settings = PipelineSettings(output_root=tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in worker_env_vars(settings, None)
+    cli_environment: dict[str, str] = {}
+    apply_allocator("24gb", cli_environment)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", cli_environment["PYTORCH_CUDA_ALLOC_CONF"])
+    assert worker_env_vars(settings, None)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
 def test_the_collection_command_gives_a_temporary_prefect_server_time_to_start() -> None:

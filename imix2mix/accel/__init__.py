@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from imix2mix.accel.graphs import GraphedStudent
-from imix2mix.config import EditConfig
+from imix2mix.config import COPY_OPTIMIZERS, EditConfig
 from imix2mix.kernels.adamw import fused_adamw_available
 from imix2mix.kernels.dispatch import TORCH, TRITON, KernelSet, install_kernels, kernels_installed
 from imix2mix.kernels.triton_support import triton_runs_on
@@ -73,7 +73,7 @@ class ExecutionPlan:
         )
         weight_copies = (
             acceleration.bf16_weight_copies and needs.trains_student and bf16
-            and runtime.optimizer == "adamw_fused" and fused_adamw_available(device)
+            and runtime.optimizer in COPY_OPTIMIZERS and fused_adamw_available(device)
             and acceleration.kernels != "torch"
         )
         # Triton kernels pay off where their launches are replayed from CUDA graphs ("auto"); never

@@ -29,11 +29,24 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
                              "checkpoint, e.g. vinesmsuic/magicbrush-jul7; controlnet_*: the ControlNet)")
     parser.add_argument("--mode", choices=MODE_NAMES, default=None,
                         help="run mode: distill (I-Mix2Mix, default) or a comparison method")
+    add_memory_argument(parser)
+
+
+def add_memory_argument(parser: argparse.ArgumentParser) -> None:
+    """``--memory``: a named memory profile (imix2mix.config.MEMORY_PROFILES)."""
+    from imix2mix.config import MEMORY_PROFILES
+
+    parser.add_argument("--memory", choices=tuple(MEMORY_PROFILES), default="default",
+                        help="GPU memory profile: " + "; ".join(f"{name}: {p.summary}" for name, p in MEMORY_PROFILES.items())
+                        + " (--set values win over the profile's)")
 
 
 def selected_settings(args: argparse.Namespace) -> dict[str, str]:
-    """``--set`` values with ``--teacher`` / ``--teacher-id`` / ``--mode`` applied on top."""
-    settings = parse_settings(args.settings)
+    """The ``--memory`` profile's settings, then ``--set`` values, with ``--teacher`` / ``--teacher-id`` /
+    ``--mode`` applied on top."""
+    from imix2mix.config import memory_settings
+
+    settings = memory_settings(args.memory, parse_settings(args.settings))
     for key, value in (("teacher", args.teacher), ("teacher_id", args.teacher_id), ("mode", args.mode)):
         if value is not None:
             settings[key] = value

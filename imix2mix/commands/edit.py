@@ -66,12 +66,13 @@ def cpu_threads(requested: int | None, environ: Mapping[str, str], usable_cpus: 
 def _setup(args: argparse.Namespace, *, metrics: bool):
     import torch
 
-    from imix2mix.config import default_config
+    from imix2mix.config import apply_allocator, default_config
     from imix2mix.presets import WeightSources, build_editor
     from imix2mix.scene import load_scene
 
     # A bad --set is refused before anything is read or built.
     config = default_config(args.preset).overridden(selected_settings(args))
+    apply_allocator(args.memory, os.environ)  # before this process first touches CUDA
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is available")

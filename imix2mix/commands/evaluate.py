@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from imix2mix.commands import parse_settings
+from imix2mix.commands import add_memory_argument, parse_settings
 
 
 def _names(text: str) -> list[str]:
@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--report-only", action="store_true", help="only rebuild the report from the manifests")
     evaluate.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
                           help="override an EditConfig setting for every run (a variant's own settings win)")
+    add_memory_argument(evaluate)
     evaluate.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     evaluate.add_argument("--workers", type=int, default=None, help="EditWorker actors (default: one per GPU, or 1)")
     evaluate.add_argument("--concurrency", type=int, default=None, help="runs in flight (default: --workers)")
@@ -59,12 +60,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 0
     from imix2mix.commands.pipeline import _print_runs, allow_slow_ephemeral_server
 
+    from imix2mix.config import apply_allocator, memory_settings
+
     allow_slow_ephemeral_server(os.environ)
+    apply_allocator(args.memory, os.environ)  # the EditWorkers' allocator (tasks.distill.worker_env_vars)
     from flows.evaluate_suite import evaluate_suite
 
     summary = evaluate_suite(
         suite=args.suite, output_root=str(out), preset=args.preset, scenes=args.scenes, modes=args.modes,
-        data_root=None if args.data is None else str(args.data), config_overrides=parse_settings(args.settings),
+        data_root=None if args.data is None else str(args.data), config_overrides=memory_settings(args.memory, parse_settings(args.settings)),
         ray_address=args.ray_address, concurrency=args.concurrency, device=args.device, workers=args.workers,
         cache_dir=args.cache, weights_dir=args.weights_dir,
     )

@@ -108,6 +108,9 @@ def run_collection(args: argparse.Namespace) -> int:
     overrides = _checked_overrides(args)
     if args.plan:
         return _print_plan(args, overrides, open_output_root(args.out))
+    from imix2mix.config import apply_allocator
+
+    apply_allocator(args.memory, os.environ)  # the EditWorkers' allocator (tasks.distill.worker_env_vars)
     check_output_root(args.out)  # a read-only, full or unreachable root fails here, before Prefect and Ray start
     allow_slow_ephemeral_server(os.environ)
     quiet_temporary_server(os.environ)

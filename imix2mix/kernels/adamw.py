@@ -9,7 +9,10 @@ pass, removes both casts; the gradients stay in bf16, the values autocast comput
 them (exactly) to fp32.  The update is torch's fused AdamW's, in fp32, on fp32 master weights and
 moments: ``p ← p − lr·wd·p``, ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
 ``p ← p − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε)``, with ``g`` the gradient times the clip coefficient;
-square root and divisions IEEE-rounded as in torch's CUDA kernel.
+square root and divisions IEEE-rounded as in torch's CUDA kernel.  The moments may instead be kept in
+bf16 (``adamw_bf16_states``, the 24gb memory profile): each is read and widened to fp32, updated and
+used for this step's update in fp32, and stored rounded to nearest even, the scheme of
+:class:`imix2mix.optim.AdamWLowPrecisionStates`.
 
 Layout: each tensor is cut into chunks of ``AdamWLaunch.chunk`` elements of its storage.  The master, its moments,
 its copy and its gradient are dense with the same strides, so storage element ``i`` is the same
@@ -93,20 +96,24 @@ if _HAS_TRITON:
     def _adamw_block(
         grad, master, exp_avg, exp_avg_sq, copy, index, mask, clip,
         lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
-        COPY_KIND: tl.constexpr,
+        COPY_KIND: tl.constexpr, MOMENT_KIND: tl.constexpr,
     ):
         g = tl.load(grad + index, mask=mask).to(tl.float32) * clip
         p = tl.load(master + index, mask=mask)
-        m = tl.load(exp_avg + index, mask=mask)
-        v = tl.load(exp_avg_sq + index, mask=mask)
+        m = tl.load(exp_avg + index, mask=mask).to(tl.float32)
+        v = tl.load(exp_avg_sq + index, mask=mask).to(tl.float32)
         p = p - lr * weight_decay * p
         m = beta1 * m + (1.0 - beta1) * g
         v = beta2 * v + (1.0 - beta2) * g * g
         denominator = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
         p = p - tl.div_rn(step_size * m, denominator)
         tl.store(master + index, p, mask=mask)
-        tl.store(exp_avg + index, m, mask=mask)
-        tl.store(exp_avg_sq + index, v, mask=mask)
+        if MOMENT_KIND == 0:
+            tl.store(exp_avg + index, m, mask=mask)
+            tl.store(exp_avg_sq + index, v, mask=mask)
+        else:  # low-precision moments: this step used the fp32 values; what is kept is them rounded
+            tl.store(exp_avg + index, _round_to_kind(m, MOMENT_KIND), mask=mask)
+            tl.store(exp_avg_sq + index, _round_to_kind(v, MOMENT_KIND), mask=mask)
         if COPY_KIND >= 0:
             tl.store(copy + index, _round_to_kind(p, COPY_KIND), mask=mask)  # exact: already rounded
 
@@ -114,7 +121,8 @@ if _HAS_TRITON:
     def _adamw_kernel(
         chunk_tensor_ptr, chunk_index_ptr, numel_ptr, address_ptr, num_tensors, clip_ptr,
         lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
-        GRAD_KIND: tl.constexpr, COPY_KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+        GRAD_KIND: tl.constexpr, COPY_KIND: tl.constexpr, MOMENT_KIND: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         program = tl.program_id(0)
         tensor = tl.load(chunk_tensor_ptr + program)
@@ -122,22 +130,22 @@ if _HAS_TRITON:
         numel = tl.load(numel_ptr + tensor)
         grad = _pointer(tl.load(address_ptr + tensor), GRAD_KIND)
         master = _pointer(tl.load(address_ptr + num_tensors + tensor), 0)
-        exp_avg = _pointer(tl.load(address_ptr + 2 * num_tensors + tensor), 0)
-        exp_avg_sq = _pointer(tl.load(address_ptr + 3 * num_tensors + tensor), 0)
+        exp_avg = _pointer(tl.load(address_ptr + 2 * num_tensors + tensor), MOMENT_KIND)
+        exp_avg_sq = _pointer(tl.load(address_ptr + 3 * num_tensors + tensor), MOMENT_KIND)
         copy = _pointer(tl.load(address_ptr + 4 * num_tensors + tensor), COPY_KIND)
         clip = tl.load(clip_ptr)
         if start + CHUNK <= numel:
             for offset in range(0, CHUNK, BLOCK):
                 _adamw_block(
                     grad, master, exp_avg, exp_avg_sq, copy, start + offset + tl.arange(0, BLOCK), None, clip,
-                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, COPY_KIND,
+                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, COPY_KIND, MOMENT_KIND,
                 )
         else:
             for offset in range(0, CHUNK, BLOCK):
                 index = start + offset + tl.arange(0, BLOCK)
                 _adamw_block(
                     grad, master, exp_avg, exp_avg_sq, copy, index, index < numel, clip,
-                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, COPY_KIND,
+                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, COPY_KIND, MOMENT_KIND,
                 )
 
 
@@ -164,6 +172,7 @@ class ChunkPlan:
     addresses: torch.Tensor  # [5, tensors] int64
     grad_kind: int
     copy_kind: int
+    moment_kind: int  # fp32, or bf16 moments (rounded to nearest even on store)
     partial: torch.Tensor  # [chunks] fp32, the gradient's squared sums per chunk
     launch: AdamWLaunch  # its chunk size laid the chunks out
 
@@ -196,8 +205,13 @@ class ChunkPlan:
                 problems.append(f"not {ALIGNMENT_BYTES}-byte aligned")
             if grad.dtype != grad_dtype or (copy is not None and copy.dtype != copy_dtype):
                 problems.append("dtypes differ from the first tensor's")
-            if any(t.dtype != torch.float32 for t in states):
-                problems.append("master weights and moments must be fp32")
+            master, exp_avg, exp_avg_sq = states
+            if master.dtype != torch.float32:
+                problems.append("master weights must be fp32")
+            if exp_avg.dtype != exp_avgs[0].dtype or exp_avg_sq.dtype != exp_avg.dtype:
+                problems.append("the moments' dtypes differ")
+            if exp_avg.dtype not in (torch.float32, torch.bfloat16):
+                problems.append("moments must be fp32 or bf16")
             if problems:
                 raise ValueError(f"ChunkPlan: tensor {number} of shape {tuple(grad.shape)}: {'; '.join(problems)}")
         numel = [g.numel() for g in grads]
@@ -213,6 +227,7 @@ class ChunkPlan:
             addresses=torch.tensor(addresses, dtype=torch.int64, device=device),
             grad_kind=_DTYPE_KIND[grad_dtype],
             copy_kind=NO_COPY if copy_dtype is None else _DTYPE_KIND[copy_dtype],
+            moment_kind=_DTYPE_KIND[exp_avgs[0].dtype],
             partial=torch.empty(len(chunk_tensor), dtype=torch.float32, device=device),
             launch=launch,
         )
@@ -263,6 +278,6 @@ def adamw_update(
     _adamw_kernel[(len(plan.partial),)](
         plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses, plan.num_tensors, clip,
         lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5,
-        GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, CHUNK=plan.launch.chunk, BLOCK=plan.launch.block,
-        num_warps=plan.launch.num_warps,
+        GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, MOMENT_KIND=plan.moment_kind, CHUNK=plan.launch.chunk,
+        BLOCK=plan.launch.block, num_warps=plan.launch.num_warps,
     )

@@ -1,4 +1,4 @@
-"""AdamWWithComputeCopies and torch's AdamW after ``clip_grad_norm_`` (tests/test_optim_copies.py)."""
+"""AdamWWithComputeCopies (fp32 or bf16 moments) and torch's AdamW after ``clip_grad_norm_`` (tests/test_optim_copies.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from imix2mix.optim import AdamWWithComputeCopies
 from kernel_programs import run_main
 
 
-def main() -> dict:
+def main(moments: str = "fp32") -> dict:
+    """``moments``: fp32, or bf16 (the optimizer's ``state_dtype``, the 24gb memory profile)."""
     torch.manual_seed(0)
     # (shape, bf16 copy?, group): a 4-D weight in channels-last, ragged sizes, one tensor under a chunk.
     specs = [((700,), True, 0), ((3, 5), False, 0), ((16, 8, 3, 3), True, 0), ((40, 31), True, 1), ((300,), False, 1)]
@@ -32,7 +33,7 @@ def main() -> dict:
     optimizer = AdamWWithComputeCopies(
         groups(ours), **hyper, compute_copies=[p for p, (_, copy, _) in zip(ours, specs) if copy],
         # Small chunks: tensors of a few hundred elements have full chunks and a ragged last one.
-        launch=AdamWLaunch(chunk=256, block=64),
+        launch=AdamWLaunch(chunk=256, block=64), state_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[moments],
     )  # fmt: skip
     results = {"dtypes": [str(p.dtype) for p in ours], "strides": [p.stride() for p in ours],
                "master_strides": [optimizer.master(p).stride() for p in ours], "steps": []}  # fmt: skip
@@ -61,6 +62,8 @@ def main() -> dict:
             "reference": [p.detach().clone() for p in reference],
             "exp_avg": [(torch_adamw.state[r]["exp_avg"].clone(), optimizer.state[o]["exp_avg"].clone())
                         for r, o in zip(reference, ours) if torch_adamw.state[r]],
+            "exp_avg_sq": [(torch_adamw.state[r]["exp_avg_sq"].clone(), optimizer.state[o]["exp_avg_sq"].clone())
+                           for r, o in zip(reference, ours) if torch_adamw.state[r]],
         })  # fmt: skip
     results["plans"] = len(optimizer._plans)
     results["chunks"] = sum(len(plan.partial) for plan, _ in optimizer._plans.values())

@@ -1,0 +1,68 @@
+"""The memory benchmarks' plumbing on CPU: bench_edit's profile modes, edit_end_to_end's disk rate and
+its whole run on the tiny preset (no Prefect, Ray or pycolmap imported)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from imix2mix.config import EditConfig, memory_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_benchmark_modes_are_the_profiles():
+    from benchmarks.bench_edit import MODES, _parse_set, mode_allocator
+
+    settings = EditConfig().overridden(dict(_parse_set(item) for item in MODES["24gb"]))
+    assert settings == EditConfig().overridden(memory_settings("24gb"))
+    assert mode_allocator("24gb") == "expandable_segments:True" and mode_allocator("graphed") == ""
+
+
+def test_the_disk_rate_reads_back_an_evicted_file(tmp_path: Path):
+    from benchmarks.edit_end_to_end import disk_read_rate
+
+    rate = disk_read_rate(tmp_path, 8 * 2**20, block=2**20)
+    assert rate["read_bytes_per_second"] > 0 and rate["bytes"] == 8 * 2**20
+    assert rate["page_cache_resident_before_read"] is None or 0 <= rate["page_cache_resident_before_read"] <= 1
+    assert list(tmp_path.iterdir()) == []  # the file is gone
+
+
+def test_edit_end_to_end_runs_the_tiny_preset(tmp_path: Path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/edit_end_to_end.py", "--preset", "tiny", "--device", "cpu", "--k", "1", "2",
+         "--memory", "24gb", "--modes", "teacher_only", "--teacher-steps", "2", "--disk-bytes", str(4 * 2**20), "--scratch", str(tmp_path), "--out", str(tmp_path / "out")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "edit_end_to_end_24gb.json").read_text())
+    assert report["imported"] == []
+    assert report["config"]["runtime"]["optimizer"] == "adamw_bf16_states"
+    warm = report["warm_worker"]
+    assert [run["iterations"] for run in warm["runs"]] == [6, 12]  # 6 τ × k
+    assert warm["schedule_iterations"] == 14 and "extrapolated" in warm["label"]
+    teacher_only = report["modes"]["teacher_only"]
+    assert teacher_only["finite"] and teacher_only["iterations"] == 0 and teacher_only["views"] == 4
+    assert report["cold_start"]["estimated_cold_start_seconds"] > report["cold_start"]["model_build_seconds_random_weights"]
+
+
+def test_loop_drift_reports_the_24gb_profiles_weight_drift(tmp_path: Path):
+    """The 24gb configuration (bf16 AdamW moments: AdamWLowPrecisionStates on the CPU) drifts from the
+    eager fp32 reference; the reference's weight snapshots are copies, not the live parameters that
+    the next configuration trains (else every weight drift read 0 on the CPU)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    out = tmp_path / "drift.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/loop_drift.py", "--device", "cpu", "--preset", "tiny", "--iterations", "4",
+         "--seconds", "0", "--snapshots", "1", "--configs", "eager_fp32,eager_fp32_again,24gb", "--json", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())["configurations"]
+    assert report["24gb"]["plan"]["optimizer"] == "AdamWLowPrecisionStates"
+    assert report["24gb"]["max"]["weights_rel_to_update"] > 0
+    assert report["eager_fp32_again"]["max"]["weights_rel_to_update"] == 0  # the CPU is deterministic
