@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
                           help="override an EditConfig setting for every run (a variant's own settings win)")
     add_memory_argument(evaluate)
-    evaluate.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    evaluate.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                          help="auto: GPUs when the Ray cluster has them (one actor per GPU)")
     evaluate.add_argument("--workers", type=int, default=None, help="EditWorker actors (default: one per GPU, or 1)")
     evaluate.add_argument("--concurrency", type=int, default=None, help="runs in flight (default: --workers)")
     evaluate.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else local)")
