@@ -166,7 +166,11 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
             result.peak_memory_reserved_bytes = int(torch.cuda.max_memory_reserved(device))
     finally:
         if prepared is not None:
-            prepared.__exit__(None, None, None)  # the plan undone: weight copies, graphs, formats
+            try:
+                prepared.__exit__(None, None, None)  # the plan undone: weight copies, graphs, formats
+            except torch.OutOfMemoryError as exc:  # a row measured under a cap is kept, with what failed after it
+                result.error = (result.error or "") + f" out of memory undoing the plan: {str(exc).splitlines()[0]}"
+                result.error = result.error.strip()
         prepared = distillation = None  # its graphs and optimizer state go before the next configuration
         _release(device)
     return result
@@ -324,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         if args.memory_cap_gib is not None:
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
+            index = device.index if device.index is not None else torch.cuda.current_device()  # the API wants an index
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), index)
     elif args.memory_cap_gib is not None:
         print(f"note: --memory-cap-gib {args.memory_cap_gib:g} has no effect on {device}", file=sys.stderr)
     started = time.perf_counter()
@@ -388,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                f"peak {((m.peak_memory_allocated_bytes or 0) / 2**30):5.1f} GiB allocated "
                f"{((m.peak_memory_reserved_bytes or 0) / 2**30):5.1f} GiB reserved  "
                + " ".join(f"{k}={v:.4f}" for k, v in m.phase_seconds.items())
-               if m.error is None else m.error)
+               if m.seconds_per_iteration is not None else "")
+            + (f"  {m.error}" if m.error else "")
         )
         print(line, flush=True)
         write_report()  # after every configuration: a run cut short keeps what it measured

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -256,6 +257,9 @@ def main() -> None:
     reference: Run | None = None
     iterations = args.iterations
     for name in names:
+        if editor.device.type == "cuda":  # the previous configuration's blocks (and graph pools) back to the driver
+            gc.collect()
+            torch.cuda.empty_cache()
         config = editor.default_config.overridden({**schedule, **CONFIGURATIONS[name]})
         iterations = min(iterations, config.total_iterations)
         if reference is None:

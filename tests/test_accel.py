@@ -62,6 +62,16 @@ def test_memory_format_checkpointing_and_graph_capture_are_undone(editor):
     assert not any(getattr(m, "gradient_checkpointing", False) for m in network.modules())
 
 
+def test_the_optimizer_state_is_freed_when_the_run_ends(editor):
+    """Its moments go before the plan's memory format is undone (that undo needs room under a memory cap)."""
+    config = editor.default_config.overridden({"k": 1, "k_initial": 1})
+    with editor.prepare_distillation(load_scene(SCENES / "face"), Edit("make it snowy"), config) as loop:
+        loop.step()
+        optimizer = loop.optimizer
+        assert optimizer.state  # the moments of one step
+    assert not optimizer.state
+
+
 def test_the_plan_is_undone_when_the_run_fails(editor):
     network = editor.student.network
     plan = dataclasses.replace(ExecutionPlan.eager("cpu"), memory_format=torch.channels_last)

@@ -173,6 +173,10 @@ class Execution:
     def close(self) -> None:
         for optimizer in self.optimizers:
             optimizer.close()  # weight copies: the fp32 (trained) weights go back into the parameters
+            # The moments are dead once the run is over; freed here, before the memory format is undone,
+            # because that undo allocates each converted weight anew: at a 24 GiB cap, with the moments
+            # still held, it ran out of memory at the end of the run (H100, 24gb profile, N = 4).
+            optimizer.state.clear()
         self.optimizers.clear()
 
 
