@@ -169,8 +169,8 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
             try:
                 prepared.__exit__(None, None, None)  # the plan undone: weight copies, graphs, formats
             except torch.OutOfMemoryError as exc:  # a row measured under a cap is kept, with what failed after it
-                result.error = (result.error or "") + f" out of memory undoing the plan: {str(exc).splitlines()[0]}"
-                result.error = result.error.strip()
+                message = f"out of memory undoing the plan: {str(exc).splitlines()[0]}"
+                result.error = f"{result.error}; {message}" if result.error else message
         prepared = distillation = None  # its graphs and optimizer state go before the next configuration
         _release(device)
     return result

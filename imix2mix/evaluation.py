@@ -91,3 +91,8 @@ def evaluate_result(result, scene, metrics=None) -> RunEvaluation:
     change = edit_change(result.views, result.originals, clip_dir)
     epipolar = scene_epipolar_consistency(scene, result.views, result.originals, result.config.method.student_image_size)
     return RunEvaluation(change=change, epipolar=epipolar)
+
+
+def format_score(value: float | None) -> str:
+    """A score for a log or console line: three decimals, or ``n/a`` where it could not be measured."""
+    return "n/a" if value is None else f"{value:.3f}"

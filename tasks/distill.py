@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from imix2mix.collection import PlannedRun, release_run
 from imix2mix.config import ALLOCATOR_ENV
 from imix2mix.errors import ConfigError
-from imix2mix.evaluation import evaluate_result
+from imix2mix.evaluation import evaluate_result, format_score
 from imix2mix.manifests import new_run_id, rows_to_json, utc_now
 from imix2mix.outputs import view_file, write_edit_outputs
 from imix2mix.storage import OutputRoot
@@ -68,12 +68,8 @@ def edit_run(run: PlannedRun, scene: Any, scene_folder: Path, pool: EditWorkerPo
             output_root.discard(staging)
         release_run(run)
     logger.info("%s: done in %.1f s (%d iterations, CLIP dir %s, epipolar score %s)", run.label,
-                row["wall_seconds"], row["iterations"], _fmt(row["clip_dir"]), _fmt(row["epipolar_score"]))
+                row["wall_seconds"], row["iterations"], format_score(row["clip_dir"]), format_score(row["epipolar_score"]))
     return row
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def worker_env_vars(settings: PipelineSettings, prefect_api_url: str | None) -> dict[str, str]:

@@ -105,7 +105,7 @@ def run_edit(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from imix2mix.edits import Edit
-    from imix2mix.evaluation import evaluate_result
+    from imix2mix.evaluation import evaluate_result, format_score
     from imix2mix.outputs import write_edit_outputs
 
     edit = Edit(args.instruction, source_caption=args.source_caption, target_caption=args.target_caption)
@@ -140,17 +140,13 @@ def run_edit(args: argparse.Namespace) -> int:
                  (("CLIP Sim.", metrics.clip_sim), ("CLIP Dir.", metrics.clip_dir), ("CLIP Cons.", metrics.clip_cons)) if value is not None]
         console.print(", ".join(parts) or "no metrics")
     epipolar = evaluation.epipolar
-    console.print(f"epipolar consistency {_fmt(epipolar.score)} (consistent pairs: edited "
+    console.print(f"epipolar consistency {format_score(epipolar.score)} (consistent pairs: edited "
                   f"{epipolar.edited.consistent}/{epipolar.edited.measured}, source "
                   f"{epipolar.source.consistent}/{epipolar.source.measured} measured)")
     if evaluation.no_edit:
         console.print(f"[bold yellow]warning: no edit happened[/]: {evaluation.change.reason}")
     print(root.uri_of(folder))
     return 0
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def run_preview(args: argparse.Namespace) -> int:
