@@ -92,6 +92,11 @@ class Measurement:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_allocated_bytes: int | None = None
     peak_memory_reserved_bytes: int | None = None
+    # The scene setup's share of the peak (reference edit, conditioning, graph capture comes later).
+    setup_peak_allocated_bytes: int | None = None
+    setup_peak_reserved_bytes: int | None = None
+    # After the timed iterations: what holds the memory (:func:`memory_breakdown`).
+    memory_breakdown: dict[str, Any] = field(default_factory=dict)
     setup_seconds: float | None = None
     first_step_seconds: float | None = None
     projected_minutes_per_scene: float | None = None
@@ -126,6 +131,9 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
         distillation = prepared.__enter__()
         _sync(device)
         result.setup_seconds = time.perf_counter() - started
+        if device.type == "cuda":
+            result.setup_peak_allocated_bytes = int(torch.cuda.max_memory_allocated(device))
+            result.setup_peak_reserved_bytes = int(torch.cuda.max_memory_reserved(device))
 
         started = time.perf_counter()
         distillation.step()
@@ -141,6 +149,10 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
             _sync(device)
             result.iteration_seconds.append(time.perf_counter() - started)
         result.seconds_per_iteration = statistics.median(result.iteration_seconds)
+        try:
+            result.memory_breakdown = memory_breakdown(distillation, device)
+        except Exception as exc:  # noqa: BLE001 (a diagnostic: never the measurement's end)
+            result.memory_breakdown = {"error": f"{type(exc).__name__}: {exc}"}
         result.projected_minutes_per_scene = result.seconds_per_iteration * DEFAULT_SCHEDULE_ITERATIONS / 60
 
         # Phase split: a separate pass, because timing phases synchronises between them.
@@ -177,6 +189,55 @@ def measure(editor, name: str, n_views: int, base: EditConfig, overrides: dict[s
 
 
 PROFILED: set[str] = set()
+
+
+def rounded(value: Any, digits: int = 2) -> Any:
+    """``value`` with every float in it (nested dicts) rounded, for printing."""
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def memory_breakdown(distillation, device: torch.device) -> dict[str, Any]:
+    """GiB held now, by owner: the student's parameters (by dtype), their gradients, the optimizer's
+    state (by entry), the teacher's parameters; and the caching allocator's segments by pool (the
+    shared pool, and each CUDA graph's private pool: the captured passes' activations and outputs)."""
+    gib = 2**-30
+    seen: set[int] = set()
+
+    def size(tensors) -> float:
+        total = 0
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type == device.type and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+        return total * gib
+
+    breakdown: dict[str, Any] = {}
+    if device.type == "cuda":
+        breakdown.update(allocated=torch.cuda.memory_allocated(device) * gib, reserved=torch.cuda.memory_reserved(device) * gib)
+    student = distillation.execution.student
+    for dtype in sorted({str(p.dtype) for p in student.parameters()}):
+        breakdown[f"student parameters {dtype}"] = size(p for p in student.parameters() if str(p.dtype) == dtype)
+    breakdown["student gradients"] = size(p.grad for p in student.parameters() if p.grad is not None)
+    for optimizer in distillation.execution.optimizers:
+        for key in sorted({k for state in optimizer.state.values() for k in state}):
+            breakdown[f"optimizer {key}"] = size(state.get(key) for state in optimizer.state.values())
+    teacher_modules = [m for m in vars(distillation.teacher).values() if isinstance(m, torch.nn.Module)]
+    pipeline = getattr(distillation.teacher, "pipeline", None)
+    teacher_modules += [m for m in vars(pipeline).values() if isinstance(m, torch.nn.Module)] if pipeline is not None else []
+    breakdown["teacher parameters"] = size(p for m in teacher_modules for p in m.parameters())
+    if device.type != "cuda":
+        return breakdown
+    pools: dict[str, dict[str, float]] = {}
+    for segment in torch.cuda.memory_snapshot():
+        if segment.get("device", device.index or 0) != (device.index or 0):
+            continue
+        pool = pools.setdefault(str(tuple(segment.get("segment_pool_id", ()))), {"reserved": 0.0, "allocated": 0.0})
+        pool["reserved"] += segment["total_size"] * gib
+        pool["allocated"] += segment["allocated_size"] * gib
+    breakdown["pools"] = pools
+    return breakdown
 
 
 def profile_steps(distillation, device: torch.device, path: Path, steps: int = 3) -> None:
@@ -397,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             + (f"  {m.error}" if m.error else "")
         )
         print(line, flush=True)
+        if m.memory_breakdown:
+            print(f"  setup peak {(m.setup_peak_allocated_bytes or 0) / 2**30:.2f} GiB allocated "
+                  f"{(m.setup_peak_reserved_bytes or 0) / 2**30:.2f} GiB reserved; held after the iterations (GiB): "
+                  + json.dumps(rounded(m.memory_breakdown)), flush=True)
         write_report()  # after every configuration: a run cut short keeps what it measured
 
     print(json.dumps({m.name + f"@N={m.n_views}": m.seconds_per_iteration for m in measurements}))

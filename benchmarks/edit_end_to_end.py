@@ -30,6 +30,7 @@ Imports neither Prefect, Ray nor pycolmap (the report lists any of them found lo
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench_edit import synthetic_scene
     from imix2mix.edits import Edit
     from imix2mix.outputs import write_edit_outputs
+    from imix2mix.accel import Execution, GraphedStudent
+    from imix2mix.modes.distill import Distillation
     from imix2mix.presets import build_editor
+
+    run_object_types = (Distillation, Execution, GraphedStudent)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -163,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def scene_run(k: int, overrides: dict | None = None, check: bool = False) -> dict:
         config = base.overridden({"k": k, "k_initial": k, **(overrides or {})})
+        # What an earlier run left behind (a warm worker must hold none of it): memory, and the loop's
+        # objects still alive, before any garbage collection.
+        held = {
+            "allocated_before_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "live_run_objects": sorted(type(o).__name__ for o in gc.get_objects() if isinstance(o, run_object_types)),
+        }
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics": {k: getattr(metrics, k) for k in ("clip_sim", "clip_dir", "clip_cons")},
             }
         return {
-            **extra, "k": k, "iterations": result.iterations, "edit_seconds": edit_seconds, "metrics_seconds": metrics_seconds,
+            **extra, **held, "k": k, "iterations": result.iterations, "edit_seconds": edit_seconds, "metrics_seconds": metrics_seconds,
             "write_seconds": write_seconds, "timings": dict(result.timings),
             "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,

@@ -202,11 +202,15 @@ class AccelerationConfig:
     channels_last: bool = True
     # bf16 copies of the student's Linear/Conv weights written by the fused AdamW pass (CUDA, bf16 autocast).
     bf16_weight_copies: bool = True
+    # With the copies: keep each fp32 master as its copy plus an int16 residual of the bits (the same
+    # fp32 number, 2 bytes per parameter less; imix2mix/kernels/adamw.py).
+    split_master_weights: bool = False
     # torch.compile the student and the teacher's noise prediction (minutes of warm-up with a cold cache).
     compile: bool = False
     # Recompute the student's activations in backward: less memory, slower, the same values.
     gradient_checkpointing: bool = False
-    # Move CLIP-H and the text encoder off the GPU once used.
+    # Move CLIP-H and the text encoder off the GPU once used, and return the setup's cached blocks to
+    # the driver before the loop (the CUDA graphs' private pools cannot reuse them).
     offload_after_use: bool = False
     # The kernels of the student's and the teacher's fused ops (GroupNorm, LayerNorm, Linear bias
     # gradient, GEGLU, short attention) and of the bf16 weight copies' AdamW.  "auto": the Triton
@@ -353,15 +357,16 @@ class MemoryProfile:
 
 MEMORY_PROFILES: dict[str, MemoryProfile] = {
     "default": MemoryProfile({}, summary="fastest; about 24 GiB allocated, 32 GiB reserved at N = 4 (40 GB+ cards)"),
-    # Keeps CUDA graphs, channels-last, the Triton kernels and the bf16 weight copies; saves the half of
-    # the AdamW moments (bf16: 5 GB of 10, a named numerics change), the frozen encoders' residency
-    # after setup (CLIP-H, the teacher's text encoder), and the allocator's fragmentation
-    # (expandable segments: reserved memory follows allocated memory instead of keeping cached blocks
-    # of every size).  No gradient checkpointing: that is lean's cost in speed.
+    # Keeps CUDA graphs, channels-last, the Triton kernels and the bf16 weight copies; saves half of the
+    # AdamW moments (bf16: 4.7 of 9.4 GiB, a named numerics change); half of the fp32 master weights'
+    # memory (split into the copy plus an int16 residual: the same numbers, 2.35 GiB); the frozen
+    # encoders' residency after setup (CLIP-H, the teacher's text encoder); and the allocator's
+    # fragmentation (expandable segments, and the setup's cache returned before the CUDA graphs' pools
+    # are made).  No gradient checkpointing: that is lean's cost in speed.
     "24gb": MemoryProfile(
-        {"optimizer": "adamw_bf16_states", "offload_after_use": True},
+        {"optimizer": "adamw_bf16_states", "split_master_weights": True, "offload_after_use": True},
         allocator="expandable_segments:True",
-        summary="24 GB cards: bf16 AdamW moments, encoders offloaded after setup, expandable segments",
+        summary="24 GB cards: bf16 AdamW moments, split fp32 masters, encoders offloaded after setup, expandable segments",
     ),
     # The smallest footprint: the 24gb profile plus whole-block gradient checkpointing (no CUDA graph
     # of the student: about 3× slower per iteration).

@@ -20,7 +20,9 @@ from collections.abc import Iterable
 import torch
 
 from imix2mix.config import COPY_OPTIMIZERS
-from imix2mix.kernels.adamw import ALIGNMENT_BYTES, DEFAULT_LAUNCH, AdamWLaunch, ChunkPlan, adamw_update, is_dense, square_sums
+from imix2mix.kernels.adamw import (
+    ALIGNMENT_BYTES, DEFAULT_LAUNCH, AdamWLaunch, ChunkPlan, adamw_update, is_dense, join_fp32, split_fp32, square_sums,
+)
 
 
 class ClipAndStep:
@@ -63,18 +65,20 @@ def make_optimizer(
     weight_decay: float,
     compute_copies: list[torch.nn.Parameter] = (),
     launch: AdamWLaunch = DEFAULT_LAUNCH,
+    split_masters: bool = False,
 ) -> "AdamW | AdamWLowPrecisionStates | AdamWWithComputeCopies":
     """The optimizer called ``name`` (``EditConfig.runtime.optimizer``); ``compute_copies`` (only with
     :data:`COPY_OPTIMIZERS`): the parameters that compute from bf16 copies (:class:`AdamWWithComputeCopies`,
     whose kernels take ``launch``; its moments are bf16 for ``adamw_bf16_states``, with the rounding
-    scheme of :class:`AdamWLowPrecisionStates`)."""
+    scheme of :class:`AdamWLowPrecisionStates`; ``split_masters``: each copied parameter's fp32 master
+    kept as its copy plus an int16 residual)."""
     hyper = adamw_defaults(lr, betas, eps, weight_decay)
     if compute_copies:
         if name not in COPY_OPTIMIZERS:
             raise ValueError(f"bf16 weight copies need one of {', '.join(COPY_OPTIMIZERS)} (got {name})")
         return AdamWWithComputeCopies(
             params, **hyper, compute_copies=compute_copies, compute_dtype=torch.bfloat16, launch=launch,
-            state_dtype=torch.bfloat16 if name == "adamw_bf16_states" else torch.float32,
+            state_dtype=torch.bfloat16 if name == "adamw_bf16_states" else torch.float32, split_masters=split_masters,
         )
     if name == "adamw_bf16_states":
         return AdamWLowPrecisionStates(params, **hyper)
@@ -171,7 +175,10 @@ CLIP_EPS = 1e-6
 class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
     """torch's AdamW (decoupled weight decay, bias-corrected moments, fp32 master weights and
     moments, or bf16 moments with ``state_dtype``) with gradient-norm clipping folded in, where the parameters in ``compute_copies`` hold a
-    ``compute_dtype`` copy of their master weight between steps.
+    ``compute_dtype`` copy of their master weight between steps.  With ``split_masters`` (bf16 copies
+    only) a copied parameter's master is not a separate fp32 tensor but the copy plus an int16 residual
+    of the bits (:func:`imix2mix.kernels.adamw.split_fp32`): the same fp32 number, rebuilt in the
+    update, in 2 bytes instead of 4.
 
     Under autocast a matrix weight is rounded to bf16 at every use and its gradient, computed in bf16,
     is widened to fp32; here the module computes with the persistent copy (autocast leaves it alone)
@@ -199,11 +206,15 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
         compute_dtype: torch.dtype = torch.bfloat16,
         launch: AdamWLaunch = DEFAULT_LAUNCH,
         state_dtype: torch.dtype = torch.float32,
+        split_masters: bool = False,
     ):
         super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay))
         self.launch = launch  # the kernels' chunk and block sizes
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"AdamWWithComputeCopies: moments are fp32 or bf16 (got {state_dtype})")
+        if split_masters and compute_dtype != torch.bfloat16:
+            raise ValueError(f"AdamWWithComputeCopies: split masters need bf16 copies (got {compute_dtype})")
+        self.split_masters = split_masters
         self.state_dtype = state_dtype  # the moments'; bf16: rounded as AdamWLowPrecisionStates rounds
         copied = {id(p) for p in compute_copies}
         for group in self.param_groups:
@@ -215,7 +226,10 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
                     p.data = p.data.clone(memory_format=torch.contiguous_format)  # the kernel's layout needs
                 state = self.state[p]
                 state.update(step=0, master=p.data)  # moments at the first step, as torch's AdamW
-                if id(p) in copied:
+                if id(p) in copied and split_masters:
+                    state["copy"], state["master"] = split_fp32(p.data)  # the fp32 tensor is freed
+                    p.data = state["copy"]
+                elif id(p) in copied:
                     state["copy"] = p.data.to(compute_dtype)  # the same strides (preserve_format)
                     p.data = state["copy"]
         # Launch plans, keyed by (group, gradient dtype, copied?, the tensors); a plan's gradient
@@ -264,7 +278,7 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     state = self.state[p]
-                    kinds.setdefault((number, p.grad.dtype, "copy" in state, state["step"]), []).append(p)
+                    kinds.setdefault((number, p.grad.dtype, state["master"].dtype, "copy" in state, state["step"]), []).append(p)
             for (*kind, step), params in kinds.items():
                 launches.append((group, step, params, self._plan((*kind, tuple(id(p) for p in params)), params)))
         if not launches:
@@ -296,10 +310,15 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
     @torch.no_grad()
     def release(self) -> None:
         """Give the copied parameters their fp32 masters back (the trained values); the copies and
-        the moments go with this optimizer."""
+        the moments go with this optimizer.  A split master is joined after its moments are freed, so
+        the fp32 weights never coexist with all the moments."""
         for state_p, state in self.state.items():
             if "copy" in state:
                 state_p.grad = None
+                if state["master"].dtype == torch.int16:
+                    state.pop("exp_avg", None)
+                    state.pop("exp_avg_sq", None)
+                    state["master"] = join_fp32(state.pop("copy"), state["master"])
                 state_p.data = state["master"]
         self.released = True
 
@@ -309,5 +328,8 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
             self.release()
 
     def master(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """The fp32 master weight behind ``p``."""
-        return self.state[p]["master"]
+        """The fp32 master weight behind ``p`` (a split one joined: a new tensor)."""
+        state = self.state[p]
+        if state["master"].dtype == torch.int16:
+            return join_fp32(state["copy"], state["master"])
+        return state["master"]

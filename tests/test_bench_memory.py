@@ -45,6 +45,9 @@ def test_edit_end_to_end_runs_the_tiny_preset(tmp_path: Path):
     warm = report["warm_worker"]
     assert [run["iterations"] for run in warm["runs"]] == [6, 12]  # 6 τ × k
     assert warm["schedule_iterations"] == 14 and "extrapolated" in warm["label"]
+    assert report["config"]["acceleration"]["split_master_weights"] is True
+    # A warm worker's earlier runs leave none of their loop objects alive.
+    assert [run["live_run_objects"] for run in warm["runs"]] == [[], []]
     teacher_only = report["modes"]["teacher_only"]
     assert teacher_only["finite"] and teacher_only["iterations"] == 0 and teacher_only["views"] == 4
     assert report["cold_start"]["estimated_cold_start_seconds"] > report["cold_start"]["model_build_seconds_random_weights"]
@@ -66,3 +69,27 @@ def test_loop_drift_reports_the_24gb_profiles_weight_drift(tmp_path: Path):
     assert report["24gb"]["plan"]["optimizer"] == "AdamWLowPrecisionStates"
     assert report["24gb"]["max"]["weights_rel_to_update"] > 0
     assert report["eager_fp32_again"]["max"]["weights_rel_to_update"] == 0  # the CPU is deterministic
+
+
+def test_bench_edit_says_what_holds_the_memory():
+    """bench_edit's per-owner breakdown after the iterations (on the GPU also by allocator pool):
+    the student's weights, gradients and the optimizer's moments, each counted once."""
+    import argparse
+
+    from benchmarks.bench_edit import measure
+    from imix2mix.presets import build_editor
+
+    editor = build_editor("tiny", device="cpu", metrics=False)
+    args = argparse.Namespace(warmup=0, iterations=1, phase_iterations=1, profile_dir=None)
+    m = measure(editor, "24gb", 2, editor.default_config, {"optimizer": "adamw_bf16_states"}, args)
+    assert m.error is None and m.seconds_per_iteration is not None
+    breakdown = m.memory_breakdown
+    weights = breakdown["student parameters torch.float32"]
+    network_bytes = sum(p.numel() * 4 for p in editor.student.network.parameters()) / 2**30
+    assert abs(weights - network_bytes) <= 1e-6 * max(network_bytes, 1e-9) + 1e-9
+    # bf16 moments of the trained parameters that had a gradient: at most half their fp32 size each.
+    trained = sum(p.numel() for p in editor.student.trainable_parameters()) * 2 / 2**30
+    assert breakdown["optimizer exp_avg"] == breakdown["optimizer exp_avg_sq"]
+    assert 0.9 * trained <= breakdown["optimizer exp_avg"] <= trained
+    assert breakdown["student gradients"] > 0 and breakdown["teacher parameters"] > 0
+    assert "pools" not in breakdown  # the allocator's pools: CUDA only

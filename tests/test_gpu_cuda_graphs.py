@@ -39,6 +39,9 @@ CONFIGURATIONS: dict[str, dict] = {
     "graphed": {"cuda_graphs": True, "channels_last": False, "bf16_weight_copies": False, "kernels": "torch"},
     # The default: graphs, channels-last, the Triton kernels inside the captures, bf16 weight copies.
     "default": {},
+    # The default with the 24gb profile's split fp32 masters (copy + int16 residual) and offloading:
+    # the same numbers as the default (the split changes none), through the compiled AdamW kernel.
+    "split_masters": {"split_master_weights": True, "offload_after_use": True},
     # torch.compile with inductor's CUDA graphs (about 6 minutes of cold compilation: marked slow).
     "compiled": {"compile": True},
 }
@@ -92,7 +95,7 @@ COMPILED = pytest.param("compiled", marks=[
 ])
 
 
-@pytest.mark.parametrize("name", ["graphed", "default", COMPILED])
+@pytest.mark.parametrize("name", ["graphed", "default", "split_masters", COMPILED])
 def test_configuration_computes_what_eager_computes(runs: Callable[[str], tuple], name: str) -> None:
     reference_losses, reference_latents, reference_updates = runs("eager")
     losses, latents, updates = runs(name)

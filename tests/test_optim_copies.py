@@ -35,6 +35,12 @@ def bf16_results(tmp_path_factory):
     return run_program("adamw", "bf16", folder=tmp_path_factory.mktemp("optim_bf16"))
 
 
+@pytest.fixture(scope="module")
+def split_results(tmp_path_factory):
+    """bf16 moments and split masters: the 24gb memory profile's optimizer."""
+    return run_program("adamw", "bf16", "split", folder=tmp_path_factory.mktemp("optim_split"))
+
+
 def test_copied_parameters_compute_in_bf16_with_their_layout(results):
     assert results["dtypes"] == ["torch.bfloat16", "torch.float32", "torch.bfloat16", "torch.bfloat16", "torch.float32"]
     assert results["strides"][2] == (72, 1, 24, 8)  # channels-last kept by the copy
@@ -88,6 +94,11 @@ def test_plan_rejects_mismatched_layouts():
         ChunkPlan.build([grad], [states[0]], [states[1].bfloat16()], [states[2]], None)
     with pytest.raises(ValueError, match="moments must be fp32 or bf16"):
         ChunkPlan.build([grad], [states[0]], [states[1].half()], [states[2].half()], None)
+    residual = torch.zeros(4, 6, dtype=torch.int16)
+    with pytest.raises(ValueError, match="split masters' residuals need bf16 copies"):
+        ChunkPlan.build([grad], [residual], [states[1]], [states[2]], None)
+    with pytest.raises(ValueError, match="fp32, or all int16 residuals"):
+        ChunkPlan.build([grad, grad], [residual, states[0]], [states[1]] * 2, [states[2]] * 2, [grad, grad])
 
 
 def test_weight_copies_cover_matrix_layers_only(tiny_editor):
@@ -174,3 +185,65 @@ def test_bf16_moments_keep_the_update_close_to_torch_adamw(bf16_results, results
             assert (master - reference).norm() / update < 0.02, f"step {number}, tensor {tensor}"
             assert not torch.equal(master, fp32["masters"][tensor]), "bf16 moments change the numbers"
     assert bf16_results["step_counts"] == results["step_counts"]
+
+
+def test_split_masters_are_the_fp32_masters_bit_for_bit(split_results, bf16_results):
+    """Keeping each master as its bf16 copy plus an int16 residual changes no number: every master,
+    copy and moment equals the fp32-master run's at every step."""
+    for number, (split, fp32) in enumerate(zip(split_results["steps"], bf16_results["steps"])):
+        for name in ("masters", "copies"):
+            for tensor, (a, b) in enumerate(zip(split[name], fp32[name])):
+                assert a.dtype == b.dtype and torch.equal(a, b), f"step {number}, {name} {tensor}"
+        for name in ("exp_avg", "exp_avg_sq"):
+            for tensor, ((_, a), (_, b)) in enumerate(zip(split[name], fp32[name])):
+                assert torch.equal(a, b), f"step {number}, {name} {tensor}"
+    assert split_results["step_counts"] == bf16_results["step_counts"]
+
+
+def test_split_masters_keep_two_bytes_per_copied_parameter(split_results):
+    copied = [dtype == "torch.bfloat16" for dtype in split_results["dtypes"]]
+    for tensor, is_copied in enumerate(copied):
+        master, copy = split_results["state"]["master"][tensor], split_results["state"]["copy"][tensor]
+        if is_copied:  # the residual, and the copy that is the parameter itself: no fp32 tensor
+            assert master == ("torch.int16", False) and copy == ("torch.bfloat16", True), tensor
+        else:
+            assert master == ("torch.float32", True) and copy is None, tensor
+
+
+def test_release_joins_split_masters_after_freeing_their_moments(split_results):
+    assert all(split_results["released_values"])  # fp32 parameters holding the joined masters
+    for tensor, dtype in enumerate(split_results["dtypes"]):
+        expected = [] if dtype == "torch.bfloat16" else ["exp_avg", "exp_avg_sq"]
+        assert split_results["moments_after_release"][tensor] == expected, tensor
+
+
+def test_split_and_join_give_back_every_fp32_value():
+    from imix2mix.kernels.adamw import RESIDUAL_MAX, join_fp32, split_fp32
+
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(50_000, generator=generator) * torch.logspace(-40, 38, 50_000)
+    values = torch.cat([values, torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.0e38, -3.0e38, float("inf"), -float("inf")])])
+    copy, residual = split_fp32(values)
+    assert copy.dtype == torch.bfloat16 and residual.dtype == torch.int16
+    assert torch.equal(copy, values.to(torch.bfloat16))  # the copy is autocast's rounding
+    assert torch.equal(join_fp32(copy, residual).view(torch.int32), values.view(torch.int32))
+    # Exact ties: rounding to even goes up for one, down for the other; the one rounding down would
+    # need a residual of 2^15 and keeps one fp32 ulp less (which still rounds to the same copy).
+    up, down = torch.tensor([1.0 + 3 * 2**-8]), torch.tensor([1.0 + 2**-8])  # halfway; odd, even below
+    for tie, ulps in ((up, 0), (down, 1)):
+        copy, residual = split_fp32(tie)
+        assert torch.equal(copy, tie.to(torch.bfloat16))
+        joined = join_fp32(copy, residual)
+        assert int(tie.view(torch.int32) - joined.view(torch.int32)) == ulps
+        assert torch.equal(joined.to(torch.bfloat16), copy)
+    assert int(split_fp32(down)[1]) == RESIDUAL_MAX
+
+
+def test_split_masters_only_with_weight_copies():
+    def split(overrides: dict, device: str = "cuda") -> bool:
+        config = EditConfig().overridden({"split_master_weights": True, **overrides})
+        return ExecutionPlan.resolve(config, torch.device(device), LoopNeeds(trains_student=True)).split_masters
+
+    assert not split({}, "cpu")
+    assert not split({"bf16_weight_copies": False})
+    assert split({}) == fused_adamw_available(torch.device("cuda"))

@@ -47,6 +47,7 @@ class ExecutionPlan:
     graph_student: bool  # the student's forward + backward replayed as CUDA graphs we capture
     graph_teacher: bool  # the teacher's noise-prediction UNet pass replayed as a CUDA graph we capture
     weight_copies: bool  # bf16 weight copies written by the fused AdamW pass
+    split_masters: bool  # with the copies: the fp32 masters kept as copy + int16 residual
     offload_after_use: bool
     # What the fused ops run (imix2mix.kernels.dispatch), installed on the models for the run: the
     # student's passes, its no-grad forwards outside the training step, the teacher's UNet; and the
@@ -94,6 +95,7 @@ class ExecutionPlan:
             graph_student=graph_student,
             graph_teacher=graph_teacher,
             weight_copies=weight_copies,
+            split_masters=weight_copies and acceleration.split_master_weights,
             offload_after_use=acceleration.offload_after_use and cuda,
             student_kernels=kernels(graph_student),
             eager_student_kernels=kernels(False),
@@ -106,7 +108,7 @@ class ExecutionPlan:
         return cls(
             device=torch.device(device), autocast_dtype=autocast_dtype, memory_format=torch.contiguous_format,
             gradient_checkpointing=False, compile_mode=None, graph_student=False, graph_teacher=False,
-            weight_copies=False, offload_after_use=False, student_kernels=TORCH, eager_student_kernels=TORCH,
+            weight_copies=False, split_masters=False, offload_after_use=False, student_kernels=TORCH, eager_student_kernels=TORCH,
             teacher_kernels=TORCH,
         )
 
@@ -147,7 +149,7 @@ class Execution:
             params, config.runtime.optimizer, lr=method.lr, betas=tuple(method.betas), eps=method.eps,
             weight_decay=method.weight_decay,
             compute_copies=matrix_parameters(self.student) if self.plan.weight_copies else [],
-            launch=self.plan.student_kernels.adamw_launch,
+            launch=self.plan.student_kernels.adamw_launch, split_masters=self.plan.split_masters,
         )
         self.optimizers.append(optimizer)
         return optimizer

@@ -14,6 +14,16 @@ bf16 (``adamw_bf16_states``, the 24gb memory profile): each is read and widened 
 used for this step's update in fp32, and stored rounded to nearest even, the scheme of
 :class:`imix2mix.optim.AdamWLowPrecisionStates`.
 
+Split masters (``split_master_weights``, the 24gb memory profile): a copied tensor's fp32 master may be
+kept as two halves instead of a separate fp32 tensor beside its copy: the copy itself (the master
+rounded to nearest even, which is what the model computes with anyway) and an int16 **residual**, the
+master's bits minus the copy's (:func:`split_fp32`, :func:`join_fp32`).  The master is the same fp32
+number, rebuilt exactly in the kernel, so the update is unchanged; 2 bytes per parameter instead of 4
+(2.35 GiB less on SEVA).  One exception: a master exactly halfway between two bf16 values that
+rounds down would need a residual of +2¹⁵, one more than int16 holds; it is stored one fp32 ulp
+smaller (still rounding to the same copy): about one element in 65,536 when the masters are first
+split, and per step.
+
 Layout: each tensor is cut into chunks of ``AdamWLaunch.chunk`` elements of its storage.  The master, its moments,
 its copy and its gradient are dense with the same strides, so storage element ``i`` is the same
 parameter entry in all five.  A chunk table gives each program its tensor and chunk; the tensors'
@@ -50,6 +60,10 @@ class AdamWLaunch:
 DEFAULT_LAUNCH = AdamWLaunch()
 ALIGNMENT_BYTES = 16
 NO_COPY = -1  # the copy kind of tensors that have no low-precision copy (they compute in fp32)
+# The master kinds: an fp32 tensor (KIND_FP32 = 0), or split into the bf16 copy and an int16 residual.
+MASTER_SPLIT = 3
+# The largest residual int16 holds: the master bits minus the copy's lie in [-2^15, 2^15].
+RESIDUAL_MAX = 2**15 - 1
 
 # Rows of ChunkPlan.addresses.
 GRAD, MASTER, EXP_AVG, EXP_AVG_SQ, COPY = range(5)
@@ -63,7 +77,9 @@ if _HAS_TRITON:
         """A 16-byte-aligned address as a typed pointer; the rounding (a no-op: the host checked the
         alignment) tells Triton's alignment analysis so."""
         address = (address // 16) * 16
-        if KIND == 2:
+        if KIND == 3:  # MASTER_SPLIT: the int16 residuals
+            return address.to(tl.pointer_type(tl.int16))
+        elif KIND == 2:
             return address.to(tl.pointer_type(tl.bfloat16))
         elif KIND == 1:
             return address.to(tl.pointer_type(tl.float16))
@@ -96,10 +112,15 @@ if _HAS_TRITON:
     def _adamw_block(
         grad, master, exp_avg, exp_avg_sq, copy, index, mask, clip,
         lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
-        COPY_KIND: tl.constexpr, MOMENT_KIND: tl.constexpr,
+        COPY_KIND: tl.constexpr, MOMENT_KIND: tl.constexpr, MASTER_KIND: tl.constexpr,
     ):
         g = tl.load(grad + index, mask=mask).to(tl.float32) * clip
-        p = tl.load(master + index, mask=mask)
+        if MASTER_KIND == 0:
+            p = tl.load(master + index, mask=mask)
+        else:  # split: the copy's bits (widening bf16 is exact: the low half is zero) plus the residual
+            high = tl.load(copy + index, mask=mask).to(tl.float32).to(tl.uint32, bitcast=True)
+            low = tl.load(master + index, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
+            p = (high + low).to(tl.float32, bitcast=True)  # modulo 2^32: a negative residual subtracts
         m = tl.load(exp_avg + index, mask=mask).to(tl.float32)
         v = tl.load(exp_avg_sq + index, mask=mask).to(tl.float32)
         p = p - lr * weight_decay * p
@@ -107,7 +128,13 @@ if _HAS_TRITON:
         v = beta2 * v + (1.0 - beta2) * g * g
         denominator = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
         p = p - tl.div_rn(step_size * m, denominator)
-        tl.store(master + index, p, mask=mask)
+        if MASTER_KIND == 0:
+            tl.store(master + index, p, mask=mask)
+        else:
+            rounded = _round_to_kind(p, 2)
+            # Same sign, so the difference of the bit patterns is the difference of the magnitudes' bits.
+            residual = p.to(tl.int32, bitcast=True) - rounded.to(tl.int32, bitcast=True)
+            tl.store(master + index, tl.minimum(residual, 32767).to(tl.int16), mask=mask)  # RESIDUAL_MAX
         if MOMENT_KIND == 0:
             tl.store(exp_avg + index, m, mask=mask)
             tl.store(exp_avg_sq + index, v, mask=mask)
@@ -121,15 +148,15 @@ if _HAS_TRITON:
     def _adamw_kernel(
         chunk_tensor_ptr, chunk_index_ptr, numel_ptr, address_ptr, num_tensors, clip_ptr,
         lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
-        GRAD_KIND: tl.constexpr, COPY_KIND: tl.constexpr, MOMENT_KIND: tl.constexpr, CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr,
+        GRAD_KIND: tl.constexpr, COPY_KIND: tl.constexpr, MOMENT_KIND: tl.constexpr, MASTER_KIND: tl.constexpr,
+        CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):
         program = tl.program_id(0)
         tensor = tl.load(chunk_tensor_ptr + program)
         start = tl.load(chunk_index_ptr + program).to(tl.int64) * CHUNK
         numel = tl.load(numel_ptr + tensor)
         grad = _pointer(tl.load(address_ptr + tensor), GRAD_KIND)
-        master = _pointer(tl.load(address_ptr + num_tensors + tensor), 0)
+        master = _pointer(tl.load(address_ptr + num_tensors + tensor), MASTER_KIND)
         exp_avg = _pointer(tl.load(address_ptr + 2 * num_tensors + tensor), MOMENT_KIND)
         exp_avg_sq = _pointer(tl.load(address_ptr + 3 * num_tensors + tensor), MOMENT_KIND)
         copy = _pointer(tl.load(address_ptr + 4 * num_tensors + tensor), COPY_KIND)
@@ -138,15 +165,31 @@ if _HAS_TRITON:
             for offset in range(0, CHUNK, BLOCK):
                 _adamw_block(
                     grad, master, exp_avg, exp_avg_sq, copy, start + offset + tl.arange(0, BLOCK), None, clip,
-                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, COPY_KIND, MOMENT_KIND,
+                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+                    COPY_KIND, MOMENT_KIND, MASTER_KIND,
                 )
         else:
             for offset in range(0, CHUNK, BLOCK):
                 index = start + offset + tl.arange(0, BLOCK)
                 _adamw_block(
                     grad, master, exp_avg, exp_avg_sq, copy, index, index < numel, clip,
-                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, COPY_KIND, MOMENT_KIND,
+                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+                    COPY_KIND, MOMENT_KIND, MASTER_KIND,
                 )
+
+
+def split_fp32(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``master`` → (its bf16 copy, rounded to nearest even; the int16 residual of the bits):
+    the torch reference of the kernel's split store (exact ties that round down keep a residual of
+    :data:`RESIDUAL_MAX`, one fp32 ulp short).  Strides are kept."""
+    copy = master.to(torch.bfloat16)
+    residual = master.view(torch.int32) - copy.float().view(torch.int32)
+    return copy, residual.clamp_(max=RESIDUAL_MAX).to(torch.int16)
+
+
+def join_fp32(copy: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The fp32 master of a split one (the torch reference of the kernel's load)."""
+    return (copy.float().view(torch.int32) + residual.to(torch.int32)).view(torch.float32)
 
 
 def fused_adamw_available(device: torch.device) -> bool:
@@ -173,6 +216,7 @@ class ChunkPlan:
     grad_kind: int
     copy_kind: int
     moment_kind: int  # fp32, or bf16 moments (rounded to nearest even on store)
+    master_kind: int  # fp32 masters, or MASTER_SPLIT: int16 residuals beside bf16 copies
     partial: torch.Tensor  # [chunks] fp32, the gradient's squared sums per chunk
     launch: AdamWLaunch  # its chunk size laid the chunks out
 
@@ -187,7 +231,7 @@ class ChunkPlan:
     ) -> "ChunkPlan":
         """Check that the tensors line up (same shape and strides, dense, aligned, the right dtypes)
         and lay out their chunks of ``launch.chunk`` elements.  ``copies`` None: the tensors compute
-        in fp32."""
+        in fp32.  ``masters`` are fp32, or int16 residuals of split masters (then ``copies`` are bf16)."""
         if not grads:
             raise ValueError("ChunkPlan needs at least one tensor")
         device = masters[0].device
@@ -206,8 +250,10 @@ class ChunkPlan:
             if grad.dtype != grad_dtype or (copy is not None and copy.dtype != copy_dtype):
                 problems.append("dtypes differ from the first tensor's")
             master, exp_avg, exp_avg_sq = states
-            if master.dtype != torch.float32:
-                problems.append("master weights must be fp32")
+            if master.dtype not in (torch.float32, torch.int16) or master.dtype != masters[0].dtype:
+                problems.append("master weights must be fp32, or all int16 residuals")
+            elif master.dtype == torch.int16 and (copy is None or copy.dtype != torch.bfloat16):
+                problems.append("split masters' residuals need bf16 copies")
             if exp_avg.dtype != exp_avgs[0].dtype or exp_avg_sq.dtype != exp_avg.dtype:
                 problems.append("the moments' dtypes differ")
             if exp_avg.dtype not in (torch.float32, torch.bfloat16):
@@ -228,6 +274,7 @@ class ChunkPlan:
             grad_kind=_DTYPE_KIND[grad_dtype],
             copy_kind=NO_COPY if copy_dtype is None else _DTYPE_KIND[copy_dtype],
             moment_kind=_DTYPE_KIND[exp_avgs[0].dtype],
+            master_kind=MASTER_SPLIT if masters[0].dtype == torch.int16 else _DTYPE_KIND[torch.float32],
             partial=torch.empty(len(chunk_tensor), dtype=torch.float32, device=device),
             launch=launch,
         )
@@ -278,6 +325,6 @@ def adamw_update(
     _adamw_kernel[(len(plan.partial),)](
         plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses, plan.num_tensors, clip,
         lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5,
-        GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, MOMENT_KIND=plan.moment_kind, CHUNK=plan.launch.chunk,
-        BLOCK=plan.launch.block, num_warps=plan.launch.num_warps,
+        GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, MOMENT_KIND=plan.moment_kind, MASTER_KIND=plan.master_kind,
+        CHUNK=plan.launch.chunk, BLOCK=plan.launch.block, num_warps=plan.launch.num_warps,
     )

@@ -138,6 +138,10 @@ class EditSession:
             context = self.teacher.prepare(self.edit, self.originals, self.config.teacher)
             if self.config.acceleration.offload_after_use and self.device.type == "cuda":
                 self.teacher.offload()
+                # What the setup freed (the reference edit's activations, the offloaded encoders) stays
+                # cached in the allocator's shared pool, where the CUDA graphs' private pools, made
+                # next, cannot reuse it: returned to the driver, it counts once, not twice.
+                torch.cuda.empty_cache()
         return context
 
     def teacher_latent_size(self) -> int:

@@ -1,4 +1,5 @@
-"""AdamWWithComputeCopies (fp32 or bf16 moments) and torch's AdamW after ``clip_grad_norm_`` (tests/test_optim_copies.py)."""
+"""AdamWWithComputeCopies (fp32 or bf16 moments; fp32 or split masters) and torch's AdamW after
+``clip_grad_norm_`` (tests/test_optim_copies.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from imix2mix.optim import AdamWWithComputeCopies
 from kernel_programs import run_main
 
 
-def main(moments: str = "fp32") -> dict:
-    """``moments``: fp32, or bf16 (the optimizer's ``state_dtype``, the 24gb memory profile)."""
+def main(moments: str = "fp32", masters: str = "fp32") -> dict:
+    """``moments``: fp32, or bf16 (the optimizer's ``state_dtype``, the 24gb memory profile);
+    ``masters``: fp32, or split (copy + int16 residual, the 24gb memory profile)."""
     torch.manual_seed(0)
     # (shape, bf16 copy?, group): a 4-D weight in channels-last, ragged sizes, one tensor under a chunk.
     specs = [((700,), True, 0), ((3, 5), False, 0), ((16, 8, 3, 3), True, 0), ((40, 31), True, 1), ((300,), False, 1)]
@@ -34,9 +36,17 @@ def main(moments: str = "fp32") -> dict:
         groups(ours), **hyper, compute_copies=[p for p, (_, copy, _) in zip(ours, specs) if copy],
         # Small chunks: tensors of a few hundred elements have full chunks and a ragged last one.
         launch=AdamWLaunch(chunk=256, block=64), state_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[moments],
+        split_masters={"fp32": False, "split": True}[masters],
     )  # fmt: skip
+    # What the optimizer keeps per parameter (the copied parameter's copy is the parameter itself).
+    state_bytes = {key: [] for key in ("master", "copy")}
+    for p in ours:
+        for key in state_bytes:
+            tensor = optimizer.state[p].get(key)
+            state_bytes[key].append(None if tensor is None else (str(tensor.dtype), tensor.data_ptr() == p.data_ptr()))
     results = {"dtypes": [str(p.dtype) for p in ours], "strides": [p.stride() for p in ours],
-               "master_strides": [optimizer.master(p).stride() for p in ours], "steps": []}  # fmt: skip
+               "master_strides": [optimizer.master(p).stride() for p in ours], "steps": [],
+               "state": state_bytes}  # fmt: skip
     for step in range(4):
         grads = [(torch.randn(shape) * 10).to(torch.bfloat16) for shape, _, _ in specs]
         # A parameter without a gradient in one step is untouched, and its step count falls behind
@@ -71,6 +81,8 @@ def main(moments: str = "fp32") -> dict:
     masters = [optimizer.master(p) for p in ours]
     optimizer.release()
     results["released_same_tensors"] = [p.data.data_ptr() == m.data_ptr() and p.dtype == torch.float32 for p, m in zip(ours, masters)]
+    results["released_values"] = [torch.equal(p.detach(), m) and p.dtype == torch.float32 for p, m in zip(ours, masters)]
+    results["moments_after_release"] = [sorted(k for k in optimizer.state[p] if k.startswith("exp_avg")) for p in ours]
     try:
         optimizer.clip_and_step(0.5)
         results["after_release"] = "stepped"
