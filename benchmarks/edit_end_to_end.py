@@ -234,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
             estimated_cold_start_seconds=build_seconds + load_seconds,
             label="estimate: build time with random weights + checkpoint bytes ÷ measured sequential read rate",
         )
-    report["modes"] = {}
-    for run in [item for item in args.modes.split(",") if item]:
-        mode, _, teacher = run.partition(":")
-        report["modes"][run] = scene_run(args.k[0], {"mode": mode, "teacher_steps": args.teacher_steps,
-                                                     **({"teacher": teacher} if teacher else {})}, check=True)
-        print(run, json.dumps(report["modes"][run], default=str), flush=True)
-    report["imported"] = sorted(name for name in ("prefect", "ray", "pycolmap") if name in sys.modules)
+    report["imported"] = []
+
+    def write_report() -> None:  # after each part: a run cut short keeps what it measured
+        report["imported"] = sorted(name for name in ("prefect", "ray", "pycolmap") if name in sys.modules)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"edit_end_to_end_{args.memory}.json").write_text(json.dumps(report, indent=1, default=str))
 
     warm = report["warm_worker"]
     print(f"{args.memory}: {warm['loop_seconds_per_iteration']:.4f} s/it in the loop, "
@@ -248,9 +248,14 @@ def main(argv: list[str] | None = None) -> int:
           f"build {build_seconds:.1f} s" + (f", checkpoint read ≈ {report['cold_start']['estimated_checkpoint_read_seconds']:.1f} s "
                                             f"at {report['cold_start']['disk']['read_bytes_per_second'] / 1e9:.2f} GB/s"
                                             if not args.no_disk else ""), flush=True)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"edit_end_to_end_{args.memory}.json").write_text(json.dumps(report, indent=1, default=str))
+    report["modes"] = {}
+    write_report()
+    for run in [item for item in args.modes.split(",") if item]:
+        mode, _, teacher = run.partition(":")
+        report["modes"][run] = scene_run(args.k[0], {"mode": mode, "teacher_steps": args.teacher_steps,
+                                                     **({"teacher": teacher} if teacher else {})}, check=True)
+        print(run, json.dumps(report["modes"][run], default=str), flush=True)
+        write_report()
     print(json.dumps(report, default=str))
     return 0
 
