@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,6 +151,13 @@ class Editor:
         """Steps 1–3 of :meth:`edit`: what a run mode works from."""
         config = (config or self.default_config).for_edit(edit)
         teacher = self.teacher_for(config.teacher)
+        if self.device.type == "cuda":
+            # An earlier run's CUDA graphs are freed only by the cyclic collector: each capture by
+            # make_graphed_callables defines an autograd Function class, and a class is always in a
+            # reference cycle, with the graphs, their private pools and static tensors in its
+            # closure.  Collected here, before this run allocates; the cached blocks go back too.
+            gc.collect()
+            torch.cuda.empty_cache()
         if self.device.type == "cuda":  # an earlier run with offload_after_use moved these to the host
             teacher.onload()
             self.clip_image.to(self.device)

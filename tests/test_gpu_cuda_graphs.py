@@ -68,8 +68,8 @@ def _run(editor, scene, overrides: dict) -> tuple[list[float], torch.Tensor, dic
 
 
 @pytest.fixture(scope="module")
-def runs() -> Callable[[str], tuple]:
-    """The results of a configuration, run on first use on one full-size editor."""
+def editor_and_scene() -> tuple:
+    """One full-size editor (random weights) and a synthetic scene of 4 views."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ (not an installed package)
     from benchmarks.bench_edit import synthetic_scene
@@ -77,8 +77,13 @@ def runs() -> Callable[[str], tuple]:
 
     torch.backends.cuda.matmul.allow_tf32 = True  # the engine's numerics on CUDA
     torch.backends.cudnn.allow_tf32 = True
-    editor = build_editor("full", device="cuda", random_weights=True, metrics=False)
-    scene = synthetic_scene(4, 576)
+    return build_editor("full", device="cuda", random_weights=True, metrics=False), synthetic_scene(4, 576)
+
+
+@pytest.fixture(scope="module")
+def runs(editor_and_scene: tuple) -> Callable[[str], tuple]:
+    """The results of a configuration, run on first use on one full-size editor."""
+    editor, scene = editor_and_scene
     done: dict[str, tuple] = {}
 
     def run(name: str) -> tuple:
@@ -108,3 +113,22 @@ def test_configuration_computes_what_eager_computes(runs: Callable[[str], tuple]
     assert loss_diff <= LOSS_TOLERANCE, (name, loss_diff)
     assert latent_diff <= LATENT_TOLERANCE, (name, latent_diff)
     assert total / scale <= UPDATE_TOLERANCE, (name, total / scale)
+
+
+def test_a_run_leaves_no_memory_to_the_next(editor_and_scene: tuple) -> None:
+    """A warm worker's next run starts with none of the previous run's CUDA graphs, weight copies,
+    gradients or moments allocated: the next session collects the graphs' reference cycles."""
+    from imix2mix.edits import Edit
+
+    editor, scene = editor_and_scene
+    config = editor.default_config.overridden({"teacher_steps": 2})
+    editor.session(scene, Edit("turn him into a knight"), config)  # collects what earlier tests left
+    before = torch.cuda.memory_allocated()
+    with editor.prepare_distillation(scene, Edit("turn him into a knight"), config) as distillation:
+        distillation.step()
+        during = torch.cuda.memory_allocated()
+    del distillation
+    editor.session(scene, Edit("turn him into a knight"), config)  # the next run's start
+    after = torch.cuda.memory_allocated()
+    assert during - before > 2**30  # the run did hold its graphs, copies and moments
+    assert after - before < 64 * 2**20, (before, during, after)
