@@ -237,6 +237,11 @@ def test_split_and_join_give_back_every_fp32_value():
         assert int(tie.view(torch.int32) - joined.view(torch.int32)) == ulps
         assert torch.equal(joined.to(torch.bfloat16), copy)
     assert int(split_fp32(down)[1]) == RESIDUAL_MAX
+    # A channels-last 1×1 convolution weight: any stride of a size-1 dim is dense, and subtraction
+    # picks other strides than the weight's; the plan needs the residual laid out as the weight.
+    weight = torch.nn.Conv2d(6, 640, 1).to(memory_format=torch.channels_last).weight.detach()
+    copy, residual = split_fp32(weight)
+    assert weight.stride() == copy.stride() == residual.stride() == join_fp32(copy, residual).stride() == (6, 1, 6, 6)
 
 
 def test_split_masters_only_with_weight_copies():

@@ -182,14 +182,18 @@ def split_fp32(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``master`` → (its bf16 copy, rounded to nearest even; the int16 residual of the bits):
     the torch reference of the kernel's split store (exact ties that round down keep a residual of
     :data:`RESIDUAL_MAX`, one fp32 ulp short).  Strides are kept."""
-    copy = master.to(torch.bfloat16)
-    residual = master.view(torch.int32) - copy.float().view(torch.int32)
-    return copy, residual.clamp_(max=RESIDUAL_MAX).to(torch.int16)
+    copy = master.to(torch.bfloat16)  # a dense tensor's strides, exactly (preserve_format)
+    residual = torch.empty_like(master, dtype=torch.int16)  # likewise, where arithmetic might not be
+    # (size-1 dims of a channels-last weight: any stride is dense, and an op may pick another one)
+    residual.copy_((master.view(torch.int32) - copy.float().view(torch.int32)).clamp_(max=RESIDUAL_MAX))
+    return copy, residual
 
 
 def join_fp32(copy: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """The fp32 master of a split one (the torch reference of the kernel's load)."""
-    return (copy.float().view(torch.int32) + residual.to(torch.int32)).view(torch.float32)
+    master = torch.empty_like(copy, dtype=torch.float32)  # the copy's strides
+    master.view(torch.int32).copy_(copy.float().view(torch.int32) + residual.to(torch.int32))
+    return master
 
 
 def fused_adamw_available(device: torch.device) -> bool:
