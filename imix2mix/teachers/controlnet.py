@@ -44,7 +44,7 @@ from imix2mix.seva.attention import GEGLU
 from imix2mix.seva.layers import replace_modules, use_group_norm32
 from imix2mix.teachers import register_teacher
 from imix2mix.teachers.control_images import CONTROL_KINDS, DEPTH_MODEL, ControlImages, load_control_images
-from imix2mix.teachers.ip2p import InstructPix2PixTeacher, _CapturedUnet, _output_in_input_layout, resize_images
+from imix2mix.teachers.ip2p import InstructPix2PixTeacher, _CapturedUnet, _output_in_input_layout, resize_images, unet_noise
 
 BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CONTROLNET_MODELS = {"canny": "lllyasviel/sd-controlnet-canny", "depth": "lllyasviel/sd-controlnet-depth"}
@@ -391,12 +391,8 @@ class ControlNetTeacher:
             if self.controlled_unet.control is None or self._captured_context is not context:
                 self.controlled_unet.control = torch.cat([context.control_images, context.control_images])
                 self._captured, self._captured_context = None, context
-            if self.graph_capture and self.device.type == "cuda":
-                if self._captured is None or self._captured.input.shape != model_input.shape:
-                    self._captured = _CapturedUnet(self.noise_model, model_input, timestep, text)
-                eps = self._captured(model_input, timestep).float()
-            else:
-                eps = self.noise_model(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float()
+            capture = self.graph_capture and self.device.type == "cuda"
+            eps, self._captured = unet_noise(self.noise_model, model_input, timestep, text, self._captured, capture=capture)
             eps_text, eps_uncond = eps.chunk(2)
             guided = eps_uncond + context.guidance_scale * (eps_text - eps_uncond)
         return guided.clone()  # a normal tensor: it is saved for backward by the SDS surrogate

@@ -315,12 +315,8 @@ class InstructPix2PixTeacher:
             )
             text = context.text_embeddings.repeat_interleave(views, dim=0)
             timestep = torch.full((3 * views,), t, device=self.device, dtype=torch.long)
-            if self.graph_capture and self.device.type == "cuda":
-                if self._captured is None or self._captured.input.shape != model_input.shape:
-                    self._captured = _CapturedUnet(self.noise_unet, model_input, timestep, text)
-                eps = self._captured(model_input, timestep).float()
-            else:
-                eps = self.noise_unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float()
+            capture = self.graph_capture and self.device.type == "cuda"
+            eps, self._captured = unet_noise(self.noise_unet, model_input, timestep, text, self._captured, capture=capture)
             eps_text, eps_image, eps_uncond = eps.chunk(3)
             guided = eps_uncond + context.text_cfg * (eps_text - eps_image) + context.image_cfg * (eps_image - eps_uncond)
         return guided.clone()  # a normal tensor: it is saved for backward by the SDS surrogate
@@ -335,6 +331,19 @@ class InstructPix2PixTeacher:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, S, S] in [−1, 1] → scaled latent means; differentiable (decode_encode alignment)."""
         return self.vae.encode(images.to(self.dtype)).latent_dist.mean * self.scaling_factor
+
+
+def unet_noise(
+    unet, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, captured: "_CapturedUnet | None", *, capture: bool
+) -> tuple[torch.Tensor, "_CapturedUnet | None"]:
+    """A teacher UNet's ε (fp32) for ``model_input``, and the captured pass to keep: with ``capture``
+    replayed from ``captured`` (captured anew when there is none or the batch shape changed), else
+    eager.  Call under ``torch.inference_mode``."""
+    if not capture:
+        return unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0].float(), captured
+    if captured is None or captured.input.shape != model_input.shape:
+        captured = _CapturedUnet(unet, model_input, timestep, text)
+    return captured(model_input, timestep).float(), captured
 
 
 class _CapturedUnet:
