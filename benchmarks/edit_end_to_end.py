@@ -234,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
             estimated_cold_start_seconds=build_seconds + load_seconds,
             label="estimate: build time with random weights + checkpoint bytes ÷ measured sequential read rate",
         )
-    report["imported"] = []
 
     def write_report() -> None:  # after each part: a run cut short keeps what it measured
         report["imported"] = sorted(name for name in ("prefect", "ray", "pycolmap") if name in sys.modules)

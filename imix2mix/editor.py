@@ -158,7 +158,7 @@ class Editor:
             # closure.  Collected here, before this run allocates; the cached blocks go back too.
             gc.collect()
             torch.cuda.empty_cache()
-        if self.device.type == "cuda":  # an earlier run with offload_after_use moved these to the host
+            # An earlier run with offload_after_use moved these to the host.
             teacher.onload()
             self.clip_image.to(self.device)
             if self.clip_metrics is not None and config.acceleration.offload_after_use:
