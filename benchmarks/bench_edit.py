@@ -334,6 +334,20 @@ def switch_allocator(setting: str) -> None:
     torch.cuda.memory._set_allocator_settings(setting)
 
 
+def cap_allocator(device: torch.device, gib: float | None) -> None:
+    """Cap the CUDA caching allocator at ``gib`` GiB of the card (``set_per_process_memory_fraction``),
+    so that a run that would not fit a smaller card fails with out-of-memory here.  None: no cap; on a
+    device without the caching allocator a note says the cap does nothing."""
+    if gib is None:
+        return
+    if device.type != "cuda":
+        print(f"note: --memory-cap-gib {gib:g} has no effect on {device}", file=sys.stderr)
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the API wants an index
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), index)
+
+
 def _parse_set(item: str) -> tuple[str, str]:
     key, _, value = item.partition("=")
     return key.strip(), value.strip()
@@ -387,12 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         # Official numerics: bf16 autocast compute, fp32 master weights; TF32 for leftover fp32 matmuls.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        if args.memory_cap_gib is not None:
-            total = torch.cuda.get_device_properties(device).total_memory
-            index = device.index if device.index is not None else torch.cuda.current_device()  # the API wants an index
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), index)
-    elif args.memory_cap_gib is not None:
-        print(f"note: --memory-cap-gib {args.memory_cap_gib:g} has no effect on {device}", file=sys.stderr)
+    cap_allocator(device, args.memory_cap_gib)
     started = time.perf_counter()
     editor = build_editor(args.preset, device=device, random_weights=args.preset == "full", metrics=False)
     _sync(device)

@@ -20,7 +20,7 @@ whether the outputs are finite (the comparison modes' and teachers' paths on the
 The allocator configuration of a memory profile is a process setting, so one profile per process:
 
     python benchmarks/edit_end_to_end.py --memory default      # GPU: full size, N = 4
-    python benchmarks/edit_end_to_end.py --memory 24gb
+    python benchmarks/edit_end_to_end.py --memory 24gb --memory-cap-gib 24   # as on a 24 GB card
     python benchmarks/edit_end_to_end.py --modes teacher_only,student_only,t2vz,distill:controlnet_canny
     python benchmarks/edit_end_to_end.py --preset tiny --k 1 2  # CPU smoke test
 
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the disk-rate file (default: the temp dir)")
     parser.add_argument("--disk-bytes", type=int, default=DISK_TEST_BYTES)
     parser.add_argument("--no-disk", action="store_true", help="skip the disk read rate")
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="cap the CUDA caching allocator at this many GiB before building the models (a 24 GB card: 24); "
+                        "a profile that does not fit fails with out-of-memory; no effect on CPU")
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args = parser.parse_args(argv)
     if args.k[0] >= args.k[1]:
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from bench_edit import synthetic_scene
+    from bench_edit import cap_allocator, synthetic_scene
     from imix2mix.edits import Edit
     from imix2mix.outputs import write_edit_outputs
     from imix2mix.accel import Execution, GraphedStudent
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    cap_allocator(device, args.memory_cap_gib)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     base = default_config(args.preset).overridden(memory_settings(args.memory, dict(item.split("=", 1) for item in args.set)))
     schedule_iterations = base.total_iterations
@@ -212,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "memory_profile": args.memory, "allocator": os.environ.get(ALLOCATOR_ENV, ""), "preset": args.preset,
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__, "views": args.views, "config": base.to_dict(),
+        "torch": torch.__version__, "views": args.views, "memory_cap_gib": args.memory_cap_gib,
+        "total_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None,
+        "config": base.to_dict(),
         "warm_worker": {
             "runs": [short, long],
             "loop_seconds_per_iteration": distill_per_iteration,
@@ -246,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{scene_seconds / 60:.1f} min per scene (extrapolated to {schedule_iterations} iterations); "
           f"build {build_seconds:.1f} s" + (f", checkpoint read ≈ {report['cold_start']['estimated_checkpoint_read_seconds']:.1f} s "
                                             f"at {report['cold_start']['disk']['read_bytes_per_second'] / 1e9:.2f} GB/s"
-                                            if not args.no_disk else ""), flush=True)
+                                            if not args.no_disk else "")
+          + (f"; peak {long['peak_allocated_gib']:.1f} GiB allocated, {long['peak_reserved_gib']:.1f} GiB reserved"
+             if device.type == "cuda" else ""), flush=True)
     report["modes"] = {}
     write_report()
     for run in [item for item in args.modes.split(",") if item]:

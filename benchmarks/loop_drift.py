@@ -15,10 +15,16 @@ the same pristine random weights, for the same number of iterations:
   bf16 weight copies);
 * ``24gb``: the 24gb memory profile (``--memory 24gb``): ``fast`` with bf16 AdamW moments and the
   frozen encoders offloaded;
-* ``eager_fp32_again``: the reference once more (the run-to-run floor of nondeterministic kernels).
+* ``eager_fp32_again``: the reference once more (the run-to-run floor of nondeterministic kernels);
+* ``fast_again``: the default once more (its floor, where ``fast`` is the reference).
 
+The first configuration named is the reference (``--configs fast,24gb,fast_again,eager_bf16`` measures
+the 24gb profile's drift from the default next to the default's own floor and eager bf16's distance).
 The reference runs first, for ``--iterations`` or until ``--seconds`` have passed, whichever comes
-first; the others run exactly as many iterations.  Reported against the reference, per iteration: the
+first; the others run exactly as many iterations, unless ``--until`` seconds since the start have
+passed: a configuration cut short is compared over the iterations it ran, and the report says how
+many.  The JSON report is rewritten after every configuration, so a run cut short keeps what it
+measured.  Reported against the reference, per iteration: the
 loss and the gradient norm (relative), the student's x̂0 (max |Δ| / max |ref|, mean |Δ| / mean |ref|);
 at ``--snapshots`` iterations: the student's fp32 weights (max over tensors of max |Δ| / max |ref|,
 mean |Δ| / mean |ref| over all elements, ‖Δ‖ / ‖ref − pristine‖: the drift relative to what training
@@ -67,6 +73,7 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
     # and the encoders offloaded; its allocator setting (expandable segments) changes no value.
     "24gb": memory_settings("24gb"),
     "eager_fp32_again": {"student_precision": "fp32", **EAGER},
+    "fast_again": {},  # the default once more: its run-to-run floor (cuDNN's and atomics' nondeterminism)
 }
 REFERENCE = "eager_fp32"
 FP32_REFERENCES = {"eager_fp32", "eager_fp32_again"}
@@ -87,9 +94,9 @@ def exact_fp32(enabled: bool) -> Iterator[None]:
 
 def fp32_weights(loop: Distillation) -> list[torch.Tensor]:
     """The student's fp32 weights now: with bf16 weight copies the parameters hold the copies and the
-    optimizer the fp32 masters."""
-    state = loop.optimizer.state
-    return [state[p]["master"] if "master" in state.get(p, {}) else p.detach() for p in loop.trainable_parameters]
+    optimizer the fp32 masters (split ones joined: their state holds an int16 residual)."""
+    optimizer = loop.optimizer
+    return [optimizer.master(p) if "master" in optimizer.state.get(p, {}) else p.detach() for p in loop.trainable_parameters]
 
 
 def synchronize(device: torch.device) -> None:
@@ -141,11 +148,12 @@ def snapshot_iterations(iterations: int, count: int, after: int) -> set[int]:
 
 
 def run_loop(editor, scene, edit: Edit, config, name: str, iterations: int, *, seconds: float | None = None,
-             snapshots: int = 0, reference: Run | None = None) -> Run:
+             snapshots: int = 0, reference: Run | None = None, deadline: float | None = None) -> Run:
     """Steps the loop as ``Distillation.run`` does (k updates per τ, then the Euler step), recording.
 
     The reference (``reference`` None) fixes its iteration count after ``PROBE`` iterations from
-    ``seconds`` and keeps its fp32 weights at ``snapshots`` iterations; the others compare theirs."""
+    ``seconds`` and keeps its fp32 weights at ``snapshots`` iterations; the others compare theirs, and
+    stop early once ``time.perf_counter()`` passes ``deadline``."""
     run = Run(name)
     device = editor.device
     pristine = None
@@ -157,6 +165,8 @@ def run_loop(editor, scene, edit: Edit, config, name: str, iterations: int, *, s
         synchronize(device)
         started = first_done = time.perf_counter()
         while loop.iteration < iterations:
+            if reference is not None and deadline is not None and time.perf_counter() > deadline:
+                break
             if loop.updates_done_at_tau >= loop.updates_per_tau[loop.tau_position] and not loop.advance():
                 break
             loop.step()
@@ -225,6 +235,9 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGURATIONS), help=f"comma-separated, the first is the reference; from: {', '.join(CONFIGURATIONS)}")
     parser.add_argument("--iterations", type=int, default=300, help="at most this many iterations per configuration")
     parser.add_argument("--seconds", type=float, default=60.0, help="the reference runs as many iterations as fit in this long (0: no limit)")
+    parser.add_argument("--until", type=float, default=0.0,
+                        help="stop the configurations after the reference once this many seconds since the start have "
+                        "passed (compared over the iterations they ran; 0: no limit)")
     parser.add_argument("--snapshots", type=int, default=5, help="weight comparisons at this many evenly spaced iterations")
     parser.add_argument("--views", type=int, default=4)
     # A short schedule so that a few hundred iterations cross several τ and their Euler steps.
@@ -253,10 +266,15 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), preset {args.preset}, "
           f"editor built in {setup_seconds:.1f} s; imported prefect/ray/pycolmap: {leaked or 'none'}", flush=True)
 
+    out = args.json or (Path(os.environ["OUT"]) / "loop_drift.json" if os.environ.get("OUT") else None)
+    deadline = started + args.until if args.until else None
     runs: dict[str, Run] = {}
     reference: Run | None = None
     iterations = args.iterations
     for name in names:
+        if reference is not None and deadline is not None and time.perf_counter() > deadline:
+            print(f"{name}: not run, --until {args.until:g} s passed", flush=True)
+            continue
         if editor.device.type == "cuda":  # the previous configuration's blocks (and graph pools) back to the driver
             gc.collect()
             torch.cuda.empty_cache()
@@ -267,56 +285,67 @@ def main() -> None:
                            snapshots=args.snapshots)
             reference, iterations = run, len(run.losses)
         else:
-            run = run_loop(editor, scene, edit, config, name, iterations, reference=reference)
+            run = run_loop(editor, scene, edit, config, name, iterations, reference=reference, deadline=deadline)
         runs[name] = run
-        print(f"{name}: {len(run.losses)} iterations in {run.seconds:.1f} s, τ {run.taus[0]}…{run.taus[-1]}, plan {run.plan}", flush=True)
+        cut = f" (cut short by --until: {len(run.losses)} of {iterations})" if len(run.losses) < iterations else ""
+        print(f"{name}: {len(run.losses)} iterations in {run.seconds:.1f} s{cut}, τ {run.taus[0]}…{run.taus[-1]}, plan {run.plan}", flush=True)
+        report = drift_report(runs, reference, iterations, args, schedule, device)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=1))
+    print_report(report, runs, reference)
+    if out is not None:
+        print(f"wrote {out}")
 
+
+def drift_report(runs: dict[str, Run], reference: Run, iterations: int, args, schedule: dict, device: torch.device) -> dict[str, Any]:
+    """Every configuration run so far against the reference: per iteration, at the weight snapshots,
+    and the maximum over the iterations it ran."""
     report: dict[str, Any] = {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "preset": args.preset, "iterations": iterations, "schedule": schedule, "reference": names[0],
-        "torch": torch.__version__, "configurations": {}, "notes": [],
+        "preset": args.preset, "iterations": iterations, "schedule": schedule, "reference": reference.name,
+        "reference_seconds": reference.seconds, "torch": torch.__version__, "configurations": {}, "notes": [],
     }
-    if len({json.dumps(r.plan, sort_keys=True) for r in runs.values()}) == 1:
-        note = f"every configuration resolved to the same execution on {device.type} ({reference.plan}): the fast path degenerates to eager here"
-        report["notes"].append(note)
-        print("NOTE: " + note, flush=True)
-    header = f"{'configuration':<18} {'iter':>5} {'τ':>4} {'loss rel':>9} {'gnorm rel':>9} {'x̂0 max rel':>11} {'x̂0 mean rel':>12} {'θ max rel':>9} {'θ mean rel':>10} {'Δθ/update':>9}"
+    if len(runs) > 1 and len({json.dumps(r.plan, sort_keys=True) for r in runs.values()}) == 1:
+        report["notes"].append(f"every configuration resolved to the same execution on {device.type} ({reference.plan}): "
+                               "the fast path degenerates to eager here")
     for name, run in runs.items():
         if run is reference:
             continue
         rows = estimate_drift(run, reference)
         weights = {str(k): v for k, v in sorted(run.weight_drift.items())}
         report["configurations"][name] = {
-            "plan": run.plan, "seconds": run.seconds, "per_iteration": rows, "weights": weights,
+            "plan": run.plan, "seconds": run.seconds, "iterations": len(run.losses), "per_iteration": rows, "weights": weights,
             "max": {key: max(row[key] for row in rows) for key in ("x0_max_rel", "x0_mean_rel", "loss_rel", "grad_norm_rel")}
             | {f"weights_{key}": max((w[key] for w in run.weight_drift.values()), default=None) for key in ("max_rel", "mean_rel", "rel_to_update")},
         }
+    if "fast" in report["configurations"] and "eager_bf16" in report["configurations"]:
+        fast, bf16 = report["configurations"]["fast"]["max"], report["configurations"]["eager_bf16"]["max"]
+        report["fast_over_eager_bf16"] = {k: fast[k] / bf16[k] for k in fast if fast[k] is not None and bf16[k]}
+    return report
+
+
+def print_report(report: dict[str, Any], runs: dict[str, Run], reference: Run) -> None:
+    for note in report["notes"]:
+        print("NOTE: " + note, flush=True)
     print(f"\ndrift against {reference.name} (relative; θ = the student's fp32 weights, Δθ/update = ‖θ − θ_ref‖ / ‖θ_ref − θ_pristine‖)")
-    print(header)
+    print(f"{'configuration':<18} {'iter':>5} {'τ':>4} {'loss rel':>9} {'gnorm rel':>9} {'x̂0 max rel':>11} {'x̂0 mean rel':>12} "
+          f"{'θ max rel':>9} {'θ mean rel':>10} {'Δθ/update':>9}")
     for iteration in sorted(reference.snapshots):
-        for name, run in runs.items():
-            if run is reference:
+        for name, summary in report["configurations"].items():
+            if iteration > summary["iterations"]:
                 continue
-            row = report["configurations"][name]["per_iteration"][iteration - 1]
-            w = run.weight_drift.get(iteration, {})
+            row = summary["per_iteration"][iteration - 1]
+            w = runs[name].weight_drift.get(iteration, {})
             print(f"{name:<18} {iteration:>5} {row['tau']:>4} {row['loss_rel']:>9.2e} {row['grad_norm_rel']:>9.2e} {row['x0_max_rel']:>11.2e} "
                   f"{row['x0_mean_rel']:>12.2e} {w.get('max_rel', float('nan')):>9.2e} {w.get('mean_rel', float('nan')):>10.2e} "
                   f"{w.get('rel_to_update', float('nan')):>9.2e}")
-    print("\nmaximum over the run:")
+    print("\nmaximum over the iterations each ran:")
     for name, summary in report["configurations"].items():
-        print(f"  {name:<18} " + ", ".join(f"{k} {v:.2e}" for k, v in summary["max"].items() if v is not None))
-    if "fast" in report["configurations"] and "eager_bf16" in report["configurations"]:
-        fast, bf16 = report["configurations"]["fast"]["max"], report["configurations"]["eager_bf16"]["max"]
-        ratios = {k: fast[k] / bf16[k] for k in fast if fast[k] is not None and bf16[k]}
-        report["fast_over_eager_bf16"] = ratios
-        print("  fast / eager_bf16: " + (", ".join(f"{k} {v:.2f}" for k, v in ratios.items()) or "n/a (eager_bf16 has no drift here)"))
-
-    out = args.json or (Path(os.environ["OUT"]) / "loop_drift.json" if os.environ.get("OUT") else None)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {out}")
-
+        print(f"  {name:<18} ({summary['iterations']} it) " + ", ".join(f"{k} {v:.2e}" for k, v in summary["max"].items() if v is not None))
+    if "fast_over_eager_bf16" in report:
+        print("  fast / eager_bf16: " + (", ".join(f"{k} {v:.2f}" for k, v in report["fast_over_eager_bf16"].items())
+                                         or "n/a (eager_bf16 has no drift here)"))
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from imix2mix.config import EditConfig, memory_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +71,42 @@ def test_loop_drift_reports_the_24gb_profiles_weight_drift(tmp_path: Path):
     assert report["24gb"]["plan"]["optimizer"] == "AdamWLowPrecisionStates"
     assert report["24gb"]["max"]["weights_rel_to_update"] > 0
     assert report["eager_fp32_again"]["max"]["weights_rel_to_update"] == 0  # the CPU is deterministic
+    assert report["24gb"]["iterations"] == report["eager_fp32_again"]["iterations"] == 4
+
+
+def test_loop_drift_past_its_deadline_keeps_what_it_measured(tmp_path: Path):
+    """--until: the configurations after the reference are not run once the time is spent (a deadline
+    of a millisecond is spent by building the editor), and the report of what ran is still written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    out = tmp_path / "drift.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/loop_drift.py", "--device", "cpu", "--preset", "tiny", "--iterations", "2",
+         "--seconds", "0", "--snapshots", "1", "--configs", "fast,fast_again", "--until", "0.001", "--json", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fast_again: not run" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["reference"] == "fast" and report["iterations"] == 2 and report["configurations"] == {}
+
+
+def test_loop_drift_reads_a_split_master_as_its_fp32_weight():
+    """With split masters (the 24gb profile on the GPU) the optimizer's state "master" is an int16
+    residual; the drift compares the fp32 number it stands for (within the one-ulp tie nudge)."""
+    import types
+
+    from benchmarks.loop_drift import fp32_weights
+    from imix2mix.optim import AdamWWithComputeCopies
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    before = [p.detach().clone() for p in layer.parameters()]
+    optimizer = AdamWWithComputeCopies(list(layer.parameters()), compute_copies=[layer.weight], split_masters=True)
+    assert optimizer.state[layer.weight]["master"].dtype == torch.int16  # what the drift must not read as weights
+    weights = fp32_weights(types.SimpleNamespace(optimizer=optimizer, trainable_parameters=list(layer.parameters())))
+    for weight, original in zip(weights, before):
+        assert weight.dtype == torch.float32
+        assert int((weight.view(torch.int32) - original.view(torch.int32)).abs().max()) <= 1
 
 
 def test_bench_edit_says_what_holds_the_memory():
