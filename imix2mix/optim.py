@@ -21,7 +21,8 @@ import torch
 
 from imix2mix.config import COPY_OPTIMIZERS
 from imix2mix.kernels.adamw import (
-    ALIGNMENT_BYTES, DEFAULT_LAUNCH, AdamWLaunch, ChunkPlan, adamw_update, is_dense, join_fp32, split_fp32, square_sums,
+    ALIGNMENT_BYTES, DEFAULT_LAUNCH, AdamWLaunch, ChunkPlan, adamw_update, is_dense, join_fp32, moment_seed, split_fp32,
+    square_sums, stochastic_round_bf16,
 )
 
 
@@ -93,16 +94,26 @@ def adamw_defaults(lr: float, betas: tuple[float, float], eps: float, weight_dec
     return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
+def parameter_streams(param_groups: list[dict]) -> dict[int, int]:
+    """Each parameter's position among an optimizer's parameters (group by group): the stream number
+    of its bf16 moments' random bits, the same in both AdamW variants."""
+    return {id(p): number for number, p in enumerate(p for group in param_groups for p in group["params"])}
+
+
 class AdamWLowPrecisionStates(ClipAndStep, torch.optim.Optimizer):
     """Same update rule as ``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments), but
     ``exp_avg`` and ``exp_avg_sq`` live in ``state_dtype`` (bfloat16 by default): half the optimizer
     memory of fp32 AdamW (5 GB instead of 10 GB for SEVA's 1.26 B parameters).  **This changes the
     numerics**, by one named rounding: each moment update is computed in fp32 from the stored bf16
     moment widened exactly, this step's parameter update uses those fp32 moments, and the stored moment
-    is them rounded to bf16 (round to nearest even, torch's cast; 8 bits of mantissa, so the moments
-    carry about 3 significant digits).  No stochastic rounding, no error feedback.  Parameters stay
-    fp32.  The bf16 weight copies' fused pass (:class:`AdamWWithComputeCopies` with
-    ``state_dtype=torch.bfloat16``) rounds the same way.
+    is them rounded to bf16 **stochastically** (8 bits of mantissa; the upper neighbour with
+    probability the remainder's fraction of an ulp, from a counter-based hash of the element, the
+    tensor, the moment and the step: :func:`imix2mix.kernels.adamw.stochastic_round_bf16`).  Rounding
+    to nearest would freeze ``exp_avg_sq``, whose per-step change at β₂ = 0.999 is under half an ulp
+    (the kernel module's docstring says why).  No error feedback.  Parameters stay fp32.  The bf16
+    weight copies' fused pass (:class:`AdamWWithComputeCopies` with ``state_dtype=torch.bfloat16``)
+    rounds the same way, bit for bit: a tensor's random bits depend on its position among the
+    optimizer's parameters, not on the device or the chunking.
 
     The update runs over chunks of parameters with ``torch._foreach_*`` kernels, so the fp32 working
     copies of the moments exist for one chunk at a time, never for the whole model.
@@ -119,8 +130,11 @@ class AdamWLowPrecisionStates(ClipAndStep, torch.optim.Optimizer):
         chunk_numel: int = 64 * 2**20,
     ):
         super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay))
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"AdamWLowPrecisionStates: moments are fp32 or bf16 (got {state_dtype})")
         self.state_dtype = state_dtype
         self.chunk_numel = chunk_numel
+        self.streams = parameter_streams(self.param_groups)
 
     def _chunks(self, params: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
         chunk: list[torch.Tensor] = []
@@ -158,6 +172,9 @@ class AdamWLowPrecisionStates(ClipAndStep, torch.optim.Optimizer):
                 torch._foreach_mul_(exp_avg_sq, beta2)
                 torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
                 for p, m, v in zip(chunk, exp_avg, exp_avg_sq):
+                    if self.state_dtype == torch.bfloat16:
+                        stream = self.streams[id(p)]
+                        m, v = (stochastic_round_bf16(x, moment_seed(step, stream, j)) for j, x in enumerate((m, v)))
                     self.state[p]["exp_avg"].copy_(m)
                     self.state[p]["exp_avg_sq"].copy_(v)
                 torch._foreach_mul_(chunk, 1 - lr * wd)
@@ -216,6 +233,7 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
             raise ValueError(f"AdamWWithComputeCopies: split masters need bf16 copies (got {compute_dtype})")
         self.split_masters = split_masters
         self.state_dtype = state_dtype  # the moments'; bf16: rounded as AdamWLowPrecisionStates rounds
+        self.streams = parameter_streams(self.param_groups)  # the bf16 moments' random bits per tensor
         copied = {id(p) for p in compute_copies}
         for group in self.param_groups:
             for p in group["params"]:
@@ -256,7 +274,7 @@ class AdamWWithComputeCopies(ClipAndStep, torch.optim.Optimizer):
             copies = [s["copy"] for s in states] if "copy" in states[0] else None
             plan = ChunkPlan.build(
                 grads, [s["master"] for s in states], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], copies,
-                self.launch,
+                self.launch, streams=[self.streams[id(p)] for p in params],
             )
         else:
             plan, previous = cached

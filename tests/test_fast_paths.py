@@ -54,6 +54,27 @@ def test_low_precision_adamw_keeps_bf16_moments_close_to_adamw():
         assert (b - a).norm() / update < 0.02  # bf16 moments: ~3 significant digits
 
 
+@pytest.mark.parametrize("gradient", ["zero", "small"])
+def test_bf16_second_moments_decay_as_fp32_ones_do(gradient):
+    """β₂ = 0.999 changes exp_avg_sq by 0.1 % a step, under half a bf16 ulp: rounded to nearest it
+    would stay frozen (after one large gradient, at its first value; under small gradients, never
+    decaying to them).  Stochastic rounding keeps it on fp32 AdamW's course on average."""
+    steps, numel = 300, 4096
+    ours, reference = torch.nn.Parameter(torch.zeros(numel)), torch.nn.Parameter(torch.zeros(numel))
+    settings = dict(lr=1e-3, weight_decay=0.0)
+    optimizer, fp32 = AdamWLowPrecisionStates([ours], **settings), torch.optim.AdamW([reference], **settings)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps + 1):
+        g = torch.ones(numel) if step == 0 else torch.randn(numel, generator=generator) * (0.0 if gradient == "zero" else 0.01)
+        ours.grad, reference.grad = g.clone(), g.clone()
+        optimizer.step()
+        fp32.step()
+    v, v_fp32 = optimizer.state[ours]["exp_avg_sq"].float(), fp32.state[reference]["exp_avg_sq"]
+    nearest = v_fp32.new_full((), 1e-3).to(torch.bfloat16).float()  # where round-to-nearest stays
+    assert float(v_fp32.mean()) < 0.8 * float(nearest)  # the fp32 moment did decay
+    assert abs(float(v.mean()) / float(v_fp32.mean()) - 1) < 0.01
+
+
 @pytest.fixture(scope="module")
 def editor():
     return build_editor("tiny", metrics=False)

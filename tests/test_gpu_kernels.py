@@ -163,3 +163,29 @@ def test_group_norm_silu_with_shift_matches_torch(channels: int, size: int) -> N
         assert _relative_to_max(k, r) <= 1e-2, (label, _relative_to_max(k, r))
     assert _relative_to_max(dw_k, dw_r) <= 2e-4
     assert _relative_to_max(db_k, db_r) <= 2e-4
+
+
+def test_adamw_bf16_moments_compiled_round_as_the_torch_reference() -> None:
+    """The fused AdamW's bf16 moments, compiled: the first step's moments are torch AdamW's fp32 ones
+    rounded stochastically with the torch reference's bits (the interpreter's test, here through the
+    compiler's uint32 arithmetic), at SEVA-sized tensors, and not rounded to nearest."""
+    from imix2mix.kernels.adamw import moment_seed, stochastic_round_bf16
+    from imix2mix.optim import AdamWWithComputeCopies
+
+    shapes = [(1280, 1280), (640, 320, 3, 3), (1280,)]
+    ours = [torch.nn.Parameter(torch.randn(shape, device="cuda")) for shape in shapes]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    optimizer = AdamWWithComputeCopies(ours, lr=1e-4, state_dtype=torch.bfloat16)
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-4)
+    for o, r in zip(ours, reference):
+        o.grad = torch.randn_like(o) * 1e-3
+        r.grad = o.grad.clone()
+    optimizer.step()
+    torch_adamw.step()
+    for moment, name in enumerate(("exp_avg", "exp_avg_sq")):
+        for number, (o, r) in enumerate(zip(ours, reference)):
+            stored, fp32 = optimizer.state[o][name], torch_adamw.state[r][name]
+            expected = stochastic_round_bf16(fp32, moment_seed(1, number, moment))
+            assert int(ulp_distance(stored, expected).max()) <= 1, (name, number)
+            assert _exact_fraction(stored, expected) >= 0.999, (name, number)
+            assert float((stored != fp32.to(torch.bfloat16)).float().mean()) > 0.1, (name, number)

@@ -11,8 +11,20 @@ moments: ``p ← p − lr·wd·p``, ``m ← β₁m + (1−β₁)g``, ``v ← β�
 ``p ← p − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε)``, with ``g`` the gradient times the clip coefficient;
 square root and divisions IEEE-rounded as in torch's CUDA kernel.  The moments may instead be kept in
 bf16 (``adamw_bf16_states``, the 24gb memory profile): each is read and widened to fp32, updated and
-used for this step's update in fp32, and stored rounded to nearest even, the scheme of
+used for this step's update in fp32, and stored **stochastically rounded** to bf16, the scheme of
 :class:`imix2mix.optim.AdamWLowPrecisionStates`.
+
+Stochastic rounding, and why: with β₂ = 0.999 a step changes ``v`` by about 0.1 % of itself, less
+than half a bf16 ulp (2⁻⁹ ≈ 0.2 %), so rounding to nearest would store ``v`` unchanged: it could
+only ratchet up on large gradients and never decay, and the step sizes drift from fp32 AdamW's over
+a 2,150-iteration run.  Rounding up with probability equal to the remainder's fraction of an ulp
+keeps every stored moment unbiased.  The random bits are a counter-based hash, not a generator's
+state, so a run is reproducible and the torch reference :func:`stochastic_round_bf16` computes the
+same bits: for storage element ``i`` of the tensor numbered ``stream`` (its position in the
+optimizer's parameters), moment ``j`` (0: ``m``, 1: ``v``) at step ``t``, the 16 bits added below
+the bf16 mantissa are the low half of ``h(i ⊕ h(h(2·stream + j) + t·φ))``, with ``h`` the
+``lowbias32`` integer hash (:func:`hash32`) and φ = 0x9E3779B9 (2³² / golden ratio, so consecutive
+steps land far apart); all arithmetic modulo 2³².
 
 Split masters (``split_master_weights``, the 24gb memory profile): a copied tensor's fp32 master may be
 kept as two halves instead of a separate fp32 tensor beside its copy: the copy itself (the master
@@ -60,6 +72,11 @@ class AdamWLaunch:
 DEFAULT_LAUNCH = AdamWLaunch()
 ALIGNMENT_BYTES = 16
 NO_COPY = -1  # the copy kind of tensors that have no low-precision copy (they compute in fp32)
+# lowbias32 (C. Wellons, "Prospecting for hash functions", 2018): two multiply-xorshift rounds whose
+# constants were searched for the lowest avalanche bias of any 32-bit hash of that shape.
+HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+STEP_STRIDE = 0x9E3779B9  # φ = 2^32 / golden ratio: step t's seed input is t·φ, spread over 2^32
+LOW_HALF = 0xFFFF  # the 16 fp32 mantissa bits below a bf16's: a random amount of them is added
 # The master kinds: an fp32 tensor (KIND_FP32 = 0), or split into the bf16 copy and an int16 residual.
 MASTER_SPLIT = 3
 # The largest residual int16 holds: the master bits minus the copy's lie in [-2^15, 2^15].
@@ -87,6 +104,29 @@ if _HAS_TRITON:
             return address.to(tl.pointer_type(tl.float32))
 
     @triton.jit
+    def _hash32(x):
+        """lowbias32 of uint32 ``x`` (:func:`hash32` is its torch reference)."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D  # HASH_MULTIPLIERS
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _moment_seed(stream, step, MOMENT: tl.constexpr):
+        """The seed of one tensor's moment at one step (:func:`moment_seed`)."""
+        key = _hash32(stream.to(tl.uint32) * 2 + MOMENT)
+        return _hash32(key + step.to(tl.uint32) * 0x9E3779B9)  # STEP_STRIDE
+
+    @triton.jit
+    def _stochastic_round_bf16(v, index, seed):
+        """fp32 ``v`` rounded to bf16 stochastically (returned as fp32 with the low half zero, so the
+        store's cast is exact); NaNs pass through, as in ``round_to_kind``."""
+        noise = _hash32(index.to(tl.uint32) ^ seed) & 0xFFFF  # LOW_HALF
+        bits = (v.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
+        return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+
+    @triton.jit
     def _square_sum_kernel(
         chunk_tensor_ptr, chunk_index_ptr, numel_ptr, grad_address_ptr, partial_ptr,
         GRAD_KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -111,7 +151,7 @@ if _HAS_TRITON:
     @triton.jit
     def _adamw_block(
         grad, master, exp_avg, exp_avg_sq, copy, index, mask, clip,
-        lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+        lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, seed_m, seed_v,
         COPY_KIND: tl.constexpr, MOMENT_KIND: tl.constexpr, MASTER_KIND: tl.constexpr,
     ):
         g = tl.load(grad + index, mask=mask).to(tl.float32) * clip
@@ -138,16 +178,16 @@ if _HAS_TRITON:
         if MOMENT_KIND == 0:
             tl.store(exp_avg + index, m, mask=mask)
             tl.store(exp_avg_sq + index, v, mask=mask)
-        else:  # low-precision moments: this step used the fp32 values; what is kept is them rounded
-            tl.store(exp_avg + index, _round_to_kind(m, MOMENT_KIND), mask=mask)
-            tl.store(exp_avg_sq + index, _round_to_kind(v, MOMENT_KIND), mask=mask)
+        else:  # bf16 moments: this step used the fp32 values; what is kept is them rounded stochastically
+            tl.store(exp_avg + index, _stochastic_round_bf16(m, index, seed_m), mask=mask)
+            tl.store(exp_avg_sq + index, _stochastic_round_bf16(v, index, seed_v), mask=mask)
         if COPY_KIND >= 0:
             tl.store(copy + index, _round_to_kind(p, COPY_KIND), mask=mask)  # exact: already rounded
 
     @triton.jit
     def _adamw_kernel(
-        chunk_tensor_ptr, chunk_index_ptr, numel_ptr, address_ptr, num_tensors, clip_ptr,
-        lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+        chunk_tensor_ptr, chunk_index_ptr, numel_ptr, address_ptr, stream_ptr, num_tensors, clip_ptr,
+        lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, step,
         GRAD_KIND: tl.constexpr, COPY_KIND: tl.constexpr, MOMENT_KIND: tl.constexpr, MASTER_KIND: tl.constexpr,
         CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -161,11 +201,16 @@ if _HAS_TRITON:
         exp_avg_sq = _pointer(tl.load(address_ptr + 3 * num_tensors + tensor), MOMENT_KIND)
         copy = _pointer(tl.load(address_ptr + 4 * num_tensors + tensor), COPY_KIND)
         clip = tl.load(clip_ptr)
+        seed_m, seed_v = 0, 0
+        if MOMENT_KIND != 0:
+            stream = tl.load(stream_ptr + tensor)
+            seed_m = _moment_seed(stream, step, 0)
+            seed_v = _moment_seed(stream, step, 1)
         if start + CHUNK <= numel:
             for offset in range(0, CHUNK, BLOCK):
                 _adamw_block(
                     grad, master, exp_avg, exp_avg_sq, copy, start + offset + tl.arange(0, BLOCK), None, clip,
-                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, seed_m, seed_v,
                     COPY_KIND, MOMENT_KIND, MASTER_KIND,
                 )
         else:
@@ -173,7 +218,7 @@ if _HAS_TRITON:
                 index = start + offset + tl.arange(0, BLOCK)
                 _adamw_block(
                     grad, master, exp_avg, exp_avg_sq, copy, index, index < numel, clip,
-                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+                    lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, seed_m, seed_v,
                     COPY_KIND, MOMENT_KIND, MASTER_KIND,
                 )
 
@@ -194,6 +239,47 @@ def join_fp32(copy: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     master = torch.empty_like(copy, dtype=torch.float32)  # the copy's strides
     master.view(torch.int32).copy_(copy.float().view(torch.int32) + residual.to(torch.int32))
     return master
+
+
+MASK32 = 2**32 - 1
+
+
+def _times_mod32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``x · constant`` modulo 2³² for int64 ``x`` in [0, 2³²), without int64 overflow: the constant
+    in 16-bit halves."""
+    low, high = constant & LOW_HALF, constant >> 16
+    return (x * low + (((x * high) & LOW_HALF) << 16)) & MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 of each element of int64 ``x`` (taken modulo 2³²): the kernel's random bits, in torch."""
+    first, second = HASH_MULTIPLIERS
+    x = x & MASK32
+    x = _times_mod32(x ^ (x >> 16), first)
+    x = _times_mod32(x ^ (x >> 15), second)
+    return x ^ (x >> 16)
+
+
+def moment_seed(step: int, stream: int, moment: int) -> int:
+    """The seed of moment ``moment`` (0: ``exp_avg``, 1: ``exp_avg_sq``) of the tensor numbered
+    ``stream`` at AdamW step ``step`` (module docstring)."""
+    key = int(hash32(torch.tensor(2 * stream + moment)))
+    return int(hash32(torch.tensor((key + step * STEP_STRIDE) & MASK32)))
+
+
+def stochastic_round_bf16(v: torch.Tensor, seed: int) -> torch.Tensor:
+    """fp32 ``v`` (dense, any strides) rounded to bf16 with the kernel's random bits for ``seed``: the
+    torch reference of its bf16 moment store.  Each result is one of the two bf16 neighbours of its
+    input, the upper one with probability the remainder's fraction of an ulp."""
+    if not is_dense(v) or v.dtype != torch.float32:
+        raise ValueError(f"stochastic_round_bf16: needs a dense fp32 tensor (got {v.dtype}, strides {v.stride()})")
+    index = torch.empty_like(v, dtype=torch.int64)  # storage element numbers, in v's layout
+    index.as_strided((v.numel(),), (1,)).copy_(torch.arange(v.numel()))
+    noise = hash32(index ^ seed) & LOW_HALF
+    bits = (v.view(torch.int32).to(torch.int64) & MASK32) + noise
+    bits = bits & 0xFFFF0000  # modulo 2^32, as the kernel's uint32
+    rounded = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)  # the sign bit back to int32's
+    return torch.where(torch.isnan(v), v, rounded).to(torch.bfloat16)
 
 
 def fused_adamw_available(device: torch.device) -> bool:
@@ -217,9 +303,10 @@ class ChunkPlan:
     chunk_index: torch.Tensor  # [chunks] int32, the chunk's number within its tensor
     numel: torch.Tensor  # [tensors] int64
     addresses: torch.Tensor  # [5, tensors] int64
+    streams: torch.Tensor  # [tensors] int32, each tensor's number in the optimizer (its random bits)
     grad_kind: int
     copy_kind: int
-    moment_kind: int  # fp32, or bf16 moments (rounded to nearest even on store)
+    moment_kind: int  # fp32, or bf16 moments (rounded stochastically on store)
     master_kind: int  # fp32 masters, or MASTER_SPLIT: int16 residuals beside bf16 copies
     partial: torch.Tensor  # [chunks] fp32, the gradient's squared sums per chunk
     launch: AdamWLaunch  # its chunk size laid the chunks out
@@ -232,10 +319,12 @@ class ChunkPlan:
         exp_avg_sqs: list[torch.Tensor],
         copies: list[torch.Tensor] | None,
         launch: AdamWLaunch = DEFAULT_LAUNCH,
+        streams: list[int] | None = None,
     ) -> "ChunkPlan":
         """Check that the tensors line up (same shape and strides, dense, aligned, the right dtypes)
         and lay out their chunks of ``launch.chunk`` elements.  ``copies`` None: the tensors compute
-        in fp32.  ``masters`` are fp32, or int16 residuals of split masters (then ``copies`` are bf16)."""
+        in fp32.  ``masters`` are fp32, or int16 residuals of split masters (then ``copies`` are bf16).
+        ``streams``: each tensor's number for the bf16 moments' random bits (default 0, 1, …)."""
         if not grads:
             raise ValueError("ChunkPlan needs at least one tensor")
         device = masters[0].device
@@ -275,6 +364,7 @@ class ChunkPlan:
             chunk_index=chunk_index.to(device),
             numel=torch.tensor(numel, dtype=torch.int64, device=device),
             addresses=torch.tensor(addresses, dtype=torch.int64, device=device),
+            streams=torch.tensor(list(range(len(grads))) if streams is None else streams, dtype=torch.int32, device=device),
             grad_kind=_DTYPE_KIND[grad_dtype],
             copy_kind=NO_COPY if copy_dtype is None else _DTYPE_KIND[copy_dtype],
             moment_kind=_DTYPE_KIND[exp_avgs[0].dtype],
@@ -327,8 +417,8 @@ def adamw_update(
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
     _adamw_kernel[(len(plan.partial),)](
-        plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses, plan.num_tensors, clip,
-        lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5,
+        plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses, plan.streams, plan.num_tensors, clip,
+        lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5, step,
         GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, MOMENT_KIND=plan.moment_kind, MASTER_KIND=plan.master_kind,
         CHUNK=plan.launch.chunk, BLOCK=plan.launch.block, num_warps=plan.launch.num_warps,
     )
