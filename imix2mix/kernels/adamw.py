@@ -22,9 +22,10 @@ keeps every stored moment unbiased.  The random bits are a counter-based hash, n
 state, so a run is reproducible and the torch reference :func:`stochastic_round_bf16` computes the
 same bits: for storage element ``i`` of the tensor numbered ``stream`` (its position in the
 optimizer's parameters), moment ``j`` (0: ``m``, 1: ``v``) at step ``t``, the 16 bits added below
-the bf16 mantissa are the low half of ``h(i ⊕ h(h(2·stream + j) + t·φ))``, with ``h`` the
+the bf16 mantissa are the low half of ``h(i ⊕ h(h(2·stream + j) + (t·φ mod 2³¹)))``, with ``h`` the
 ``lowbias32`` integer hash (:func:`hash32`) and φ = 0x9E3779B9 (2³² / golden ratio, so consecutive
-steps land far apart); all arithmetic modulo 2³².
+steps land far apart); all arithmetic modulo 2³².  ``t·φ mod 2³¹`` is computed on the host: under
+2³¹ it is a 32-bit kernel argument whatever Triton specializes it to, and adds as unsigned.
 
 Split masters (``split_master_weights``, the 24gb memory profile): a copied tensor's fp32 master may be
 kept as two halves instead of a separate fp32 tensor beside its copy: the copy itself (the master
@@ -75,7 +76,8 @@ NO_COPY = -1  # the copy kind of tensors that have no low-precision copy (they c
 # lowbias32 (C. Wellons, "Prospecting for hash functions", 2018): two multiply-xorshift rounds whose
 # constants were searched for the lowest avalanche bias of any 32-bit hash of that shape.
 HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
-STEP_STRIDE = 0x9E3779B9  # φ = 2^32 / golden ratio: step t's seed input is t·φ, spread over 2^32
+STEP_STRIDE = 0x9E3779B9  # φ = 2^32 / golden ratio: step t's seed input is t·φ mod 2^31 (STEP_KEY_MASK)
+STEP_KEY_MASK = 2**31 - 1
 LOW_HALF = 0xFFFF  # the 16 fp32 mantissa bits below a bf16's: a random amount of them is added
 # The master kinds: an fp32 tensor (KIND_FP32 = 0), or split into the bf16 copy and an int16 residual.
 MASTER_SPLIT = 3
@@ -113,10 +115,11 @@ if _HAS_TRITON:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _moment_seed(stream, step, MOMENT: tl.constexpr):
-        """The seed of one tensor's moment at one step (:func:`moment_seed`)."""
+    def _moment_seed(stream, step_key, MOMENT: tl.constexpr):
+        """The seed of one tensor's moment at one step (:func:`moment_seed`); ``step_key`` is
+        t·φ mod 2³¹ from the host (an int32, or a constexpr where Triton specializes it)."""
         key = _hash32(stream.to(tl.uint32) * 2 + MOMENT)
-        return _hash32(key + step.to(tl.uint32) * 0x9E3779B9)  # STEP_STRIDE
+        return _hash32(key + step_key)  # uint32 + int32: uint32, modulo 2^32
 
     @triton.jit
     def _stochastic_round_bf16(v, index, seed):
@@ -187,7 +190,7 @@ if _HAS_TRITON:
     @triton.jit
     def _adamw_kernel(
         chunk_tensor_ptr, chunk_index_ptr, numel_ptr, address_ptr, stream_ptr, num_tensors, clip_ptr,
-        lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, step,
+        lr, weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, step_key,
         GRAD_KIND: tl.constexpr, COPY_KIND: tl.constexpr, MOMENT_KIND: tl.constexpr, MASTER_KIND: tl.constexpr,
         CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -204,8 +207,8 @@ if _HAS_TRITON:
         seed_m, seed_v = 0, 0
         if MOMENT_KIND != 0:
             stream = tl.load(stream_ptr + tensor)
-            seed_m = _moment_seed(stream, step, 0)
-            seed_v = _moment_seed(stream, step, 1)
+            seed_m = _moment_seed(stream, step_key, 0)
+            seed_v = _moment_seed(stream, step_key, 1)
         if start + CHUNK <= numel:
             for offset in range(0, CHUNK, BLOCK):
                 _adamw_block(
@@ -264,7 +267,7 @@ def moment_seed(step: int, stream: int, moment: int) -> int:
     """The seed of moment ``moment`` (0: ``exp_avg``, 1: ``exp_avg_sq``) of the tensor numbered
     ``stream`` at AdamW step ``step`` (module docstring)."""
     key = int(hash32(torch.tensor(2 * stream + moment)))
-    return int(hash32(torch.tensor((key + step * STEP_STRIDE) & MASK32)))
+    return int(hash32(torch.tensor((key + ((step * STEP_STRIDE) & STEP_KEY_MASK)) & MASK32)))
 
 
 def stochastic_round_bf16(v: torch.Tensor, seed: int) -> torch.Tensor:
@@ -418,7 +421,7 @@ def adamw_update(
     bias_correction2 = 1.0 - beta2**step
     _adamw_kernel[(len(plan.partial),)](
         plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses, plan.streams, plan.num_tensors, clip,
-        lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5, step,
+        lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5, (step * STEP_STRIDE) & STEP_KEY_MASK,
         GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, MOMENT_KIND=plan.moment_kind, MASTER_KIND=plan.master_kind,
         CHUNK=plan.launch.chunk, BLOCK=plan.launch.block, num_warps=plan.launch.num_warps,
     )
