@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from imix2mix.accel import release_cuda_memory
 from imix2mix.config import EditConfig, TeacherConfig
 from imix2mix.edits import Edit
 from imix2mix.errors import ConfigError
@@ -151,13 +151,10 @@ class Editor:
         """Steps 1–3 of :meth:`edit`: what a run mode works from."""
         config = (config or self.default_config).for_edit(edit)
         teacher = self.teacher_for(config.teacher)
+        # What an earlier run left to the cyclic collector (a run's execution releases its own CUDA
+        # graphs when it ends; a run that failed before, or a mode's own objects, may not have).
+        release_cuda_memory(self.device)
         if self.device.type == "cuda":
-            # An earlier run's CUDA graphs are freed only by the cyclic collector: each capture by
-            # make_graphed_callables defines an autograd Function class, and a class is always in a
-            # reference cycle, with the graphs, their private pools and static tensors in its
-            # closure.  Collected here, before this run allocates; the cached blocks go back too.
-            gc.collect()
-            torch.cuda.empty_cache()
             # An earlier run with offload_after_use moved these to the host.
             teacher.onload()
             self.clip_image.to(self.device)

@@ -132,3 +132,22 @@ def test_a_run_leaves_no_memory_to_the_next(editor_and_scene: tuple) -> None:
     after = torch.cuda.memory_allocated()
     assert during - before > 2**30  # the run did hold its graphs, copies and moments
     assert after - before < 64 * 2**20, (before, during, after)
+
+
+def test_a_runs_graphs_are_freed_when_its_execution_ends(editor_and_scene: tuple) -> None:
+    """The decode after the loop runs with the loop object still alive (DistillMode holds it): the
+    execution's exit releases the student's graphs and returns their pools and the moments to the
+    driver then, not at the next run (the 24gb profile's whole-edit peak)."""
+    from imix2mix.edits import Edit
+
+    editor, scene = editor_and_scene
+    config = editor.default_config.overridden({"teacher_steps": 2})
+    editor.session(scene, Edit("turn him into a knight"), config)  # collects what earlier tests left
+    before = torch.cuda.memory_reserved()
+    with editor.prepare_distillation(scene, Edit("turn him into a knight"), config) as distillation:
+        distillation.step()
+        during = torch.cuda.memory_reserved()
+    after = torch.cuda.memory_reserved()  # ``distillation`` (and its execution) still referenced
+    assert distillation.iteration == 1
+    assert during - before > 4 * 2**30  # graph pools, copies, moments
+    assert after - before < 2**30, (before, during, after)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from imix2mix.accel.graphs import GraphedStudent
+from imix2mix.accel.graphs import GraphedStudent, release_cuda_memory
 from imix2mix.config import COPY_OPTIMIZERS, EditConfig
 from imix2mix.kernels.adamw import fused_adamw_available
 from imix2mix.kernels.dispatch import TORCH, TRITON, KernelSet, install_kernels, kernels_installed
@@ -124,6 +124,7 @@ class Execution:
         self.plan = plan
         self.student = student
         self.optimizers: list = []
+        self.graphed_students: list[GraphedStudent] = []
 
     @property
     def device(self) -> torch.device:
@@ -140,7 +141,9 @@ class Execution:
         """What the loop calls as the student network: the network, or its captured graphs."""
         if not self.plan.graph_student:
             return self.student
-        return GraphedStudent(self.student, conditioning, num_frames, latent_size, self.autocast())
+        graphed = GraphedStudent(self.student, conditioning, num_frames, latent_size, self.autocast())
+        self.graphed_students.append(graphed)
+        return graphed
 
     def optimizer(self, params: list[torch.nn.Parameter], config: EditConfig):
         """The run's optimizer (``clip_and_step``/``set_lr``/``close``); closed when the run ends."""
@@ -180,6 +183,9 @@ class Execution:
             # still held, it ran out of memory at the end of the run (H100, 24gb profile, N = 4).
             optimizer.state.clear()
         self.optimizers.clear()
+        for graphed in self.graphed_students:  # the run's graphs: their pools are freed by execute's exit
+            graphed.release()
+        self.graphed_students.clear()
 
 
 @contextlib.contextmanager
@@ -218,6 +224,10 @@ def execute(plan: ExecutionPlan, student: torch.nn.Module | None, teacher: Teach
             teacher.set_graph_capture(False)
             teacher.compile_noise_prediction(None)
             teacher.set_memory_format(torch.contiguous_format)
+        # The released graphs' pools and the moments' blocks back to the driver now, not at the next
+        # run: the decode after the loop would otherwise add its activations on top of them (the 24gb
+        # profile's whole-edit peak).
+        release_cuda_memory(plan.device)
 
 
-__all__ = ["Execution", "ExecutionPlan", "GraphedStudent", "LoopNeeds", "execute"]
+__all__ = ["Execution", "ExecutionPlan", "GraphedStudent", "LoopNeeds", "execute", "release_cuda_memory"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 
@@ -48,4 +49,22 @@ class GraphedStudent(torch.nn.Module):
             parameter.grad = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, dense: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        if self.graphed is None:
+            raise RuntimeError("GraphedStudent: replayed after release()")
         return self.graphed(x, t, y, dense)
+
+    def release(self) -> None:
+        """Drop the captured graphs (their private memory pools and static buffers).  They sit in a
+        reference cycle (make_graphed_callables defines an autograd Function class per capture, and a
+        class is always in one), so the memory returns at the next cyclic collection:
+        :func:`release_cuda_memory`."""
+        self.graphed = None
+
+
+def release_cuda_memory(device: torch.device) -> None:
+    """Collect what only the cyclic collector frees (released CUDA graphs, above) and return the
+    allocator's cached blocks to the driver, so that what runs next (a decode, the next scene, another
+    process on the card) has the memory.  Nothing to do off CUDA."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
