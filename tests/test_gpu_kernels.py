@@ -166,25 +166,26 @@ def test_group_norm_silu_with_shift_matches_torch(channels: int, size: int) -> N
 
 
 def test_adamw_bf16_moments_compiled_round_as_the_torch_reference() -> None:
-    """The fused AdamW's bf16 moments, compiled: the first step's moments are torch AdamW's fp32 ones
-    rounded stochastically with the torch reference's bits (the interpreter's test, here through the
-    compiler's uint32 arithmetic), at SEVA-sized tensors, and not rounded to nearest."""
+    """The fused AdamW's bf16 moments, compiled: the first step's moments, (1 − β)·g and (1 − β)·g²
+    with the kernel's fp32 (1 − β), rounded stochastically with the torch reference's bits (the
+    interpreter's test, here through the compiler's uint32 arithmetic), at SEVA-sized tensors, and not
+    rounded to nearest.  (torch's AdamW takes 1 − β in double: 0.001 against the kernel's fp32
+    0.00099998713, 108 fp32 ulps apart, which moves 0.24 % of the stochastic roundings; measured on an
+    H100.)"""
     from imix2mix.kernels.adamw import moment_seed, stochastic_round_bf16
     from imix2mix.optim import AdamWWithComputeCopies
 
     shapes = [(1280, 1280), (640, 320, 3, 3), (1280,)]
     ours = [torch.nn.Parameter(torch.randn(shape, device="cuda")) for shape in shapes]
-    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     optimizer = AdamWWithComputeCopies(ours, lr=1e-4, state_dtype=torch.bfloat16)
-    torch_adamw = torch.optim.AdamW(reference, lr=1e-4)
-    for o, r in zip(ours, reference):
+    for o in ours:
         o.grad = torch.randn_like(o) * 1e-3
-        r.grad = o.grad.clone()
     optimizer.step()
-    torch_adamw.step()
-    for moment, name in enumerate(("exp_avg", "exp_avg_sq")):
-        for number, (o, r) in enumerate(zip(ours, reference)):
-            stored, fp32 = optimizer.state[o][name], torch_adamw.state[r][name]
+    one = torch.ones((), device="cuda")
+    for moment, (name, beta) in enumerate((("exp_avg", 0.9), ("exp_avg_sq", 0.999))):
+        for number, o in enumerate(ours):
+            g = o.grad.float()
+            stored, fp32 = optimizer.state[o][name], (one - beta) * g * (1 if moment == 0 else g)  # the kernel's order
             expected = stochastic_round_bf16(fp32, moment_seed(1, number, moment))
             assert int(ulp_distance(stored, expected).max()) <= 1, (name, number)
             assert _exact_fraction(stored, expected) >= 0.999, (name, number)
