@@ -16,7 +16,8 @@ the same pristine random weights, for the same number of iterations:
 * ``24gb``: the 24gb memory profile (``--memory 24gb``): ``fast`` with bf16 AdamW moments and the
   frozen encoders offloaded;
 * ``eager_fp32_again``: the reference once more (the run-to-run floor of nondeterministic kernels);
-* ``fast_again``: the default once more (its floor, where ``fast`` is the reference).
+* ``fast_again``: the default once more (its floor, where ``fast`` is the reference);
+* ``eager_bf16_again``: eager bf16 once more (eager against eager, where ``eager_bf16`` is the reference).
 
 The first configuration named is the reference (``--configs fast,24gb,fast_again,eager_bf16`` measures
 the 24gb profile's drift from the default next to the default's own floor and eager bf16's distance).
@@ -74,6 +75,7 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "24gb": memory_settings("24gb"),
     "eager_fp32_again": {"student_precision": "fp32", **EAGER},
     "fast_again": {},  # the default once more: its run-to-run floor (cuDNN's and atomics' nondeterminism)
+    "eager_bf16_again": {"student_precision": "bf16_autocast", **EAGER},  # eager bf16's floor (eager against eager)
 }
 REFERENCE = "eager_fp32"
 FP32_REFERENCES = {"eager_fp32", "eager_fp32_again"}
