@@ -112,8 +112,9 @@ class AdamWLowPrecisionStates(ClipAndStep, torch.optim.Optimizer):
     to nearest would freeze ``exp_avg_sq``, whose per-step change at β₂ = 0.999 is under half an ulp
     (the kernel module's docstring says why).  No error feedback.  Parameters stay fp32.  The bf16
     weight copies' fused pass (:class:`AdamWWithComputeCopies` with ``state_dtype=torch.bfloat16``)
-    rounds the same way, bit for bit: a tensor's random bits depend on its position among the
-    optimizer's parameters, not on the device or the chunking.
+    rounds the same way, with the same random bits: a tensor's bits depend on its position among the
+    optimizer's parameters, not on the device or the chunking (the fp32 values rounded can differ in
+    their last bit: ``lerp`` here, a multiply-add there).
 
     The update runs over chunks of parameters with ``torch._foreach_*`` kernels, so the fp32 working
     copies of the moments exist for one chunk at a time, never for the whole model.
