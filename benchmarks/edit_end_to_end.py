@@ -30,11 +30,13 @@ Imports neither Prefect, Ray nor pycolmap (the report lists any of them found lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +114,62 @@ def _resident_fraction(fd: int, size: int) -> float | None:
         return None
 
 
+class MemoryTrace:
+    """The CUDA allocator's reserved and allocated bytes sampled every ``interval`` seconds from a
+    thread while a block runs (host-side counters: no sync, no kernel), to find *when* an edit reaches
+    its reserved peak.  ``samples``: (seconds since the start, reserved GiB, allocated GiB)."""
+
+    def __init__(self, device, interval: float = 0.005):
+        self.device, self.interval = device, interval
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "MemoryTrace":
+        import torch
+
+        def sample() -> None:
+            started = time.perf_counter()
+            while not self._stop.is_set():
+                self.samples.append((time.perf_counter() - started, torch.cuda.memory_reserved(self.device) / 2**30,
+                                     torch.cuda.memory_allocated(self.device) / 2**30))
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, phases: dict[str, float], points: int = 400) -> dict | None:
+        """The reserved peak, when it came and in which phase (``phases``: the edit's timings in run
+        order), and the trace thinned to about ``points`` samples; None without samples (a sampler
+        that failed must not fail the benchmark)."""
+        if not self.samples:
+            return None
+        at, reserved, allocated = max(self.samples, key=lambda sample: sample[1])
+        step = max(1, len(self.samples) // points)
+        return {
+            "peak_reserved_gib": reserved, "allocated_then_gib": allocated, "peak_at_seconds": at,
+            "peak_phase": phase_at(at, phases),
+            "phase_label": "approximate: phases laid end to end from the edit's start (untimed setup between them is not counted)",
+            "trace": [[round(x, 3) for x in sample] for sample in self.samples[::step]],
+        }
+
+
+def phase_at(seconds: float, phases: dict[str, float]) -> str | None:
+    """The phase of ``phases`` (name → duration, in run order) that contains ``seconds`` since the
+    start, laying the phases end to end; None past their end."""
+    end = 0.0
+    for name, duration in phases.items():
+        end += duration
+        if seconds < end:
+            return name
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory", default="default", choices=tuple(MEMORY_PROFILES), help="memory profile (one per process)")
@@ -180,10 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        trace = MemoryTrace(device) if device.type == "cuda" else contextlib.nullcontext()
         started = time.perf_counter()
-        result = editor.edit(scene, edit, config)
-        sync()
+        with trace:
+            result = editor.edit(scene, edit, config)
+            sync()
         edit_seconds = time.perf_counter() - started
+        phases = {name: seconds for name, seconds in result.timings.items() if name != "total" and not name.startswith("phase_")}
+        memory_trace = trace.summary(phases) if isinstance(trace, MemoryTrace) else None
         started = time.perf_counter()
         metrics = editor.score(result, edit)
         metrics_seconds = time.perf_counter() - started
@@ -203,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "write_seconds": write_seconds, "timings": dict(result.timings),
             "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
+            "memory_trace": memory_trace,
         }
 
     # (a) warm worker: one short untimed edit, then the two timed ones

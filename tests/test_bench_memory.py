@@ -33,6 +33,22 @@ def test_the_disk_rate_reads_back_an_evicted_file(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []  # the file is gone
 
 
+def test_the_memory_trace_says_when_and_in_which_phase_the_reserved_peak_came():
+    """edit_end_to_end's trace (CUDA only; here its summary of given samples): the reserved peak, the
+    allocation at that moment, and the phase laid end to end from the edit's timings."""
+    from benchmarks.edit_end_to_end import MemoryTrace, phase_at
+
+    phases = {"reference_edit": 4.0, "conditioning": 0.5, "distill": 10.0, "decode": 0.1}
+    assert [phase_at(t, phases) for t in (0.0, 4.2, 14.49, 14.55, 20.0)] == ["reference_edit", "conditioning", "distill", "decode", None]
+    trace = MemoryTrace(device=None)
+    trace.samples = [(0.5 * i, 10.0 + (2.0 if i == 20 else 0.0), 8.0 + i / 100) for i in range(40)]
+    summary = trace.summary(phases, points=10)
+    assert summary["peak_reserved_gib"] == 12.0 and summary["peak_at_seconds"] == 10.0
+    assert summary["allocated_then_gib"] == 8.2 and summary["peak_phase"] == "distill"
+    assert len(summary["trace"]) == 10 and summary["trace"][0] == [0.0, 10.0, 8.0]
+    assert MemoryTrace(device=None).summary(phases) is None  # no samples: no summary, no failure
+
+
 def test_edit_end_to_end_runs_the_tiny_preset(tmp_path: Path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(
@@ -50,6 +66,7 @@ def test_edit_end_to_end_runs_the_tiny_preset(tmp_path: Path):
     assert report["config"]["acceleration"]["split_master_weights"] is True
     # A warm worker's earlier runs leave none of their loop objects alive.
     assert [run["live_run_objects"] for run in warm["runs"]] == [[], []]
+    assert [run["memory_trace"] for run in warm["runs"]] == [None, None]  # the allocator's trace: CUDA only
     teacher_only = report["modes"]["teacher_only"]
     assert teacher_only["finite"] and teacher_only["iterations"] == 0 and teacher_only["views"] == 4
     assert report["cold_start"]["estimated_cold_start_seconds"] > report["cold_start"]["model_build_seconds_random_weights"]
