@@ -263,11 +263,16 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def step_key(step: int) -> int:
+    """Step ``step``'s input to the moments' seeds, t·φ mod 2³¹ (the kernel's ``step_key`` argument)."""
+    return (step * STEP_STRIDE) & STEP_KEY_MASK
+
+
 def moment_seed(step: int, stream: int, moment: int) -> int:
     """The seed of moment ``moment`` (0: ``exp_avg``, 1: ``exp_avg_sq``) of the tensor numbered
     ``stream`` at AdamW step ``step`` (module docstring)."""
     key = int(hash32(torch.tensor(2 * stream + moment)))
-    return int(hash32(torch.tensor((key + ((step * STEP_STRIDE) & STEP_KEY_MASK)) & MASK32)))
+    return int(hash32(torch.tensor((key + step_key(step)) & MASK32)))
 
 
 def stochastic_round_bf16(v: torch.Tensor, seed: int) -> torch.Tensor:
@@ -421,7 +426,7 @@ def adamw_update(
     bias_correction2 = 1.0 - beta2**step
     _adamw_kernel[(len(plan.partial),)](
         plan.chunk_tensor, plan.chunk_index, plan.numel, plan.addresses, plan.streams, plan.num_tensors, clip,
-        lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5, (step * STEP_STRIDE) & STEP_KEY_MASK,
+        lr, weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2**0.5, step_key(step),
         GRAD_KIND=plan.grad_kind, COPY_KIND=plan.copy_kind, MOMENT_KIND=plan.moment_kind, MASTER_KIND=plan.master_kind,
         CHUNK=plan.launch.chunk, BLOCK=plan.launch.block, num_warps=plan.launch.num_warps,
     )
