@@ -282,7 +282,7 @@ def stochastic_round_bf16(v: torch.Tensor, seed: int) -> torch.Tensor:
     if not is_dense(v) or v.dtype != torch.float32:
         raise ValueError(f"stochastic_round_bf16: needs a dense fp32 tensor (got {v.dtype}, strides {v.stride()})")
     index = torch.empty_like(v, dtype=torch.int64)  # storage element numbers, in v's layout
-    index.as_strided((v.numel(),), (1,)).copy_(torch.arange(v.numel()))
+    index.as_strided((v.numel(),), (1,)).copy_(torch.arange(v.numel(), device=v.device))  # no host copy on CUDA
     noise = hash32(index ^ seed) & LOW_HALF
     bits = (v.view(torch.int32).to(torch.int64) & MASK32) + noise
     bits = bits & 0xFFFF0000  # modulo 2^32, as the kernel's uint32
