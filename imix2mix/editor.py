@@ -158,6 +158,7 @@ class Editor:
             # An earlier run with offload_after_use moved these to the host.
             teacher.onload()
             self.clip_image.to(self.device)
+            self.seva_vae.to(self.device)
             if self.clip_metrics is not None and config.acceleration.offload_after_use:
                 self.clip_metrics.to("cpu")  # waits on the host until score() (1.6 GiB less during the loop)
         prepared = prepare_views(scene, config.method.student_image_size)

@@ -151,3 +151,24 @@ def test_a_runs_graphs_are_freed_when_its_execution_ends(editor_and_scene: tuple
     assert distillation.iteration == 1
     assert during - before > 4 * 2**30  # graph pools, copies, moments
     assert after - before < 2**30, (before, during, after)
+
+
+def device_of(module: torch.nn.Module) -> str:
+    return next(module.parameters()).device.type
+
+
+def test_offloading_keeps_only_what_the_loop_uses_on_the_gpu(editor_and_scene: tuple) -> None:
+    """``offload_after_use`` (the 24gb and lean profiles): during the loop, CLIP-H and SEVA's VAE (whose
+    one use was z_ref) are in host memory, unless the run decodes or aligns through SEVA's VAE; the
+    next session brings them back."""
+    from imix2mix.edits import Edit
+
+    editor, scene = editor_and_scene
+    edit = Edit("turn him into a knight")
+    offloading = editor.default_config.overridden({"teacher_steps": 2, "offload_after_use": True})
+    with editor.prepare_distillation(scene, edit, offloading):
+        assert (device_of(editor.seva_vae), device_of(editor.clip_image)) == ("cpu", "cpu")
+    with editor.prepare_distillation(scene, edit, offloading.overridden({"output_decoder": "seva"})):
+        assert (device_of(editor.seva_vae), device_of(editor.clip_image)) == ("cuda", "cpu")
+    editor.session(scene, edit, editor.default_config)
+    assert (device_of(editor.seva_vae), device_of(editor.clip_image)) == ("cuda", "cuda")

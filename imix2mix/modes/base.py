@@ -122,6 +122,8 @@ class EditSession:
         embedding = self.clip_image(reference_image)
         if self.config.acceleration.offload_after_use and self.device.type == "cuda":
             self.clip_image.to("cpu")
+            if not self.seva_vae_used_after_conditioning():
+                self.seva_vae.to("cpu")  # fp32, 0.31 GiB at full size: its one use per scene was z_ref
         conditioning = build_student_conditioning(
             np.stack([view.c2w for view in self.scene.views]),
             np.stack([view.K_normalized for view in self.prepared]),
@@ -131,6 +133,12 @@ class EditSession:
             self.config.method.camera_scale,
         )
         return conditioning.to(self.device)
+
+    def seva_vae_used_after_conditioning(self) -> bool:
+        """Whether the run needs SEVA's VAE after z_ref: decode-encode alignment in the loop, or SEVA's
+        decoder for the outputs."""
+        ablation = self.config.ablation
+        return ablation.alignment == "decode_encode" or ablation.output_decoder == "seva"
 
     def teacher_context(self) -> Any:
         """The teacher's per-scene context for score distillation (text, conditioning latents, CFG)."""
