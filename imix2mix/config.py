@@ -209,7 +209,7 @@ class AccelerationConfig:
     compile: bool = False
     # Recompute the student's activations in backward: less memory, slower, the same values.
     gradient_checkpointing: bool = False
-    # Move CLIP-H and the text encoder off the GPU once used, and return the setup's cached blocks to
+    # Move CLIP-H, SEVA's VAE and the text encoder off the GPU once used, and return the setup's cached blocks to
     # the driver before the loop (the CUDA graphs' private pools cannot reuse them).
     offload_after_use: bool = False
     # The kernels of the student's and the teacher's fused ops (GroupNorm, LayerNorm, Linear bias
