@@ -122,16 +122,18 @@ class MemoryTrace:
     def __init__(self, device, interval: float = 0.005):
         self.device, self.interval = device, interval
         self.samples: list[tuple[float, float, float]] = []
+        self.started = 0.0  # time.perf_counter() when sampling began: the samples' zero
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "MemoryTrace":
         import torch
 
+        self.started = time.perf_counter()
+
         def sample() -> None:
-            started = time.perf_counter()
             while not self._stop.is_set():
-                self.samples.append((time.perf_counter() - started, torch.cuda.memory_reserved(self.device) / 2**30,
+                self.samples.append((time.perf_counter() - self.started, torch.cuda.memory_reserved(self.device) / 2**30,
                                      torch.cuda.memory_allocated(self.device) / 2**30))
                 self._stop.wait(self.interval)
 
@@ -143,10 +145,10 @@ class MemoryTrace:
         self._stop.set()
         self._thread.join()
 
-    def summary(self, phases: dict[str, float], points: int = 400) -> dict | None:
-        """The reserved peak, when it came and in which phase (``phases``: the edit's timings in run
-        order), and the trace thinned to about ``points`` samples; None without samples (a sampler
-        that failed must not fail the benchmark)."""
+    def summary(self, phases: list[tuple[str, float, float]], points: int = 400) -> dict | None:
+        """The reserved peak, when it came and in which phase (``phases``: (name, start, end) in seconds
+        on the samples' clock, as :func:`phases_on_trace_clock` gives them), and the trace thinned to
+        about ``points`` samples; None without samples (a sampler that failed must not fail the benchmark)."""
         if not self.samples:
             return None
         at, reserved, allocated = max(self.samples, key=lambda sample: sample[1])
@@ -154,20 +156,30 @@ class MemoryTrace:
         return {
             "peak_reserved_gib": reserved, "allocated_then_gib": allocated, "peak_at_seconds": at,
             "peak_phase": phase_at(at, phases),
-            "phase_label": "approximate: phases laid end to end from the edit's start (untimed setup between them is not counted)",
+            "phases": [[name, round(start, 3), round(end, 3)] for name, start, end in phases],
             "trace": [[round(x, 3) for x in sample] for sample in self.samples[::step]],
         }
 
 
-def phase_at(seconds: float, phases: dict[str, float]) -> str | None:
-    """The phase of ``phases`` (name → duration, in run order) that contains ``seconds`` since the
-    start, laying the phases end to end; None past their end."""
-    end = 0.0
-    for name, duration in phases.items():
-        end += duration
+def phases_on_trace_clock(spans: list[tuple[str, float, float]], edit_started: float, trace_started: float) -> list[tuple[str, float, float]]:
+    """An edit's phase spans (seconds since the edit began, ``EditResult.phase_spans``) moved onto the
+    memory trace's clock (seconds since sampling began)."""
+    offset = edit_started - trace_started
+    return [(name, start + offset, end + offset) for name, start, end in spans]
+
+
+def phase_at(seconds: float, phases: list[tuple[str, float, float]]) -> str:
+    """The phase of ``phases`` ((name, start, end), in run order) that contains ``seconds``, or where
+    it falls between them: untimed setup (the session's onloads, the view preparation) and the steps
+    after the last phase (building the result) belong to no phase."""
+    previous = None
+    for name, start, end in phases:
+        if seconds < start:
+            return f"before {name}" if previous is None else f"between {previous} and {name}"
         if seconds < end:
             return name
-    return None
+        previous = name
+    return "before any phase" if previous is None else f"after {previous}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trace = MemoryTrace(device) if device.type == "cuda" else contextlib.nullcontext()
-        started = time.perf_counter()
         with trace:
+            started = time.perf_counter()
             result = editor.edit(scene, edit, config)
             sync()
         edit_seconds = time.perf_counter() - started
-        phases = {name: seconds for name, seconds in result.timings.items() if name != "total" and not name.startswith("phase_")}
-        memory_trace = trace.summary(phases) if isinstance(trace, MemoryTrace) else None
+        memory_trace = None
+        if isinstance(trace, MemoryTrace):
+            memory_trace = trace.summary(phases_on_trace_clock(result.phase_spans, started, trace.started))
         started = time.perf_counter()
         metrics = editor.score(result, edit)
         metrics_seconds = time.perf_counter() - started

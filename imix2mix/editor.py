@@ -57,6 +57,8 @@ class EditResult:
     key_views: list[int] = field(default_factory=list)
     preset: str = ""
     random_weights: bool = False  # True: the models were random (tiny preset, benchmarks): not a real edit
+    # (name, start, end) of each timed phase in seconds since the edit began, in run order
+    phase_spans: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 def to_uint8_image(image: torch.Tensor) -> np.ndarray:
@@ -137,6 +139,7 @@ class Editor:
             edit=edit,
             config=session.config,
             timings=session.timings,
+            phase_spans=[(name, start - started, end - started) for name, start, end in session.phase_spans],
             peak_memory_bytes=int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None,
             iterations=output.iterations,
             log=output.log,

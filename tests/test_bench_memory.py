@@ -35,16 +35,24 @@ def test_the_disk_rate_reads_back_an_evicted_file(tmp_path: Path):
 
 def test_the_memory_trace_says_when_and_in_which_phase_the_reserved_peak_came():
     """edit_end_to_end's trace (CUDA only; here its summary of given samples): the reserved peak, the
-    allocation at that moment, and the phase laid end to end from the edit's timings."""
-    from benchmarks.edit_end_to_end import MemoryTrace, phase_at
+    allocation at that moment, and the phase that held it, from when each phase ran. Untimed setup
+    between phases is named as such: laying the phases' durations end to end, as the trace once did,
+    put a peak 4 s after the loop's start into no phase at all."""
+    from benchmarks.edit_end_to_end import MemoryTrace, phase_at, phases_on_trace_clock
 
-    phases = {"reference_edit": 4.0, "conditioning": 0.5, "distill": 10.0, "decode": 0.1}
-    assert [phase_at(t, phases) for t in (0.0, 4.2, 14.49, 14.55, 20.0)] == ["reference_edit", "conditioning", "distill", "decode", None]
+    # Seconds since the edit began; 1 s of untimed setup before the reference edit, 3 s before the loop.
+    spans = [("reference_edit", 1.0, 5.0), ("conditioning", 5.0, 5.5), ("distill", 8.5, 18.5), ("decode", 18.5, 18.6)]
+    phases = phases_on_trace_clock(spans, edit_started=100.25, trace_started=100.0)
+    assert phases[0] == ("reference_edit", 1.25, 5.25) and phases[-1] == ("decode", 18.75, 18.85)
+    assert [phase_at(t, phases) for t in (0.1, 1.3, 6.0, 9.0, 18.8, 19.0)] == [
+        "before reference_edit", "reference_edit", "between conditioning and distill", "distill", "decode", "after decode"]
+    assert phase_at(1.0, []) == "before any phase"
     trace = MemoryTrace(device=None)
-    trace.samples = [(0.5 * i, 10.0 + (2.0 if i == 20 else 0.0), 8.0 + i / 100) for i in range(40)]
+    trace.samples = [(0.5 * i, 10.0 + (2.0 if i == 36 else 0.0), 8.0 + i / 100) for i in range(40)]
     summary = trace.summary(phases, points=10)
-    assert summary["peak_reserved_gib"] == 12.0 and summary["peak_at_seconds"] == 10.0
-    assert summary["allocated_then_gib"] == 8.2 and summary["peak_phase"] == "distill"
+    assert summary["peak_reserved_gib"] == 12.0 and summary["peak_at_seconds"] == 18.0
+    assert summary["allocated_then_gib"] == 8.36 and summary["peak_phase"] == "distill"
+    assert summary["phases"][2] == ["distill", 8.75, 18.75]
     assert len(summary["trace"]) == 10 and summary["trace"][0] == [0.0, 10.0, 8.0]
     assert MemoryTrace(device=None).summary(phases) is None  # no samples: no summary, no failure
 

@@ -165,6 +165,12 @@ def test_edit_result_and_progress(tiny_result, scene):
     assert result.reference_index == 0  # random.seed(42); random.choice(range(4))
     assert result.iterations == 14 and len(result.teacher_timesteps) == 14
     assert result.timings["distill"] > 0 and result.peak_memory_bytes is None
+    # When each phase ran, in run order, inside the edit: what a memory trace attributes its peak by.
+    names = [name for name, _, _ in result.phase_spans]
+    assert names[:2] == ["reference_edit", "conditioning"] and "distill" in names
+    starts_and_ends = [t for _, start, end in result.phase_spans for t in (start, end)]
+    assert starts_and_ends == sorted(starts_and_ends) and 0 <= starts_and_ends[0] and starts_and_ends[-1] <= result.timings["total"]
+    assert sum(end - start for name, start, end in result.phase_spans if name == "distill") == pytest.approx(result.timings["distill"])
     assert all(f.shape == v.image.shape for f, v in zip(result.full_views, scene.views))
 
 

@@ -75,6 +75,8 @@ class EditSession:
     randomness: RunRandomness
     reference: int  # index of the reference view
     timings: dict[str, float] = field(default_factory=dict)
+    # (name, start, end) of each timed phase on time.perf_counter's clock, in run order: *when* each ran
+    phase_spans: list[tuple[str, float, float]] = field(default_factory=list)
     progress: ProgressCallback | None = None
     reference_edit: torch.Tensor | None = None  # the teacher's edit of the reference, once made
 
@@ -84,7 +86,9 @@ class EditSession:
         try:
             yield
         finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            end = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + end - start
+            self.phase_spans.append((name, start, end))
 
     def execute(self, needs: LoopNeeds, *, teacher: bool = True) -> contextlib.AbstractContextManager[Execution]:
         """The run's execution plan applied to the student (and the teacher), undone on exit."""
