@@ -113,7 +113,21 @@ def plan_summary(loop: Distillation) -> dict[str, Any]:
         "graph_student": plan.graph_student, "graph_teacher": plan.graph_teacher,
         "channels_last": plan.memory_format == torch.channels_last, "weight_copies": plan.weight_copies,
         "compile": plan.compile_mode, "optimizer": type(loop.optimizer).__name__,
+        "moments": str(getattr(loop.optimizer, "state_dtype", torch.float32)).replace("torch.", ""),
+        "split_masters": bool(getattr(loop.optimizer, "split_masters", False)),
     }
+
+
+def one_execution_note(runs: dict[str, Run], device: torch.device) -> str | None:
+    """A note when configurations that ask for different settings all resolved to one execution (on the
+    CPU there is no autocast, graph or weight copy: the fast path is eager fp32 there).  Repeats of one
+    configuration (``fast`` and ``fast_again``) resolve alike by design and say nothing."""
+    requested = {json.dumps(CONFIGURATIONS[name], sort_keys=True) for name in runs}
+    plans = {json.dumps(run.plan, sort_keys=True) for run in runs.values()}
+    if len(requested) > 1 and len(plans) == 1:
+        plan = next(iter(runs.values())).plan
+        return f"every configuration resolved to the same execution on {device.type} ({plan}): the fast path degenerates to eager here"
+    return None
 
 
 class Run:
@@ -308,9 +322,9 @@ def drift_report(runs: dict[str, Run], reference: Run, iterations: int, args, sc
         "preset": args.preset, "iterations": iterations, "schedule": schedule, "reference": reference.name,
         "reference_seconds": reference.seconds, "torch": torch.__version__, "configurations": {}, "notes": [],
     }
-    if len(runs) > 1 and len({json.dumps(r.plan, sort_keys=True) for r in runs.values()}) == 1:
-        report["notes"].append(f"every configuration resolved to the same execution on {device.type} ({reference.plan}): "
-                               "the fast path degenerates to eager here")
+    note = one_execution_note(runs, device)
+    if note:
+        report["notes"].append(note)
     for name, run in runs.items():
         if run is reference:
             continue

@@ -94,6 +94,7 @@ def test_loop_drift_reports_the_24gb_profiles_weight_drift(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())["configurations"]
     assert report["24gb"]["plan"]["optimizer"] == "AdamWLowPrecisionStates"
+    assert report["24gb"]["plan"]["moments"] == "bfloat16" and report["eager_fp32_again"]["plan"]["moments"] == "float32"
     assert report["24gb"]["max"]["weights_rel_to_update"] > 0
     assert report["eager_fp32_again"]["max"]["weights_rel_to_update"] == 0  # the CPU is deterministic
     assert report["24gb"]["iterations"] == report["eager_fp32_again"]["iterations"] == 4
@@ -113,6 +114,28 @@ def test_loop_drift_past_its_deadline_keeps_what_it_measured(tmp_path: Path):
     assert "fast_again: not run" in proc.stdout
     report = json.loads(out.read_text())
     assert report["reference"] == "fast" and report["iterations"] == 2 and report["configurations"] == {}
+
+
+def test_loop_drift_notes_one_execution_only_for_different_requests():
+    """The "degenerates to eager" note is for configurations that asked for different settings and ran
+    one execution (the CPU); a configuration and its repeat (fast, fast_again; the eager pair) resolve
+    alike by design, and 24gb differs from fast in its moments, so neither pair is noted."""
+    from benchmarks.loop_drift import Run, one_execution_note
+
+    def runs(**plans: dict) -> dict:
+        made = {}
+        for name, plan in plans.items():
+            made[name] = Run(name)
+            made[name].plan = plan
+        return made
+
+    eager = {"autocast": "fp32", "optimizer": "AdamW", "moments": "float32", "split_masters": False}
+    fast = {"autocast": "bfloat16", "optimizer": "AdamWWithComputeCopies", "moments": "float32", "split_masters": False}
+    cpu = torch.device("cpu")
+    assert "degenerates to eager" in one_execution_note(runs(fast=eager, eager_bf16=eager), cpu)
+    assert one_execution_note(runs(fast=fast, fast_again=fast), cpu) is None
+    assert one_execution_note(runs(eager_bf16=eager, eager_bf16_again=eager), cpu) is None
+    assert one_execution_note(runs(fast=fast, fast_again=fast, **{"24gb": fast | {"moments": "bfloat16", "split_masters": True}}), cpu) is None
 
 
 def test_loop_drift_reads_a_split_master_as_its_fp32_weight():
